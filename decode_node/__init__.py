@@ -1,0 +1,1 @@
+"""The DecodeNode gRPC service: reservations with leases, DCP decode, the receiving side of KV transfer."""

@@ -1,0 +1,1 @@
+"""Node registration and membership through etcd leases; a static discovery for tests."""

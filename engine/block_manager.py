@@ -1,0 +1,66 @@
+"""Block ids of the paged KV cache: allocation, reference counts, free/used counts.
+
+Plain Python over integers. One block id covers `tokens_per_block` tokens:
+the physical block size B on a single rank, the virtual block B * cp_size
+when the cache is sharded along tokens (every shard uses the same id in its
+own pool).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+class OutOfBlocks(RuntimeError):
+    pass
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, tokens_per_block: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
+        if tokens_per_block < 1:
+            raise ValueError(f"tokens per block must be >= 1, got {tokens_per_block}")
+        self.num_blocks = num_blocks
+        self.tokens_per_block = tokens_per_block
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.tokens_per_block)
+
+    def can_allocate(self, num: int) -> bool:
+        return num <= len(self._free)
+
+    def allocate(self, num: int) -> list[int]:
+        if num > len(self._free):
+            raise OutOfBlocks(f"need {num} KV blocks, {len(self._free)} free")
+        ids = [self._free.popleft() for _ in range(num)]
+        for b in ids:
+            self._refs[b] = 1
+        return ids
+
+    def share(self, block: int) -> None:
+        """Take another reference to an allocated block."""
+        if self._refs[block] <= 0:
+            raise ValueError(f"block {block} is not allocated")
+        self._refs[block] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; a block with none left is free again."""
+        for b in blocks:
+            if self._refs[b] <= 0:
+                raise ValueError(f"block {b} freed twice")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]

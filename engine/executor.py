@@ -1,0 +1,137 @@
+"""Drives the ranks of one instance from rank 0.
+
+Rank 0 lives in the calling process; ranks 1..world-1 are `python -m
+braid.engine.worker` subprocesses that join through a TCPStore rank 0 binds on
+a free loopback port. Each step, rank 0 broadcasts the encoded StepPlan and
+runs its own share. A watchdog thread polls the subprocesses: when one exits
+unexpectedly it records which, and kills the others so that any collective
+rank 0 is blocked in fails at once; the step then raises RankFailure naming
+the rank that died. No rank outlives the executor, and no rank outlives its
+parent process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from braid.engine.config import EngineConfig
+from braid.engine.step_plan import StepPlan
+from braid.engine.worker import CMD_SHUTDOWN, CMD_STEP, Worker
+
+
+class RankFailure(RuntimeError):
+    """A rank of the instance died or failed; the engine cannot continue."""
+
+    def __init__(self, rank: int, detail: str):
+        super().__init__(f"rank {rank} failed: {detail}")
+        self.rank = rank
+
+
+class Executor:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.world = cfg.topology.world
+        self.procs: list[subprocess.Popen] = []
+        self.failure: RankFailure | None = None
+        self._closing = False
+        self._dead = False
+        store = None
+        if self.world > 1:
+            store = dist.TCPStore(
+                "127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
+            )
+            self._spawn(store.port)
+        try:
+            self.driver = Worker(cfg, 0, store)
+        except Exception as e:
+            self._kill_all()
+            raise self.failure or e
+        if self.procs:
+            threading.Thread(target=self._watch, daemon=True, name="rank-watchdog").start()
+
+    def _spawn(self, port: int) -> None:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for rank in range(1, self.world):
+            cmd = [
+                sys.executable, "-m", "braid.engine.worker",
+                "--rank", str(rank), "--store", f"127.0.0.1:{port}",
+                "--config", self.cfg.to_json(), "--parent", str(os.getpid()),
+            ]
+            self.procs.append(subprocess.Popen(cmd, env=env))
+
+    def _watch(self) -> None:
+        while not self._closing:
+            for rank, p in enumerate(self.procs, start=1):
+                code = p.poll()
+                if code is not None and not self._closing:
+                    self.failure = RankFailure(rank, f"process exited with code {code}")
+                    self._kill_all()
+                    return
+            time.sleep(0.05)
+
+    def _kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _failed(self, err: BaseException) -> RankFailure:
+        """Name the rank behind a failed collective (waiting briefly for the watchdog)."""
+        self._dead = True
+        deadline = time.monotonic() + 5
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._kill_all()
+        return self.failure or RankFailure(0, f"{type(err).__name__}: {err}")
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        if self._dead or self.failure is not None:
+            raise self.failure or RankFailure(0, "engine already failed")
+        try:
+            if self.world > 1:
+                payload = plan.encode()
+                header = torch.tensor([CMD_STEP, payload.numel()], dtype=torch.int64)
+                self.driver.par.world.broadcast(header, 0)
+                self.driver.par.world.broadcast(payload, 0)
+            return self.driver.execute(plan)
+        except RankFailure:
+            raise
+        except Exception as e:
+            if self.world == 1:
+                raise
+            raise self._failed(e) from e
+
+    def shutdown(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.world > 1 and not self._dead and self.failure is None:
+            try:
+                header = torch.tensor([CMD_SHUTDOWN, 0], dtype=torch.int64)
+                self.driver.par.world.broadcast(header, 0)
+                for p in self.procs:
+                    p.wait(timeout=30)
+            except Exception:
+                pass
+        self._kill_all()
+        if self._dead or self.failure is not None:
+            # the group is broken; tearing it down could block on dead peers
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
+        else:
+            self.driver.shutdown()

@@ -1,0 +1,114 @@
+"""The offline API: `LLM(model_path, ...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+from braid.engine.config import EngineConfig
+from braid.engine.core import EngineCore
+from braid.engine.sampling import SamplingParams
+from braid.engine.scheduler import RequestRejected
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    """Generated token ids only."""
+    text: str = ""
+    finish_reason: str | None = None
+    """stop, length, abort or error."""
+    error: str | None = None
+    """Why the request was rejected, when it was."""
+
+
+class LLM:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tensor_parallel_size: int = 1,
+        prefill_context_parallel_size: int = 1,
+        decode_context_parallel_size: int = 1,
+        cp_kv_cache_interleave_size: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        dtype: str = "float32",
+        **kwargs,
+    ):
+        cfg = EngineConfig(
+            model_path=model_path,
+            tensor_parallel_size=tensor_parallel_size,
+            prefill_context_parallel_size=prefill_context_parallel_size,
+            decode_context_parallel_size=decode_context_parallel_size,
+            cp_kv_cache_interleave_size=cp_kv_cache_interleave_size,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            dtype=dtype,
+            **kwargs,
+        )
+        self.engine = EngineCore(cfg)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[list[int]] | str,
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        outputs: list[RequestOutput] = []
+        live: dict[str, RequestOutput] = {}
+        for prompt, p in zip(prompts, params):
+            try:
+                seq = self.engine.add_request(prompt, p)
+            except RequestRejected as e:
+                ids = prompt if isinstance(prompt, list) else []
+                outputs.append(RequestOutput("", list(ids), finish_reason="error", error=str(e)))
+                continue
+            out = RequestOutput(seq.request_id, seq.prompt_token_ids)
+            outputs.append(out)
+            live[seq.request_id] = out
+        try:
+            while self.engine.has_unfinished():
+                for ev in self.engine.step():
+                    out = live[ev.request_id]
+                    out.token_ids.append(ev.token_id)
+                    if ev.finished:
+                        out.finish_reason = ev.finish_reason
+        except BaseException:
+            for rid in live:
+                self.engine.abort(rid)
+            raise
+        if self.engine.tokenizer is not None:
+            for out in live.values():
+                out.text = self.engine.tokenizer.decode(out.token_ids)
+        return outputs
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,258 @@
+"""Model configuration read from a Hugging Face checkpoint directory.
+
+Only what the engine needs is kept, validated, and normalised across the two
+rope formats transformers writes (`rope_theta` + `rope_scaling` in 4.x,
+`rope_parameters` in 5.x).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """The checkpoint directory is unusable; the message names the file and field."""
+
+
+GQA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
+SUPPORTED_ARCHITECTURES = GQA_ARCHITECTURES + MLA_ARCHITECTURES
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {name}; use float32, bfloat16 or float16")
+        return name
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rotary_dim: int
+    """Dimensions of each head that are rotated (the whole head for Llama)."""
+    scaling: dict[str, Any] | None = None
+    """`rope_type` and its parameters (llama3, yarn, linear), or None."""
+    max_position_embeddings: int = 4096
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek-V2 multi-head latent attention and MoE settings."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int | None
+    n_shared_experts: int | None
+    num_experts_per_tok: int | None
+    moe_intermediate_size: int
+    first_k_dense_replace: int
+    moe_layer_freq: int
+    n_group: int | None
+    topk_group: int | None
+    topk_method: str
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    scoring_func: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """KV heads in the cache format: the model's KV heads for GQA, 1 for MLA."""
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    max_position_embeddings: int
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    checkpoint_dtype: torch.dtype = torch.float32
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    mla: MLAConfig | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_mla(self) -> bool:
+        return self.mla is not None
+
+    @property
+    def cache_components(self) -> int:
+        """Tensors cached per token and head: K and V for GQA, the latent for MLA."""
+        return 1 if self.is_mla else 2
+
+    @property
+    def cache_head_dim(self) -> int:
+        if self.mla is not None:
+            return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+        return self.head_dim
+
+
+def _require(cfg: dict, key: str, path: str):
+    if key not in cfg:
+        raise CheckpointError(f"{path}: missing required field {key!r}")
+    return cfg[key]
+
+
+def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either rope format; scaling None for default rope."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling["rope_type"] = kind
+        scaling.pop("type", None)
+        if kind == "default":
+            scaling = None
+        elif kind not in ("llama3", "yarn", "linear"):
+            raise CheckpointError(f"config.json: unsupported rope scaling type {kind!r} (supported: llama3, yarn, linear)")
+    return theta, scaling
+
+
+def _eos_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def load_model_config(model_path: str) -> ModelConfig:
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isdir(model_path):
+        raise CheckpointError(f"{model_path}: not a directory")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{model_path}: no config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise CheckpointError(f"{path}: no 'architectures' field")
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    hidden = int(_require(cfg, "hidden_size", path))
+    heads = int(_require(cfg, "num_attention_heads", path))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise CheckpointError(f"{path}: num_attention_heads {heads} not divisible by num_key_value_heads {kv_heads}")
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    theta, scaling = _rope_settings(cfg)
+    dtype_str = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    gen_path = os.path.join(model_path, "generation_config.json")
+    eos = _eos_ids(cfg.get("eos_token_id"))
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+        eos = tuple(dict.fromkeys(_eos_ids(gen.get("eos_token_id")) + eos))
+    common = dict(
+        architecture=arch,
+        vocab_size=int(_require(cfg, "vocab_size", path)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(cfg, "intermediate_size", path)),
+        num_layers=int(_require(cfg, "num_hidden_layers", path)),
+        num_heads=heads,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=max_pos,
+        hidden_act=cfg.get("hidden_act", "silu"),
+        checkpoint_dtype=parse_dtype(dtype_str),
+        eos_token_ids=eos,
+        bos_token_id=cfg.get("bos_token_id"),
+        raw=cfg,
+    )
+    if common["hidden_act"] != "silu":
+        raise CheckpointError(f"{path}: unsupported hidden_act {common['hidden_act']!r} (supported: silu)")
+    if arch in MLA_ARCHITECTURES:
+        return _mla_config(cfg, path, common, theta, scaling, max_pos)
+    return ModelConfig(
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope=RopeConfig(theta, head_dim, scaling, max_pos),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+        o_bias=arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias", False)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
+        **common,
+    )
+
+
+def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
+    mla = MLAConfig(
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=int(_require(cfg, "kv_lora_rank", path)),
+        qk_nope_head_dim=int(_require(cfg, "qk_nope_head_dim", path)),
+        qk_rope_head_dim=int(_require(cfg, "qk_rope_head_dim", path)),
+        v_head_dim=int(_require(cfg, "v_head_dim", path)),
+        n_routed_experts=cfg.get("n_routed_experts"),
+        n_shared_experts=cfg.get("n_shared_experts"),
+        num_experts_per_tok=cfg.get("num_experts_per_tok"),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
+        first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)),
+        moe_layer_freq=int(cfg.get("moe_layer_freq", 1)),
+        n_group=cfg.get("n_group"),
+        topk_group=cfg.get("topk_group"),
+        topk_method=cfg.get("topk_method", "greedy"),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        scoring_func=cfg.get("scoring_func", "softmax"),
+    )
+    if mla.scoring_func != "softmax":
+        raise CheckpointError(f"{path}: unsupported scoring_func {mla.scoring_func!r} (supported: softmax)")
+    if mla.topk_method not in ("greedy", "group_limited_greedy"):
+        raise CheckpointError(f"{path}: unsupported topk_method {mla.topk_method!r}")
+    qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    return ModelConfig(
+        num_kv_heads=1,
+        head_dim=qk_head_dim,
+        rope=RopeConfig(theta, mla.qk_rope_head_dim, scaling, max_pos),
+        mla=mla,
+        **common,
+    )

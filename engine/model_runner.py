@@ -1,0 +1,95 @@
+"""Turns a StepPlan into this rank's model inputs and runs the model.
+
+Each rank derives its own view of the step: its PCP share of the prefill
+tokens, the slot of every new token on its KV shard (-1 where another shard
+stores it) and, for decode, how many tokens of each sequence its shard holds.
+"""
+from __future__ import annotations
+
+import torch
+
+from braid.engine.kv_layout import ShardLayout
+from braid.engine.layers.attention import AttentionMetadata
+from braid.engine.pcp import split_prefill
+from braid.engine.step_plan import StepPlan
+from braid.engine.topology import ParallelState
+from braid.kernels.reference import VarlenRows
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, par: ParallelState, layout: ShardLayout):
+        self.model = model
+        self.par = par
+        self.layout = layout
+        self.device = par.device
+        self.shard = par.topo.cp_rank
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _block_tables(self, plan: StepPlan) -> torch.Tensor:
+        width = max(1, max(len(s.block_table) for s in plan.seqs))
+        rows = [list(s.block_table) + [0] * (width - len(s.block_table)) for s in plan.seqs]
+        return self._tensor(rows)  # [S, max_blocks]
+
+    def _slots(self, plan: StepPlan, tables: torch.Tensor) -> torch.Tensor:
+        """Slot of every new token (full order) on this rank's shard."""
+        seq_of, positions = [], []
+        for i, s in enumerate(plan.seqs):
+            seq_of += [i] * s.num_new
+            positions += range(s.num_computed, s.end)
+        rows = tables[self._tensor(seq_of)]
+        return self.layout.slot_mapping(self._tensor(positions), rows, self.shard)
+
+    def prepare(self, plan: StepPlan):
+        """-> (input_ids, positions, metadata, last-token selector)."""
+        tables = self._block_tables(plan)
+        slots = self._slots(plan, tables)
+        all_ids = [t for s in plan.seqs for t in s.token_ids]
+        if not plan.is_prefill:
+            positions = [s.num_computed for s in plan.seqs]
+            lens = [self.layout.local_len(s.end, self.shard) for s in plan.seqs]
+            meta = AttentionMetadata(False, slots, block_tables=tables, local_seq_lens=self._tensor(lens))
+            return self._tensor(all_ids), self._tensor(positions), meta, None
+        for s in plan.seqs:
+            if s.num_computed:
+                raise NotImplementedError("prefill over cached context (chunked prefill, prefix cache)")
+        lengths = [s.num_new for s in plan.seqs]
+        pcp = self.par.pcp
+        if pcp.size == 1:
+            positions = [p for n in lengths for p in range(n)]
+            rows = VarlenRows.packed(lengths, lengths)
+            last = torch.cumsum(self._tensor(lengths), 0) - 1
+            meta = AttentionMetadata(True, slots, rows=rows)
+            return self._tensor(all_ids), self._tensor(positions), meta, last
+        split = split_prefill(lengths, pcp.size, pcp.rank_in_group)
+        ids = [all_ids[i] for i in split.token_index]
+        q_start, q_len, k_start, k_len = zip(*split.rows) if split.rows else ((), (), (), ())
+        meta = AttentionMetadata(
+            True,
+            slots,
+            rows=VarlenRows(q_start, q_len, k_start, k_len),
+            pcp_restore=self._tensor(split.restore),
+            pcp_pad=split.pad,
+        )
+        return self._tensor(ids), self._tensor(split.positions), meta, split.last_local
+
+    def last_hidden(self, hidden: torch.Tensor, last, num_seqs: int) -> torch.Tensor:
+        """Hidden state of each sequence's last token, [S, hidden], on every rank."""
+        if last is None:  # decode: one token per sequence
+            return hidden
+        if isinstance(last, torch.Tensor):
+            return hidden[last]
+        # PCP: the rank holding a sequence's last token contributes it; others add zeros
+        out = hidden.new_zeros(num_seqs, hidden.shape[-1])
+        for s, idx in enumerate(last):
+            if idx >= 0:
+                out[s] = hidden[idx]
+        return self.par.pcp.all_reduce(out)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor:
+        """Logits [S, vocab] fp32 of each sequence's last token."""
+        ids, positions, meta, last = self.prepare(plan)
+        hidden = self.model(ids, positions, meta)
+        return self.model.compute_logits(self.last_hidden(hidden, last, len(plan.seqs)))

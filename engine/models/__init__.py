@@ -1,0 +1,19 @@
+"""Model registry: architecture name -> model class."""
+from __future__ import annotations
+
+import torch
+
+from braid.engine.model_config import ModelConfig
+from braid.engine.topology import ParallelState
+
+
+def build_model(cfg: ModelConfig, par: ParallelState, dtype: torch.dtype) -> torch.nn.Module:
+    if cfg.architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        from braid.engine.models.llama import LlamaForCausalLM
+
+        return LlamaForCausalLM(cfg, par, dtype)
+    if cfg.architecture == "DeepseekV2ForCausalLM":
+        from braid.engine.models.deepseek_v2 import DeepseekV2ForCausalLM
+
+        return DeepseekV2ForCausalLM(cfg, par, dtype)
+    raise ValueError(f"no model class for architecture {cfg.architecture!r}")

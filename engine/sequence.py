@@ -1,0 +1,52 @@
+"""A request's state inside the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+from braid.engine.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    WAITING_FOR_KV = "waiting_for_kv"
+    """Blocks reserved; the KV arrives from a prefill node (remote prefill)."""
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        """Tokens whose KV is in the cache; the scheduler advances it toward len(token_ids)."""
+        self.finish_reason: str | None = None
+        self.generator = None  # torch.Generator when the request is seeded
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED

@@ -1,0 +1,135 @@
+"""One rank: its model shard, its KV cache, and (for ranks > 0) the loop that
+follows rank 0's broadcast commands.
+
+Run as `python -m braid.engine.worker --rank R --store HOST:PORT --config JSON`
+by the executor; it exits when rank 0 says so, when its parent process goes
+away, or on any error (which makes rank 0's next collective fail).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from braid.engine.config import EngineConfig, local_kv_heads
+from braid.engine.loader import load_weights
+from braid.engine.model_config import load_model_config
+from braid.engine.model_runner import ModelRunner
+from braid.engine.models import build_model
+from braid.engine.step_plan import StepPlan
+from braid.engine.topology import ParallelState
+
+CMD_STEP = 1
+CMD_SHUTDOWN = 2
+
+
+def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
+    """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
+    return torch.zeros(
+        model_cfg.num_layers,
+        cfg.num_kv_blocks,
+        model_cfg.cache_components,
+        local_kv_heads(model_cfg, cfg.tensor_parallel_size),
+        cfg.block_size,
+        model_cfg.cache_head_dim,
+        dtype=cfg.torch_dtype,
+        device=device,
+    )
+
+
+def _device_for(cfg: EngineConfig, rank: int) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if cfg.device == "npu":
+        import torch_npu  # noqa: F401  (registers the npu device and hccl)
+    return torch.device(cfg.device, rank % max(1, getattr(torch, cfg.device).device_count()))
+
+
+class Worker:
+    def __init__(self, cfg: EngineConfig, rank: int, store=None):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads_per_rank or 1)
+        torch.manual_seed(cfg.seed)
+        self.model_cfg = load_model_config(cfg.model_path)
+        device = _device_for(cfg, rank)
+        topo = cfg.topology.for_rank(rank)
+        self.par = ParallelState.initialize(topo, device, store, cfg.collective_timeout_s)
+        dtype = cfg.torch_dtype
+        with torch.device(device):
+            self.model = build_model(self.model_cfg, self.par, dtype)
+        load_weights(self.model, cfg.model_path, dtype)
+        self.model.eval()
+        self.kv_cache = allocate_kv_cache(cfg, self.model_cfg, device)
+        for layer, attn in enumerate(self.model.attention_layers()):
+            attn.cache = self.kv_cache[layer]
+        self.runner = ModelRunner(self.model, self.par, cfg.layout)
+
+    @property
+    def rank(self) -> int:
+        return self.par.topo.rank
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        return self.runner.run(plan)
+
+    def shutdown(self) -> None:
+        self.par.shutdown()
+
+
+def _exit_with_parent(parent: int) -> None:
+    def watch():
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def follow(worker: Worker) -> None:
+    """Ranks > 0: run each step rank 0 broadcasts until told to stop."""
+    header = torch.zeros(2, dtype=torch.int64)
+    while True:
+        worker.par.world.broadcast(header, 0)
+        cmd, size = header.tolist()
+        if cmd == CMD_SHUTDOWN:
+            return
+        if cmd != CMD_STEP:
+            raise RuntimeError(f"unknown command {cmd}")
+        payload = torch.empty(size, dtype=torch.int64)
+        worker.par.world.broadcast(payload, 0)
+        worker.execute(StepPlan.decode(payload))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="one rank of a braid engine (started by the engine)")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--store", required=True, help="HOST:PORT of rank 0's TCPStore")
+    ap.add_argument("--config", required=True, help="EngineConfig as JSON")
+    ap.add_argument("--parent", type=int, required=True)
+    args = ap.parse_args(argv)
+    _exit_with_parent(args.parent)
+    cfg = EngineConfig.from_json(args.config)
+    host, port = args.store.rsplit(":", 1)
+    try:
+        store = dist.TCPStore(
+            host, int(port), cfg.topology.world, is_master=False,
+            timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
+        )
+        worker = Worker(cfg, args.rank, store)
+        follow(worker)
+        worker.shutdown()
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""KV layout descriptors, the transfer planner and the transports (tcp, collective, mooncake)."""

@@ -1,0 +1,1 @@
+"""gRPC and protobuf definitions (package `braid.v1`) and their generated stubs."""

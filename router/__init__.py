@@ -1,0 +1,1 @@
+"""The Router gRPC service, routing policies, the request orchestrator and the `braid` CLI."""

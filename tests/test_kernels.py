@@ -1,0 +1,183 @@
+"""Attention ops against an independent dense softmax, and the fast ops against the reference."""
+import math
+import random
+
+import pytest
+import torch
+
+from braid.kernels import batched, flash_cpu, reference
+from braid.kernels.reference import VarlenRows
+
+
+def naive_attention(q, k, v, scale, visible):
+    """float64 softmax, one query at a time. q [Lq,Hq,D], k/v [Lk,Hkv,D];
+    visible(i, j) -> bool. Returns out [Lq,Hq,Dv], lse [Lq,Hq]."""
+    lq, hq, _ = q.shape
+    hkv = k.shape[1]
+    out = torch.zeros(lq, hq, v.shape[2], dtype=torch.float64)
+    lse = torch.full((lq, hq), -math.inf, dtype=torch.float64)
+    for i in range(lq):
+        keys = [j for j in range(k.shape[0]) if visible(i, j)]
+        if not keys:
+            continue
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            scores = torch.stack([(q[i, h].double() * k[j, kh].double()).sum() * scale for j in keys])
+            m = scores.max()
+            w = torch.exp(scores - m)
+            lse[i, h] = m + torch.log(w.sum())
+            p = w / w.sum()
+            out[i, h] = sum(p[n] * v[keys[n], kh].double() for n in range(len(keys)))
+    return out, lse
+
+
+SHAPES = [
+    # (hq, hkv, dk, dv)
+    (4, 4, 8, 8),
+    (4, 2, 16, 16),
+    (8, 2, 8, 8),
+    (4, 1, 12, 12),
+    (2, 1, 24, 16),  # MLA-style prefill: V narrower than Q/K
+]
+
+
+@pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
+@pytest.mark.parametrize("lq,lk", [(1, 1), (5, 5), (3, 9), (17, 17), (1, 7)])
+def test_reference_prefill_matches_naive(hq, hkv, dk, dv, lq, lk):
+    g = torch.Generator().manual_seed(hq * 100 + lq * 10 + lk)
+    q = torch.randn(lq, hq, dk, generator=g)
+    k = torch.randn(lk, hkv, dk, generator=g)
+    v = torch.randn(lk, hkv, dv, generator=g)
+    scale = dk**-0.5
+    out, lse = reference.prefill_attention(q, k, v, VarlenRows.packed([lq], [lk]), scale)
+    exp_out, exp_lse = naive_attention(q, k, v, scale, lambda i, j: j <= lk - lq + i)
+    torch.testing.assert_close(out.double(), exp_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), exp_lse, atol=1e-5, rtol=1e-5)
+    assert lse.dtype == torch.float32
+
+
+def test_reference_prefill_varlen_batch_and_empty_rows():
+    g = torch.Generator().manual_seed(7)
+    q_lens, k_lens = [3, 0, 6, 1], [5, 2, 6, 1]
+    q = torch.randn(sum(q_lens), 4, 8, generator=g)
+    k = torch.randn(sum(k_lens), 2, 8, generator=g)
+    v = torch.randn(sum(k_lens), 2, 8, generator=g)
+    rows = VarlenRows.packed(q_lens, k_lens)
+    out, lse = reference.prefill_attention(q, k, v, rows, 0.3)
+    for qs, lq, ks, lk in zip(rows.q_start, rows.q_len, rows.k_start, rows.k_len):
+        if lq == 0:
+            continue
+        eo, el = naive_attention(q[qs:qs + lq], k[ks:ks + lk], v[ks:ks + lk], 0.3, lambda i, j: j <= lk - lq + i)
+        torch.testing.assert_close(out[qs:qs + lq].double(), eo, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[qs:qs + lq].double(), el, atol=1e-5, rtol=1e-5)
+
+
+def test_noncausal_and_no_visible_keys():
+    q = torch.randn(2, 2, 4)
+    k = torch.randn(0, 1, 4)
+    v = torch.randn(0, 1, 4)
+    out, lse = reference.prefill_attention(q, k, v, VarlenRows((0,), (2,), (0,), (0,)), 1.0, causal=False)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_flash_cpu_matches_reference(hq, hkv, dk, dv, dtype, tol):
+    g = torch.Generator().manual_seed(hq + dk)
+    # rows: plain prefill, query chunks after context (PCP), rows sharing keys, an empty row
+    q_len = [7, 4, 4, 0, 33]
+    k_start = [0, 7, 7, 0, 20]
+    k_len = [7, 10, 16, 3, 40]
+    q_start = [0, 7, 11, 15, 15]
+    q = torch.randn(sum(q_len), hq, dk, generator=g).to(dtype)
+    k = torch.randn(60, hkv, dk, generator=g).to(dtype)
+    v = torch.randn(60, hkv, dv, generator=g).to(dtype)
+    rows = VarlenRows(q_start, q_len, k_start, k_len)
+    for causal in (True, False):
+        ro, rl = reference.prefill_attention(q, k, v, rows, dk**-0.5, causal)
+        fo, fl = flash_cpu.prefill_attention(q, k, v, rows, dk**-0.5, causal)
+        torch.testing.assert_close(fo.float(), ro.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(fl, rl, atol=tol, rtol=tol)
+
+
+def _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=64):
+    """Random cache, random disjoint block tables; returns (kc, vc, tables, dense k/v per seq)."""
+    kc = torch.randn(num_blocks, hkv, block_size, dk, generator=g)
+    vc = torch.randn(num_blocks, hkv, block_size, dv, generator=g)
+    ids = torch.randperm(num_blocks, generator=g).tolist()
+    max_blocks = max((l + block_size - 1) // block_size for l in seq_lens) + 1
+    tables = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+    dense = []
+    for s, length in enumerate(seq_lens):
+        nb = (length + block_size - 1) // block_size
+        blocks = [ids.pop() for _ in range(nb)]
+        tables[s, :nb] = torch.tensor(blocks, dtype=torch.int32)
+        ks = torch.cat([kc[b].transpose(0, 1) for b in blocks])[:length] if nb else kc.new_zeros(0, hkv, dk)
+        vs = torch.cat([vc[b].transpose(0, 1) for b in blocks])[:length] if nb else vc.new_zeros(0, hkv, dv)
+        dense.append((ks, vs))
+    return kc, vc, tables, dense
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
+def test_paged_decode_matches_naive(block_size, hq, hkv, dk, dv):
+    g = torch.Generator().manual_seed(block_size + hq)
+    seq_lens = [1, 17, 40, 0, 33]
+    kc, vc, tables, dense = _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=200)
+    q = torch.randn(len(seq_lens), hq, dk, generator=g)
+    out, lse = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.5)
+    bout, blse = batched.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.5)
+    for s, (ks, vs) in enumerate(dense):
+        eo, el = naive_attention(q[s:s + 1], ks, vs, 0.5, lambda i, j: True)
+        torch.testing.assert_close(out[s:s + 1].double(), eo, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[s:s + 1].double(), el, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bout, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blse, lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_of_random_disjoint_shards_equals_full_attention(seed):
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    t, hq, hkv, d = 3, 4, 2, 8
+    lk = rnd.randint(1, 50)
+    n = rnd.randint(1, 5)
+    q = torch.randn(t, hq, d, generator=g)
+    k = torch.randn(lk, hkv, d, generator=g)
+    v = torch.randn(lk, hkv, d, generator=g)
+    owner = [rnd.randrange(n) for _ in range(lk)]  # random disjoint key sets, some may be empty
+    outs, lses = [], []
+    for shard in range(n):
+        idx = torch.tensor([j for j in range(lk) if owner[j] == shard], dtype=torch.long)
+        o, l = reference.prefill_attention(q, k[idx], v[idx], VarlenRows((0,), (t,), (0,), (len(idx),)), 0.4, causal=False)
+        outs.append(o)
+        lses.append(l)
+    out, lse = reference.merge_attn_states(torch.stack(outs), torch.stack(lses))
+    full_o, full_l = naive_attention(q, k, v, 0.4, lambda i, j: True)
+    torch.testing.assert_close(out.double(), full_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), full_l, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_all_empty_and_nan_inputs():
+    outs = torch.zeros(3, 2, 2, 4)
+    lses = torch.full((3, 2, 2), float("-inf"))
+    lses[1, 0, 0] = float("nan")
+    out, lse = reference.merge_attn_states(outs, lses)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    lses[2, 1, 1] = 0.5
+    outs[2, 1, 1] = 3.0
+    out, lse = reference.merge_attn_states(outs, lses)
+    assert lse[1, 1] == 0.5 and torch.all(out[1, 1] == 3.0)
+
+
+@pytest.mark.parametrize("block_size,components,heads", [(1, 2, 2), (16, 2, 1), (8, 1, 1)])
+def test_write_kv_cache_skips_minus_one(block_size, components, heads):
+    cache = torch.zeros(10, components, heads, block_size, 4)
+    kv = torch.randn(6, components, heads, 4)
+    slots = torch.tensor([0, -1, block_size * 3 + block_size - 1, -1, block_size * 9, 1 if block_size > 1 else block_size])
+    reference.write_kv_cache(cache, kv, slots)
+    expected = torch.zeros_like(cache)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected[s // block_size, :, :, s % block_size] = kv[t]
+    assert torch.equal(cache, expected)
