@@ -1,7 +1,7 @@
 """Drives the ranks of one instance from rank 0.
 
-Rank 0 lives in the calling process; ranks 1..world-1 are `python -m
-braid.engine.worker` subprocesses that join through a TCPStore rank 0 binds on
+Rank 0 lives in the calling process; ranks 1..world-1 are subprocesses running
+`braid.engine.worker.main` that join through a TCPStore rank 0 binds on
 a free loopback port. Each step, rank 0 broadcasts the encoded StepPlan and
 runs its own share. A watchdog thread polls the subprocesses: when one exits
 unexpectedly it records which, and kills the others so that any collective
@@ -62,7 +62,7 @@ class Executor:
         env.setdefault("PYTHONUNBUFFERED", "1")
         for rank in range(1, self.world):
             cmd = [
-                sys.executable, "-m", "braid.engine.worker",
+                sys.executable, "-c", "import sys; from braid.engine.worker import main; main(sys.argv[1:])",
                 "--rank", str(rank), "--store", f"127.0.0.1:{port}",
                 "--config", self.cfg.to_json(), "--parent", str(os.getpid()),
             ]

@@ -126,6 +126,10 @@ def validate_for_model(topo: Topology, model: ModelConfig) -> None:
             raise ValueError(f"tensor_parallel_size {tp} must divide the MLP intermediate size {size}")
 
 
+# torch 2.13 renamed all_gather_into_tensor; keep working on older releases
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def backend_for(device: torch.device) -> str:
     return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device.type]
 
@@ -151,7 +155,7 @@ class GroupComm:
             return t.unsqueeze(0)
         t = t.contiguous()
         out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
-        dist.all_gather_into_tensor(out, t, group=self.group)
+        _all_gather_single(out, t, group=self.group)
         return out.view(self.size, *t.shape)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:

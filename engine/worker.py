@@ -1,8 +1,8 @@
 """One rank: its model shard, its KV cache, and (for ranks > 0) the loop that
 follows rank 0's broadcast commands.
 
-Run as `python -m braid.engine.worker --rank R --store HOST:PORT --config JSON`
-by the executor; it exits when rank 0 says so, when its parent process goes
+Started by the executor as a subprocess calling `main([--rank R, --store HOST:PORT,
+--config JSON, --parent PID])`; it exits when rank 0 says so, when its parent process goes
 away, or on any error (which makes rank 0's next collective fail).
 """
 from __future__ import annotations
