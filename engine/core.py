@@ -114,5 +114,35 @@ class EngineCore:
                 self.requests.pop(seq.request_id, None)
         return events
 
+    def last_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill `prompts` as one batch and return the logits of each one's
+        last position, [len(prompts), vocab] fp32. Needs an idle engine."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("last_token_logits needs an idle engine")
+        tables = []
+        try:
+            for ids in prompts:
+                ids = self.tokenize(ids)
+                self.scheduler.check(len(ids))
+                tables.append((ids, self.blocks.allocate(self.blocks.blocks_for(len(ids)))))
+            plan = StepPlan(True, tuple(SeqPlan(0, tuple(ids), tuple(t)) for ids, t in tables))
+            return self.executor.execute(plan)
+        finally:
+            for _, t in tables:
+                self.blocks.free(t)
+
+    def kv_stats(self) -> dict:
+        """KV memory held on each rank right now (every rank uses the same block ids)."""
+        from braid.engine.config import kv_bytes_per_block
+
+        per_block = kv_bytes_per_block(self.model_config, self.config)
+        return {
+            "blocks_used": self.blocks.num_used,
+            "blocks_total": self.blocks.num_blocks,
+            "tokens_per_block": self.blocks.tokens_per_block,
+            "bytes_per_block_per_rank": per_block,
+            "bytes_used_per_rank": per_block * self.blocks.num_used,
+        }
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from braid.engine.config import EngineConfig
 from braid.engine.step_plan import StepPlan
-from braid.engine.worker import CMD_SHUTDOWN, CMD_STEP, Worker
+from braid.engine.worker import CMD_GATHER_KV, CMD_SHUTDOWN, CMD_STEP, Worker
 
 
 class RankFailure(RuntimeError):
@@ -97,22 +97,30 @@ class Executor:
         self._kill_all()
         return self.failure or RankFailure(0, f"{type(err).__name__}: {err}")
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def run(self, cmd: int, payload: torch.Tensor):
+        """Broadcast a command and run rank 0's share; returns rank 0's result."""
         if self._dead or self.failure is not None:
             raise self.failure or RankFailure(0, "engine already failed")
         try:
             if self.world > 1:
-                payload = plan.encode()
-                header = torch.tensor([CMD_STEP, payload.numel()], dtype=torch.int64)
+                header = torch.tensor([cmd, payload.numel()], dtype=torch.int64)
                 self.driver.par.world.broadcast(header, 0)
                 self.driver.par.world.broadcast(payload, 0)
-            return self.driver.execute(plan)
+            return self.driver.handle(cmd, payload)
         except RankFailure:
             raise
         except Exception as e:
             if self.world == 1:
                 raise
             raise self._failed(e) from e
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step on every rank; logits [S, vocab] of each sequence's last token."""
+        return self.run(CMD_STEP, plan.encode())
+
+    def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Each rank's cache for these block ids, [L, n, C, H_local, B, D], indexed by rank."""
+        return self.run(CMD_GATHER_KV, torch.tensor(block_ids, dtype=torch.int64))
 
     def shutdown(self) -> None:
         if self._closing:

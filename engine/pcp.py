@@ -1,9 +1,12 @@
 """The load-balanced ("zigzag") split of prefill tokens across PCP ranks.
 
-A sequence of L new tokens is cut into 2P chunks of ceil(L / 2P) tokens (the
-last ones shorter or empty); PCP rank r takes chunks r and 2P-1-r. Under a
-causal mask an early chunk is cheap and a late one expensive, so each rank
-gets about the same number of query-key pairs.
+A sequence of L new tokens is cut into 2P contiguous chunks; PCP rank r takes
+chunks r and 2P-1-r. Under a causal mask an early chunk is cheap and a late
+one expensive, so each rank gets about the same number of query-key pairs.
+Chunks hold L // 2P tokens each; the L % 2P remaining tokens go one each to
+the late chunks (2P-1, 2P-2, ..., P) and then to the early ones (0, 1, ...),
+so that short prompts still spread over ranks and the per-rank work differs
+by at most one chunk's worth (ceil(L/2P) queries against L keys).
 """
 from __future__ import annotations
 
@@ -13,8 +16,16 @@ from dataclasses import dataclass
 def chunk_bounds(length: int, pcp: int) -> list[tuple[int, int]]:
     """(start, end) of the 2P chunks of a sequence of `length` tokens."""
     n = 2 * pcp
-    size = -(-length // n)
-    return [(min(i * size, length), min((i + 1) * size, length)) for i in range(n)]
+    base, rem = divmod(length, n)
+    sizes = [base] * n
+    extra_order = list(range(n - 1, pcp - 1, -1)) + list(range(pcp))
+    for c in extra_order[:rem]:
+        sizes[c] += 1
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
 
 
 def rank_chunks(pcp: int, rank: int) -> tuple[int, int]:

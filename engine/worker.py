@@ -26,9 +26,9 @@ from braid.engine.models import build_model
 from braid.engine.step_plan import StepPlan
 from braid.engine.topology import ParallelState
 
+CMD_SHUTDOWN = 0
 CMD_STEP = 1
-CMD_SHUTDOWN = 2
-
+CMD_GATHER_KV = 2
 
 def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
     """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
@@ -75,8 +75,30 @@ class Worker:
     def rank(self) -> int:
         return self.par.topo.rank
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        return self.runner.run(plan)
+    def handle(self, cmd: int, payload: torch.Tensor):
+        """Run one command; every rank calls this with the same payload. The
+        return value matters on rank 0 only."""
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            raise RuntimeError(f"unknown command {cmd}")
+        return handler(payload)
+
+    @property
+    def handlers(self):
+        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv}
+
+    def _step(self, payload: torch.Tensor) -> torch.Tensor:
+        return self.runner.run(StepPlan.decode(payload))
+
+    def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""
+        local = self.kv_cache[:, block_ids].contiguous()  # [L, n, C, H, B, D]
+        world = self.par.world
+        if world.size == 1:
+            return [local]
+        parts = [torch.empty_like(local) for _ in range(world.size)] if self.rank == 0 else None
+        dist.gather(local, parts, dst=0, group=world.group)
+        return parts
 
     def shutdown(self) -> None:
         self.par.shutdown()
@@ -93,18 +115,16 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def follow(worker: Worker) -> None:
-    """Ranks > 0: run each step rank 0 broadcasts until told to stop."""
+    """Ranks > 0: run each command rank 0 broadcasts until told to stop."""
     header = torch.zeros(2, dtype=torch.int64)
     while True:
         worker.par.world.broadcast(header, 0)
         cmd, size = header.tolist()
         if cmd == CMD_SHUTDOWN:
             return
-        if cmd != CMD_STEP:
-            raise RuntimeError(f"unknown command {cmd}")
         payload = torch.empty(size, dtype=torch.int64)
         worker.par.world.broadcast(payload, 0)
-        worker.execute(StepPlan.decode(payload))
+        worker.handle(cmd, payload)
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random checkpoints built with transformers (the
+independent reference), and transformers' own greedy outputs for them."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from braid.engine.tiny import save_tokenizer
+
+VOCAB = 384  # the tokenizer from braid.engine.tiny.save_tokenizer has exactly this many ids
+
+# name -> (architecture, config overrides, save options)
+CHECKPOINTS = {
+    "llama-gqa1": ("llama", dict(num_attention_heads=4, num_key_value_heads=4), {}),
+    "llama-gqa2-tied": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), {}),
+    "llama-gqa4": ("llama", dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, head_dim=8), {}),
+    "llama-mqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=1), {}),
+    "llama-oddhd": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12), {}),
+    "llama3-rope": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=50000.0,
+        ),
+        {},
+    ),
+    "llama-sharded": ("llama", dict(num_attention_heads=4, num_key_value_heads=2), {"max_shard_size": "60KB"}),
+    "qwen2-bias": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), {}),
+    "qwen2-mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1), {}),
+    "qwen3-norm": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32), {}),
+    "qwen3-gqa4": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), {}),
+    # for DCP/PCP: one and two KV heads, four query heads
+    "kv1": ("llama", dict(num_attention_heads=4, num_key_value_heads=1), {}),
+    "kv2": ("llama", dict(num_attention_heads=4, num_key_value_heads=2), {}),
+}
+
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=2048,
+    initializer_range=0.2,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def build_checkpoint(path: str, arch: str, overrides: dict, save: dict, dtype=torch.float32, seed: int = 0) -> str:
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = cls[arch]
+    kwargs = dict(BASE, **overrides)
+    if arch == "qwen2":
+        kwargs.setdefault("use_sliding_window", False)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kwargs)).to(dtype).eval()
+    model.save_pretrained(path, **save)
+    save_tokenizer(path, VOCAB)
+    return path
+
+
+class Checkpoints:
+    def __init__(self, root):
+        self.root = root
+        self._refs: dict = {}
+        self._models: dict = {}
+
+    def get(self, name: str) -> str:
+        path = os.path.join(self.root, name)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            arch, overrides, save = CHECKPOINTS[name]
+            build_checkpoint(path, arch, overrides, save)
+        return path
+
+    def hf_model(self, name: str, dtype=torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        key = (name, dtype)
+        if key not in self._models:
+            m = AutoModelForCausalLM.from_pretrained(self.get(name), dtype=dtype).eval()
+            m.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+            self._models[key] = m
+        return self._models[key]
+
+    def greedy(self, name: str, prompt: list[int], n: int) -> list[int]:
+        """transformers' greedy continuation of `prompt`, `n` tokens, ignoring EOS."""
+        key = (name, tuple(prompt), n)
+        if key not in self._refs:
+            m = self.hf_model(name)
+            with torch.no_grad():
+                ids = torch.tensor([prompt])
+                out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+            self._refs[key] = out[0, len(prompt):].tolist()
+        return self._refs[key]
+
+    def last_logits(self, name: str, prompt: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.hf_model(name)(torch.tensor([prompt])).logits[0, -1].float()
+
+    def kv(self, name: str, prompt: list[int]):
+        """transformers' cache after the prompt: per layer (K, V), each [Hkv, L, D] (K after rope)."""
+        with torch.no_grad():
+            out = self.hf_model(name)(torch.tensor([prompt]), use_cache=True)
+        return [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> Checkpoints:
+    return Checkpoints(str(tmp_path_factory.mktemp("ckpt")))
+
+
+def prompt_of(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (length,), generator=g).tolist()
