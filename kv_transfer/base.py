@@ -28,8 +28,7 @@ Guarantees every implementation keeps (the tests check them):
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -48,10 +47,9 @@ class TransferError(RuntimeError):
         self.detail = detail
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """One contiguous byte range to copy: sender region [src, src+length) ->
-    receiver region [dst, dst+length)."""
+    receiver region [dst, dst+length). A NamedTuple: requests build thousands."""
 
     src_offset: int
     dst_offset: int

@@ -1,0 +1,510 @@
+"""The gRPC client SDK: `Client` (blocking) and `AsyncClient` (asyncio), same surface.
+
+A request's life as the client sees it:
+
+1. `generate(prompt, ...)` encodes a `GenerateRequest` (text or token ids, sampling,
+   optional request and session ids) and opens `Router.Generate` with a deadline
+   (the call's `timeout`, else the client's, else `DEFAULT_GENERATE_TIMEOUT_S`).
+   Values that the wire cannot carry (a negative `max_tokens`) raise
+   `InvalidArgument` at once; every other check is the server's, whose answer
+   arrives as `InvalidArgument` from the stream.
+2. The returned stream yields `Chunk`s in the order the router sent them: the first
+   carries `prompt_tokens`, the last has `finished=True`, a `finish_reason` and the
+   `timings`.
+3. A failed status raises its typed error (`braid.client.errors`) from the stream
+   when it happens, after the chunks that came before it.
+4. `close()` / `aclose()`, leaving a `with` block, or dropping the stream cancels
+   the RPC; the router then aborts the request on its nodes. `cancel()` cancels
+   too, and a reader still waiting on the stream gets `Cancelled`.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+import grpc
+
+from braid.client.errors import Cancelled, Internal, InvalidArgument, error_from_rpc
+from braid.client.sampling import build_sampling
+from braid.proto import common_pb2, router_pb2, router_pb2_grpc
+
+DEFAULT_GENERATE_TIMEOUT_S = 600.0
+"""Deadline of a Generate call when neither the call nor the client names one."""
+DEFAULT_UNARY_TIMEOUT_S = 30.0
+"""Deadline of a unary call (ListNodes) when neither the call nor the client names one."""
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Send and receive limit per message; a 1M-token prompt is about 5 MiB."""
+
+_FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+_ROLES = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode"}
+
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds (mirrors `braid.v1.Timings`)."""
+
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    transfer_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    kv_bytes: int = 0
+    prefill_node: str = ""
+    decode_node: str = ""
+    local_prefill: bool = False
+    prefill_attempts: int = 0
+
+    @classmethod
+    def from_proto(cls, pb: common_pb2.Timings) -> Timings:
+        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece of a generation."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    """New tokens in this chunk."""
+    text: str
+    """Text delta for these tokens."""
+    finished: bool
+    finish_reason: str | None
+    """"stop", "length" or "abort" on the last chunk, else None."""
+    timings: Timings | None
+    """On the last chunk."""
+    prompt_tokens: int | None
+    """On the first chunk."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation, as `complete()` returns it."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    timings: Timings | None
+    prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Load:
+    """A node's reported load (mirrors `braid.v1.Load`)."""
+
+    queued_prefill_tokens: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    reserved_blocks: int = 0
+
+    @classmethod
+    def from_proto(cls, pb: common_pb2.Load) -> Load:
+        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node as the router sees it."""
+
+    node_id: str
+    role: str
+    """"prefill", "decode" or "unspecified"."""
+    address: str
+    model_id: str
+    reachable: bool
+    load: Load
+    info: common_pb2.NodeInfo
+    """The full registration (layout, capacity, transport, ...)."""
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    *,
+    request_id: str | None = None,
+    session_id: str | None = None,
+    **sampling,
+) -> router_pb2.GenerateRequest:
+    """Encode a GenerateRequest; InvalidArgument only for what the wire cannot carry."""
+    try:
+        params = build_sampling(**sampling)
+        req = router_pb2.GenerateRequest(
+            request_id=request_id or "", sampling=params, session_id=session_id or ""
+        )
+        if isinstance(prompt, str):
+            req.text = prompt
+        elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        else:
+            req.token_ids.SetInParent()  # an empty list still selects the token_ids prompt
+            req.token_ids.ids.extend(prompt)
+    except (ValueError, TypeError) as e:
+        raise InvalidArgument(str(e)) from None
+    return req
+
+
+def chunk_from_proto(resp: router_pb2.GenerateResponse) -> Chunk:
+    """Decode one GenerateResponse."""
+    return Chunk(
+        request_id=resp.request_id,
+        token_ids=tuple(resp.token_ids),
+        text=resp.text,
+        finished=resp.finished,
+        finish_reason=_FINISH_REASONS.get(resp.finish_reason),
+        timings=Timings.from_proto(resp.timings) if resp.HasField("timings") else None,
+        prompt_tokens=resp.prompt_tokens or None,
+    )
+
+
+def node_from_proto(pb: router_pb2.NodeStatus) -> NodeStatus:
+    """Decode one NodeStatus."""
+    return NodeStatus(
+        node_id=pb.info.node_id,
+        role=_ROLES.get(pb.info.role, "unspecified"),
+        address=pb.info.address,
+        model_id=pb.info.model_id,
+        reachable=pb.reachable,
+        load=Load.from_proto(pb.load),
+        info=pb.info,
+    )
+
+
+class _Assembler:
+    """Folds chunks into a Completion."""
+
+    def __init__(self):
+        self.request_id = ""
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.last: Chunk | None = None
+        self.prompt_tokens: int | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.request_id = self.request_id or chunk.request_id
+        self.token_ids.extend(chunk.token_ids)
+        self.text.append(chunk.text)
+        if self.prompt_tokens is None:
+            self.prompt_tokens = chunk.prompt_tokens
+        self.last = chunk
+
+    def result(self) -> Completion:
+        last = self.last
+        return Completion(
+            request_id=self.request_id,
+            token_ids=tuple(self.token_ids),
+            text="".join(self.text),
+            finish_reason=last.finish_reason if last else None,
+            timings=last.timings if last else None,
+            prompt_tokens=self.prompt_tokens,
+        )
+
+
+def _channel_options(max_message_bytes: int, options: Iterable[tuple[str, object]]) -> list:
+    """Message size limits first; caller options override them."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *options,
+    ]
+
+
+def _unfinished() -> Internal:
+    return Internal("the router closed the stream without a finished chunk")
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    return timeout
+
+
+class _RouterClient:
+    """What both clients share: the channel, the default deadline, and opening Generate.
+
+    `timeout` is the default deadline (seconds) of every call; without one,
+    Generate gets DEFAULT_GENERATE_TIMEOUT_S and ListNodes DEFAULT_UNARY_TIMEOUT_S.
+    `wait_for_ready` queues calls while the router is unreachable instead of
+    failing with Unavailable at once. `options` are extra grpc channel options.
+    """
+
+    _channels = grpc  # the module whose insecure_channel / secure_channel to use
+    _stream_type: type  # GenerateStream or AsyncGenerateStream
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, object]] = (),
+        wait_for_ready: bool = False,
+        metadata: Iterable[tuple[str, str]] = (),
+    ):
+        self._timeout = _check_timeout(timeout)
+        self._wait_for_ready = wait_for_ready
+        self._metadata = tuple(metadata) or None
+        opts = _channel_options(max_message_bytes, options)
+        if credentials is None:
+            self._channel = self._channels.insecure_channel(address, options=opts)
+        else:
+            self._channel = self._channels.secure_channel(address, credentials, options=opts)
+        self._stub = router_pb2_grpc.RouterStub(self._channel)
+
+    def _call_kwargs(self, timeout: float | None, default: float) -> dict:
+        """Deadline: the call's timeout, else the client's, else `default`; every call has one."""
+        deadline = _check_timeout(timeout) or self._timeout or default
+        return dict(timeout=deadline, metadata=self._metadata, wait_for_ready=self._wait_for_ready)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Iterable[int] = (),
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        session_id: str | None = None,
+    ):
+        """Start a generation and return its stream of Chunks (GenerateStream for
+        Client, AsyncGenerateStream for AsyncClient)."""
+        req = build_request(
+            prompt, request_id=request_id, session_id=session_id, max_tokens=max_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+        )
+        call = self._stub.Generate(req, **self._call_kwargs(timeout, DEFAULT_GENERATE_TIMEOUT_S))
+        return self._stream_type(call)
+
+    def _list_nodes_call(self, timeout: float | None):
+        return self._stub.ListNodes(router_pb2.ListNodesRequest(), **self._call_kwargs(timeout, DEFAULT_UNARY_TIMEOUT_S))
+
+
+# ---------------------------------------------------------------- blocking client
+
+
+class GenerateStream:
+    """Iterator of Chunks over one Generate call; close() or cancel() ends the RPC."""
+
+    def __init__(self, call):
+        self._call = call
+        self._closed = False
+        self._done = False
+        self._finished = False
+
+    def __iter__(self) -> GenerateStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._closed or self._done:
+            raise StopIteration
+        try:
+            chunk = chunk_from_proto(next(self._call))
+        except StopIteration:
+            self._done = True
+            if not self._finished:
+                raise _unfinished() from None
+            raise
+        except grpc.RpcError as e:
+            self._done = True
+            raise error_from_rpc(e) from None
+        self._finished = self._finished or chunk.finished
+        return chunk
+
+    def cancel(self) -> None:
+        """Cancel the RPC; a reader waiting on the stream gets Cancelled."""
+        self._call.cancel()
+
+    def close(self) -> None:
+        """Cancel the RPC if it still runs; iteration stops."""
+        self._closed = True
+        self._call.cancel()
+
+    def __enter__(self) -> GenerateStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        call = getattr(self, "_call", None)
+        if call is not None:
+            call.cancel()
+
+
+class Client(_RouterClient):
+    """Blocking client of the braid Router (see _RouterClient for the arguments)."""
+
+    _stream_type = GenerateStream
+
+    def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        """Generate and wait for the whole result (same arguments as generate)."""
+        acc = _Assembler()
+        with self.generate(prompt, **kwargs) as stream:
+            for chunk in stream:
+                acc.add(chunk)
+        return acc.result()
+
+    def list_nodes(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        """The nodes the router knows, with their latest load."""
+        try:
+            resp = self._list_nodes_call(timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return [node_from_proto(n) for n in resp.nodes]
+
+    def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- asyncio client
+
+
+def _task_cancelling() -> bool:
+    """Whether the running task itself is being cancelled (Python >= 3.11 can tell)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())
+
+
+class AsyncGenerateStream:
+    """Async iterator of Chunks over one Generate call; aclose() or cancel() ends the RPC."""
+
+    def __init__(self, call):
+        self._call = call
+        self._closed = False
+        self._done = False
+        self._finished = False
+        self._cancel_requested = False
+
+    def __aiter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._closed or self._done:
+            raise StopAsyncIteration
+        resp = await self._read()
+        if resp is grpc.aio.EOF:
+            self._done = True
+            if not self._finished:
+                raise _unfinished()
+            raise StopAsyncIteration
+        chunk = chunk_from_proto(resp)
+        self._finished = self._finished or chunk.finished
+        return chunk
+
+    async def _read(self):
+        """One message or EOF; RPC failures as typed errors."""
+        try:
+            return await self._call.read()
+        except grpc.RpcError as e:
+            self._done = True
+            raise error_from_rpc(e) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError for a call cancelled locally; only a
+            # cancel() of ours becomes Cancelled, a cancelled task stays cancelled.
+            if self._cancel_requested and not _task_cancelling():
+                self._done = True
+                raise Cancelled("cancelled by the client") from None
+            raise
+
+    def cancel(self) -> None:
+        """Cancel the RPC; a reader waiting on the stream gets Cancelled."""
+        self._cancel_requested = True
+        self._call.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel the RPC if it still runs; iteration stops."""
+        self._closed = True
+        self._cancel_requested = True
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __del__(self):
+        call = getattr(self, "_call", None)
+        if call is not None and not call.done():
+            try:
+                call.cancel()
+            except RuntimeError:  # the event loop is already closed
+                pass
+
+
+class AsyncClient(_RouterClient):
+    """asyncio client of the braid Router; the same surface as `Client`, awaitable.
+
+    Construct it inside the event loop that will use it.
+    """
+
+    _channels = grpc.aio
+    _stream_type = AsyncGenerateStream
+
+    async def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
+        """Generate and wait for the whole result (same arguments as generate)."""
+        acc = _Assembler()
+        async with self.generate(prompt, **kwargs) as stream:
+            async for chunk in stream:
+                acc.add(chunk)
+        return acc.result()
+
+    async def list_nodes(self, *, timeout: float | None = None) -> list[NodeStatus]:
+        """The nodes the router knows, with their latest load."""
+        try:
+            resp = await self._list_nodes_call(timeout)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e) from None
+        return [node_from_proto(n) for n in resp.nodes]
+
+    async def close(self) -> None:
+        """Close the channel; calls still running are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+__all__ = [
+    "AsyncClient",
+    "AsyncGenerateStream",
+    "Chunk",
+    "Client",
+    "Completion",
+    "GenerateStream",
+    "Load",
+    "NodeStatus",
+    "Timings",
+    "build_request",
+]

@@ -1,0 +1,105 @@
+"""Sampling settings on the wire: one set of rules for the client, the router and the nodes.
+
+Three steps, kept apart so each side uses what it needs:
+
+- `build_sampling(...)` encodes keyword arguments into `common_pb2.SamplingParams`,
+  refusing only values the wire types cannot carry (a negative `max_tokens` in a
+  uint32, a token id past 2**32). The client uses it so that semantically bad
+  values still reach the server, which answers INVALID_ARGUMENT with the reason.
+- `check_sampling(pb)` applies the semantic rules to a received message and raises
+  `ValueError` with the reason; the router and the nodes call it on every request.
+- `validate_sampling(...)` is both: keyword arguments in, a checked message out.
+
+The rules mirror `braid.engine.SamplingParams`: max_tokens >= 1, temperature a
+finite number >= 0 (0 = greedy), top_k -1, 0 (off) or positive, top_p in (0, 1]
+where 0 on the wire means "unset" (1.0).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from braid.proto import common_pb2
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+def _as_int(name: str, value, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi], else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _as_float(name: str, value) -> float:
+    """`value` as a float (NaN and infinities pass: the semantic check rejects them)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def build_sampling(
+    *,
+    max_tokens: int = 16,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: Iterable[int] = (),
+    ignore_eos: bool = False,
+) -> common_pb2.SamplingParams:
+    """Encode sampling settings; ValueError only for values the wire types cannot hold."""
+    pb = common_pb2.SamplingParams(
+        max_tokens=_as_int("max_tokens", max_tokens, 0, UINT32_MAX),
+        temperature=_as_float("temperature", temperature),
+        top_k=_as_int("top_k", top_k, INT32_MIN, INT32_MAX),
+        top_p=_as_float("top_p", top_p),
+        stop_token_ids=[_as_int("stop_token_ids[]", t, 0, UINT32_MAX) for t in stop_token_ids],
+        ignore_eos=bool(ignore_eos),
+    )
+    if seed is not None:
+        pb.seed = _as_int("seed", seed, 0, UINT64_MAX)
+    return pb
+
+
+def check_sampling(pb: common_pb2.SamplingParams) -> None:
+    """Raise ValueError with the reason when a received SamplingParams is not acceptable."""
+    if pb.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {pb.max_tokens}")
+    if not (math.isfinite(pb.temperature) and pb.temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {pb.temperature!r}")
+    if pb.top_k < -1:
+        raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {pb.top_k}")
+    # 0 on the wire is proto3's "unset" and means 1.0.
+    if not (pb.top_p == 0 or 0 < pb.top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {pb.top_p!r}")
+
+
+def validate_sampling(**kwargs) -> common_pb2.SamplingParams:
+    """Keyword arguments of `build_sampling` in, a checked SamplingParams out (ValueError otherwise)."""
+    top_p = kwargs.get("top_p", 1.0)
+    if isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and not 0 < top_p <= 1:
+        # Checked here too: on the wire 0 would silently read as "unset".
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    pb = build_sampling(**kwargs)
+    check_sampling(pb)
+    return pb
+
+
+def sampling_kwargs(pb: common_pb2.SamplingParams) -> dict:
+    """A checked SamplingParams as plain keyword arguments, wire defaults resolved
+    (top_p 0 -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
+    return dict(
+        max_tokens=int(pb.max_tokens),
+        temperature=float(pb.temperature),
+        top_k=int(pb.top_k),
+        top_p=float(pb.top_p) if pb.top_p > 0 else 1.0,
+        seed=int(pb.seed) if pb.HasField("seed") else None,
+        stop_token_ids=tuple(int(t) for t in pb.stop_token_ids),
+        ignore_eos=bool(pb.ignore_eos),
+    )

@@ -1,0 +1,318 @@
+"""Routing policies: which node of one pool (prefill or decode) takes a request.
+
+Plain Python over ids and integers; no grpc, no torch. The router keeps one
+policy object per pool (one for prefill nodes, one for decode nodes) and, for
+each request:
+
+1. builds the candidates from its membership view: one `Candidate` per node
+   that may take work, with the node's latest reported `NodeLoad`;
+2. calls `policy.choose(candidates, RouteRequest(prompt_token_ids, session_id))`,
+   which returns one of the candidates or raises `NoNodes` when there are none
+   (the router answers UNAVAILABLE);
+3. calls `policy.forget(node_id)` when discovery drops a node or the node
+   re-registers after a restart, so that per-node history does not outlive it.
+
+Candidates may differ from call to call (nodes join, leave, or are skipped as
+unreachable); every policy works on whatever set it is given, sorted by node id
+so that the caller's order does not matter. Policies keep state (round-robin
+position, prefix history) and are not thread-safe: use them from the router's
+event loop only.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+from abc import ABC, abstractmethod
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from types import MappingProxyType
+
+PREFILL = "prefill"
+DECODE = "decode"
+DEFAULT_MAX_NUM_SEQS = 256
+"""Batch size assumed for a decode node's load score when its capacity is unknown."""
+
+
+class NoNodes(Exception):
+    """No candidate node to route to (the router answers UNAVAILABLE)."""
+
+
+# ---------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """A node's latest reported load (mirrors `braid.v1.Load`)."""
+
+    queued_prefill_tokens: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    reserved_blocks: int = 0
+    """Blocks held by reservations awaiting KV; assumed already excluded from free_kv_blocks."""
+
+    @classmethod
+    def from_proto(cls, pb) -> NodeLoad:
+        """From a `common_pb2.Load` (or anything with the same attributes)."""
+        return cls(**{f.name: int(getattr(pb, f.name)) for f in fields(cls)})
+
+    @property
+    def used_kv_fraction(self) -> float:
+        """Share of the KV pool in use, 0 for a node that reports no pool."""
+        if self.total_kv_blocks <= 0:
+            return 0.0
+        return (self.total_kv_blocks - self.free_kv_blocks) / self.total_kv_blocks
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node that may take the request."""
+
+    node_id: str
+    role: str
+    """PREFILL or DECODE: selects the load score."""
+    load: NodeLoad = NodeLoad()
+    max_num_seqs: int = 0
+    """The node's batch limit (Capacity.max_num_seqs); 0 = unknown."""
+
+    def __post_init__(self):
+        if self.role not in (PREFILL, DECODE):
+            raise ValueError(f"role must be {PREFILL!r} or {DECODE!r}, got {self.role!r}")
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a policy may look at in a request."""
+
+    prompt_token_ids: tuple[int, ...] = ()
+    session_id: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+
+
+def load_score(c: Candidate) -> float:
+    """Lower is less loaded.
+
+    Prefill: tokens waiting to be prefilled. Decode: used KV fraction plus the
+    share of the batch taken by running and waiting sequences (each in [0, 1]).
+    """
+    if c.role == PREFILL:
+        return float(c.load.queued_prefill_tokens)
+    max_seqs = c.max_num_seqs if c.max_num_seqs > 0 else DEFAULT_MAX_NUM_SEQS
+    return c.load.used_kv_fraction + (c.load.running_seqs + c.load.waiting_seqs) / max_seqs
+
+
+ScoreFn = Callable[[Candidate], float]
+
+
+def sorted_candidates(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates sorted by node id; NoNodes when empty, ValueError on a repeated id."""
+    if not candidates:
+        raise NoNodes("no nodes available")
+    nodes = sorted(candidates, key=lambda c: c.node_id)
+    for a, b in zip(nodes, nodes[1:]):
+        if a.node_id == b.node_id:
+            raise ValueError(f"node {a.node_id!r} appears twice among the candidates")
+    return nodes
+
+
+# ---------------------------------------------------------------- policies
+
+
+class Policy(ABC):
+    """Chooses one node from the candidates of one pool."""
+
+    name = ""
+
+    def choose(self, candidates: Sequence[Candidate], request: RouteRequest) -> Candidate:
+        """One of `candidates`; NoNodes when there are none."""
+        return self._choose(sorted_candidates(candidates), request)
+
+    @abstractmethod
+    def _choose(self, nodes: list[Candidate], request: RouteRequest) -> Candidate:
+        """`nodes` is non-empty and sorted by node id."""
+
+    def forget(self, node_id: str) -> None:
+        """Drop what the policy remembers about a node that left (no-op by default)."""
+
+
+class RoundRobin(Policy):
+    """Each node in turn, in node-id order.
+
+    The position is the last chosen node id, not an index, so that joins and
+    leaves do not shift the cycle: the next pick is the first node whose id
+    follows the last pick's, wrapping around. While membership holds still,
+    every node is picked once per cycle; a joining node enters the cycle at its
+    place in id order.
+    """
+
+    name = "round_robin"
+
+    def __init__(self):
+        self._last: str | None = None
+
+    def _choose(self, nodes, request):
+        last = self._last
+        pick = nodes[0] if last is None else next((n for n in nodes if n.node_id > last), nodes[0])
+        self._last = pick.node_id
+        return pick
+
+
+class LeastLoaded(Policy):
+    """Power of two choices: two distinct nodes at random, the less loaded wins.
+
+    Draws `rng.sample(range(len(nodes)), 2)` over the candidates sorted by node
+    id; on equal scores the first drawn wins. One candidate is returned without
+    drawing.
+    """
+
+    name = "least_loaded"
+
+    def __init__(self, rng: random.Random | None = None, score: ScoreFn = load_score):
+        self._rng = rng if rng is not None else random.Random()
+        self._score = score
+
+    def _choose(self, nodes, request):
+        if len(nodes) == 1:
+            return nodes[0]
+        i, j = self._rng.sample(range(len(nodes)), 2)
+        a, b = nodes[i], nodes[j]
+        return b if self._score(b) < self._score(a) else a
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
+    """Chained hashes of the full `block_size`-token blocks of a prompt.
+
+    Hash i covers blocks 0..i (it is seeded with hash i-1), so equal hashes mean
+    equal prefixes. A trailing partial block is not hashed: it cannot be shared.
+    """
+    out: list[int] = []
+    prev = b""
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = array("I", token_ids[start : start + block_size]).tobytes()
+        prev = hashlib.blake2b(prev + block, digest_size=8).digest()
+        out.append(int.from_bytes(prev, "little"))
+    return out
+
+
+class PrefixAware(Policy):
+    """The node that was recently sent the longest prefix of this prompt.
+
+    Per node it keeps an LRU set of at most `max_blocks_per_node` block hashes it
+    was sent. The match of a node is the number of leading prompt blocks in its
+    set. The longest match wins; ties go to the lower load score, then to a
+    random one of the tied (`rng`). The chosen node then records all the prompt's
+    blocks, the last block first so that a prefix outlives its continuations
+    under eviction (the first block is the most recently used).
+    """
+
+    name = "prefix_aware"
+
+    def __init__(
+        self,
+        block_size: int = 16,
+        max_blocks_per_node: int = 1 << 16,
+        rng: random.Random | None = None,
+        score: ScoreFn = load_score,
+    ):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_blocks_per_node < 1:
+            raise ValueError(f"max_blocks_per_node must be >= 1, got {max_blocks_per_node}")
+        self.block_size = block_size
+        self.max_blocks_per_node = max_blocks_per_node
+        self._rng = rng if rng is not None else random.Random()
+        self._score = score
+        self._blocks: dict[str, OrderedDict[int, None]] = {}
+
+    def matched_blocks(self, node_id: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of `hashes` the node holds."""
+        held = self._blocks.get(node_id, {})
+        n = 0
+        while n < len(hashes) and hashes[n] in held:
+            n += 1
+        return n
+
+    def held_blocks(self, node_id: str) -> list[int]:
+        """The node's block hashes, least recently used first."""
+        return list(self._blocks.get(node_id, ()))
+
+    def _choose(self, nodes, request):
+        hashes = block_hashes(request.prompt_token_ids, self.block_size)
+        keys = {n.node_id: (-self.matched_blocks(n.node_id, hashes), self._score(n)) for n in nodes}
+        best = min(keys.values())
+        tied = [n for n in nodes if keys[n.node_id] == best]
+        pick = tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        self.record(pick.node_id, hashes)
+        return pick
+
+    def record(self, node_id: str, hashes: Sequence[int]) -> None:
+        """Note that the node was sent these blocks (refreshing them), evicting the oldest."""
+        held = self._blocks.setdefault(node_id, OrderedDict())
+        for h in reversed(hashes):
+            held[h] = None
+            held.move_to_end(h)
+        while len(held) > self.max_blocks_per_node:
+            held.popitem(last=False)
+
+    def forget(self, node_id: str) -> None:
+        self._blocks.pop(node_id, None)
+
+
+def _rendezvous_weight(key: str, node_id: str) -> int:
+    digest = hashlib.blake2b(f"{key}\x00{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class SessionAffinity(Policy):
+    """Requests of one session go to one node (rendezvous hashing on session_id).
+
+    A node leaving moves only its own sessions; a node joining takes only the
+    sessions it now wins. Requests without a session go to `fallback`
+    (least_loaded by default).
+    """
+
+    name = "session_affinity"
+
+    def __init__(self, fallback: Policy | None = None, rng: random.Random | None = None):
+        self._fallback = fallback if fallback is not None else LeastLoaded(rng)
+
+    def _choose(self, nodes, request):
+        if not request.session_id:
+            return self._fallback.choose(nodes, request)
+        return max(nodes, key=lambda n: _rendezvous_weight(request.session_id, n.node_id))
+
+    def forget(self, node_id: str) -> None:
+        self._fallback.forget(node_id)
+
+
+POLICIES = MappingProxyType(
+    {
+        "round_robin": RoundRobin,
+        "least_loaded": LeastLoaded,
+        "power_of_two": LeastLoaded,
+        "prefix_aware": PrefixAware,
+        "session_affinity": SessionAffinity,
+    }
+)
+"""Policy name -> class; names accept '-' for '_'."""
+
+
+def make_policy(name: str, **opts) -> Policy:
+    """A new policy by name; ValueError for an unknown name or option."""
+    key = name.strip().lower().replace("-", "_")
+    cls = POLICIES.get(key)
+    if cls is None:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    sig = inspect.signature(cls)
+    try:
+        sig.bind(**opts)
+    except TypeError:
+        accepted = ", ".join(sig.parameters) or "none"
+        raise ValueError(f"policy {key!r} got options {sorted(opts)}; it accepts: {accepted}") from None
+    return cls(**opts)
