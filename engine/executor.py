@@ -44,7 +44,8 @@ class Executor:
         self._dead = False
         store = None
         if self.world > 1:
-            store = dist.TCPStore(
+            # rank 0 hosts the rendezvous store for the whole life of the engine
+            self.store = store = dist.TCPStore(
                 "127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
                 timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
             )
@@ -135,11 +136,4 @@ class Executor:
             except Exception:
                 pass
         self._kill_all()
-        if self._dead or self.failure is not None:
-            # the group is broken; tearing it down could block on dead peers
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-        else:
-            self.driver.shutdown()
+        self.driver.shutdown()

@@ -80,6 +80,12 @@ class MLAConfig:
     routed_scaling_factor: float
     norm_topk_prob: bool
     scoring_func: str
+    attention_bias: bool = False
+    """Bias on q_a_proj, kv_a_proj_with_mqa and o_proj (transformers' `attention_bias`)."""
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Routed experts from layer `first_k_dense_replace` on (moe_layer_freq is 1)."""
+        return bool(self.n_routed_experts) and layer >= self.first_k_dense_replace
 
 
 @dataclass(frozen=True)
@@ -234,20 +240,18 @@ def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
         n_routed_experts=cfg.get("n_routed_experts"),
         n_shared_experts=cfg.get("n_shared_experts"),
         num_experts_per_tok=cfg.get("num_experts_per_tok"),
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
-        first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)),
-        moe_layer_freq=int(cfg.get("moe_layer_freq", 1)),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
+        first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+        moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
         n_group=cfg.get("n_group"),
         topk_group=cfg.get("topk_group"),
-        topk_method=cfg.get("topk_method", "greedy"),
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        topk_method=cfg.get("topk_method") or "greedy",
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-        scoring_func=cfg.get("scoring_func", "softmax"),
+        scoring_func=cfg.get("scoring_func") or "softmax",
+        attention_bias=bool(cfg.get("attention_bias", False)),
     )
-    if mla.scoring_func != "softmax":
-        raise CheckpointError(f"{path}: unsupported scoring_func {mla.scoring_func!r} (supported: softmax)")
-    if mla.topk_method not in ("greedy", "group_limited_greedy"):
-        raise CheckpointError(f"{path}: unsupported topk_method {mla.topk_method!r}")
+    _check_mla(mla, cfg, path)
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     return ModelConfig(
         num_kv_heads=1,
@@ -256,3 +260,37 @@ def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
         mla=mla,
         **common,
     )
+
+
+def _check_mla(mla: MLAConfig, cfg: dict, path: str) -> None:
+    """Refuse the settings on which transformers (our reference) and DeepSeek's
+    own code disagree, or that no DeepSeek-V2 checkpoint uses."""
+    if mla.scoring_func != "softmax":
+        raise CheckpointError(f"{path}: unsupported scoring_func {mla.scoring_func!r} (supported: softmax)")
+    if mla.topk_method not in ("greedy", "group_limited_greedy"):
+        raise CheckpointError(f"{path}: unsupported topk_method {mla.topk_method!r} (supported: greedy, group_limited_greedy)")
+    if mla.qk_rope_head_dim % 2:
+        raise CheckpointError(f"{path}: qk_rope_head_dim {mla.qk_rope_head_dim} must be even")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path}: mlp_bias=true is not supported for DeepseekV2ForCausalLM")
+    if not mla.n_routed_experts:
+        return
+    if mla.moe_layer_freq != 1:
+        # transformers ignores moe_layer_freq; DeepSeek's code uses layer % freq == 0
+        raise CheckpointError(f"{path}: moe_layer_freq {mla.moe_layer_freq} is not supported (only 1)")
+    if mla.norm_topk_prob:
+        # transformers ignores norm_topk_prob; DeepSeek's code renormalises the top-k weights
+        raise CheckpointError(f"{path}: norm_topk_prob=true is not supported for DeepseekV2ForCausalLM")
+    k, e = mla.num_experts_per_tok, mla.n_routed_experts
+    if not k or not 1 <= k <= e:
+        raise CheckpointError(f"{path}: num_experts_per_tok {k} must be between 1 and n_routed_experts {e}")
+    if mla.moe_intermediate_size < 1:
+        raise CheckpointError(f"{path}: moe_intermediate_size must be set for a MoE model")
+    if mla.topk_method == "group_limited_greedy":
+        g, tg = mla.n_group, mla.topk_group
+        if not g or e % g:
+            raise CheckpointError(f"{path}: group_limited_greedy needs n_group dividing n_routed_experts {e}, got n_group {g}")
+        if not tg or not 1 <= tg <= g or tg * (e // g) < k:
+            raise CheckpointError(
+                f"{path}: topk_group {tg} must be in 1..n_group {g} and its groups must hold num_experts_per_tok {k} experts"
+            )

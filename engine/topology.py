@@ -126,17 +126,34 @@ def validate_for_model(topo: Topology, model: ModelConfig) -> None:
             raise ValueError(f"tensor_parallel_size {tp} must divide the MLP intermediate size {size}")
 
 
-# torch 2.13 renamed all_gather_into_tensor; keep working on older releases
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 def backend_for(device: torch.device) -> str:
     return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device.type]
 
 
+def make_process_group(backend: str, store, rank: int, size: int, timeout_s: float):
+    """A standalone process group over `store` (not registered with
+    torch.distributed's global state, so several instances can live in one
+    process). `rank` is the rank within the group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, opts)
+    if backend == "hccl":
+        import torch_npu  # noqa: F401
+        from torch_npu._C._distributed_c10d import ProcessGroupHCCL
+
+        opts = ProcessGroupHCCL.Options()
+        opts._timeout = timeout
+        return ProcessGroupHCCL(store, rank, size, opts)
+    raise ValueError(f"unknown collective backend {backend!r}")
+
+
 class GroupComm:
-    """Collectives over one process group. Groups of size one are no-ops, so
-    single-rank code paths cost nothing."""
+    """Collectives over one process group, called on the group object itself.
+    Groups of size one are no-ops, so single-rank code paths cost nothing."""
 
     def __init__(self, ranks: list[int], group, rank: int):
         self.ranks = list(ranks)
@@ -146,7 +163,7 @@ class GroupComm:
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(t, group=self.group)
+            self.group.allreduce([t]).wait()
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -155,7 +172,7 @@ class GroupComm:
             return t.unsqueeze(0)
         t = t.contiguous()
         out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
-        _all_gather_single(out, t, group=self.group)
+        self.group._allgather_base(out, t).wait()
         return out.view(self.size, *t.shape)
 
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
@@ -164,13 +181,27 @@ class GroupComm:
             return t
         t = t.contiguous()
         out = torch.empty_like(t)
-        dist.all_to_all_single(out, t, group=self.group)
+        self.group.alltoall_base(out, t, [], []).wait()
         return out
 
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         if self.size > 1:
-            dist.broadcast(t, self.ranks[src_index], group=self.group)
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src_index
+            self.group.broadcast([t], opts).wait()
         return t
+
+    def gather(self, t: torch.Tensor, dst_index: int = 0) -> list[torch.Tensor] | None:
+        """Every member's `t` (same shape) on member `dst_index`; None elsewhere."""
+        if self.size == 1:
+            return [t]
+        t = t.contiguous()
+        opts = dist.GatherOptions()
+        opts.rootRank = dst_index
+        mine = self.rank_in_group == dst_index
+        outs = [torch.empty_like(t) for _ in range(self.size)] if mine else []
+        self.group.gather([outs] if mine else [], [t], opts).wait()
+        return outs if mine else None
 
 
 @dataclass(frozen=True)
@@ -192,33 +223,25 @@ class ParallelState:
 
     @staticmethod
     def initialize(topo: Topology, device: torch.device, store, timeout_s: float) -> "ParallelState":
-        """Join the instance's process group through `store` and create the
-        TP, PCP and DCP subgroups. Every rank must call this with the same topology."""
+        """Build this rank's world, TP, PCP and DCP groups as standalone process
+        groups over `store` (each under its own key prefix). Only members create
+        a group, so no collective set-up call is needed."""
         if topo.world == 1:
             return ParallelState.single(device)
-        dist.init_process_group(
-            backend_for(device),
-            store=store,
-            rank=topo.rank,
-            world_size=topo.world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
-        world = GroupComm(list(range(topo.world)), dist.group.WORLD, topo.rank)
+        backend = backend_for(device)
 
-        def pick(all_groups: list[list[int]]) -> GroupComm:
-            mine = None
-            for ranks in all_groups:  # new_group is collective: every rank creates every group
-                g = dist.new_group(ranks) if len(ranks) > 1 else None
-                if topo.rank in ranks:
-                    mine = GroupComm(ranks, g, topo.rank)
-            assert mine is not None
-            return mine
+        def group(name: str, ranks: list[int]) -> GroupComm:
+            if len(ranks) == 1:
+                return GroupComm(ranks, None, topo.rank)
+            prefix = f"pg/{name}/" + "-".join(map(str, ranks)) + "/"
+            pg = make_process_group(backend, dist.PrefixStore(prefix, store), ranks.index(topo.rank), len(ranks), timeout_s)
+            return GroupComm(ranks, pg, topo.rank)
 
-        tp = pick(topo.all_tp_groups())
-        pcp = pick(topo.all_pcp_groups())
-        dcp = pick(topo.all_dcp_groups())
+        world = group("world", list(range(topo.world)))
+        tp = group("tp", topo.tp_group_ranks())
+        pcp = group("pcp", topo.pcp_group_ranks())
+        dcp = group("dcp", topo.dcp_group_ranks())
         return ParallelState(topo, device, world, tp, pcp, dcp)
 
     def shutdown(self) -> None:
-        if self.world.size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        """Drop the groups (their sockets close when the objects are freed)."""

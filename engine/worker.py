@@ -93,12 +93,7 @@ class Worker:
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""
         local = self.kv_cache[:, block_ids].contiguous()  # [L, n, C, H, B, D]
-        world = self.par.world
-        if world.size == 1:
-            return [local]
-        parts = [torch.empty_like(local) for _ in range(world.size)] if self.rank == 0 else None
-        dist.gather(local, parts, dst=0, group=world.group)
-        return parts
+        return self.par.world.gather(local, 0)
 
     def shutdown(self) -> None:
         self.par.shutdown()

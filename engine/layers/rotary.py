@@ -1,7 +1,10 @@
 """Rotary position embeddings with default, linear, llama3 and YaRN frequencies.
 
-cos/sin are computed in fp32 from `inv_freq` and cast to the activations'
-dtype before rotating, which is the order transformers uses.
+cos/sin are computed in fp32 from `inv_freq`. For the halves layout (Llama,
+Qwen) they are cast to the activations' dtype before rotating; the
+interleaved layout (DeepSeek-V2) rotates in fp32 and casts the result. Both
+are the orders transformers uses. YaRN follows transformers'
+`_compute_yarn_parameters` (verified in tests/test_deepseek_v2.py).
 """
 from __future__ import annotations
 
@@ -30,18 +33,40 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def yarn_factor(s: dict, max_pos: int) -> float:
+    """The YaRN scaling factor; when absent, the ratio of the context lengths."""
+    factor = s.get("factor")
+    if factor is None:
+        factor = max_pos / (s.get("original_max_position_embeddings") or max_pos)
+    return float(factor)
+
+
+def yarn_softmax_scale(s: dict | None, max_pos: int) -> float:
+    """DeepSeek's extra softmax scale under scaled rope: mscale(factor, mscale_all_dim)**2
+    when `mscale_all_dim` is set (non-zero), else 1."""
+    if not s or not s.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(yarn_factor(s, max_pos), s["mscale_all_dim"]) ** 2
+
+
 def _yarn_inv_freq(base: float, dim: int, s: dict, max_pos: int) -> tuple[torch.Tensor, float]:
     """YaRN: blend interpolated and extrapolated frequencies over a ramp of
-    dimensions; returns (inv_freq, cos/sin magnitude)."""
-    factor = s["factor"]
+    dimensions; returns (inv_freq, cos/sin magnitude). Follows transformers'
+    `_compute_yarn_parameters`: falsy beta_fast/beta_slow take their defaults,
+    the ramp ends are floored/ceiled unless `truncate` is false, and the
+    magnitude is `attention_factor`, else mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim) when both are set (non-zero), else mscale(factor)."""
+    factor = yarn_factor(s, max_pos)
     orig = s.get("original_max_position_embeddings") or max_pos
-    beta_fast, beta_slow = s.get("beta_fast", 32), s.get("beta_slow", 1)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
 
     def correction_dim(rotations):
         return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
 
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
@@ -50,10 +75,11 @@ def _yarn_inv_freq(base: float, dim: int, s: dict, max_pos: int) -> tuple[torch.
     interpolation = 1.0 / (factor * pos_freqs)
     extrapolation_weight = 1 - ramp
     inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
-    if "attention_factor" in s and s["attention_factor"] is not None:
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    if s.get("attention_factor") is not None:
         mag = float(s["attention_factor"])
-    elif "mscale" in s and "mscale_all_dim" in s:
-        mag = yarn_mscale(factor, s["mscale"]) / yarn_mscale(factor, s["mscale_all_dim"])
+    elif mscale and mscale_all_dim:
+        mag = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
     else:
         mag = yarn_mscale(factor)
     return inv_freq, mag
@@ -64,7 +90,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle i and keep that layout:
+    transformers' DeepSeek-V2 views x as complex numbers and multiplies by
+    cos + i*sin in fp32. x [T, H, d]; cos/sin [T, d/2] fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [T, H, d/2, 2]
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
+    """`interleaved=False` rotates the halves (x[i], x[i + d/2]) (Llama, Qwen);
+    `interleaved=True` rotates adjacent pairs (DeepSeek-V2)."""
+
     def __init__(self, cfg: RopeConfig, interleaved: bool = False):
         super().__init__()
         dim = cfg.rotary_dim
@@ -82,7 +121,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Halves layout: [T, dim] in `dtype`. Interleaved: [T, dim/2] fp32 (the
+        rotation itself runs in fp32, as transformers' DeepSeek-V2 does)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
+        if self.interleaved:
+            return freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.magnitude).to(dtype), (emb.sin() * self.magnitude).to(dtype)
 
@@ -91,10 +134,9 @@ class RotaryEmbedding(nn.Module):
         d = self.rotary_dim
         rot, rest = x[..., :d], x[..., d:]
         if self.interleaved:
-            # pairs (0,1), (2,3), ... -> halves, as DeepSeek's checkpoints expect
-            t, h = rot.shape[0], rot.shape[1]
-            rot = rot.view(t, h, d // 2, 2).transpose(-1, -2).reshape(t, h, d)
-        out = rot * cos[:, None, :] + _rotate_half(rot) * sin[:, None, :]
+            out = _rotate_pairs(rot, cos, sin)
+        else:
+            out = rot * cos[:, None, :] + _rotate_half(rot) * sin[:, None, :]
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
     def forward(self, positions, q, k):

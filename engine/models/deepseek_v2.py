@@ -1,0 +1,88 @@
+"""DeepSeek-V2 (MLA attention, DeepSeekMoE) under TP, DCP and PCP.
+
+Layer order and dtypes follow transformers' DeepseekV2: pre-norm residual
+blocks, RMSNorm in fp32, dense MLPs for the first `first_k_dense_replace`
+layers and MoE after. Attention is `braid.engine.layers.mla`, the MoE
+`braid.engine.layers.moe`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from braid.engine.layers.attention import AttentionMetadata
+from braid.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from braid.engine.layers.mla import MLAAttention
+from braid.engine.layers.moe import GatedMLP, MoE
+from braid.engine.layers.norm import RMSNorm
+from braid.engine.model_config import ModelConfig
+from braid.engine.topology import ParallelState
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, par: ParallelState, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = MLAAttention(cfg, par, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.mla.is_moe_layer(layer):
+            self.mlp = MoE(cfg, par, dtype)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, par.tp, dtype)
+
+    def forward(self, positions, x, meta: AttentionMetadata):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp, dtype)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, par, dtype) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
+
+
+class DeepseekV2ForCausalLM(nn.Module):
+    """Checkpoint names are transformers' (and DeepSeek's): gate/up_proj of
+    the dense MLPs, shared experts and each routed expert `mlp.experts.{e}`
+    map onto fused gate_up_proj; the router is `mlp.gate`."""
+
+    packed = {
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
+        super().__init__()
+        if cfg.mla is None:
+            raise ValueError(f"{cfg.architecture} needs an MLA configuration")
+        self.cfg = cfg
+        self.model = DeepseekV2Model(cfg, par, dtype)
+        self.lm_head = ParallelLMHead(self.model.embed_tokens, cfg.tie_word_embeddings, dtype)
+
+    def forward(self, input_ids, positions, meta):
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[MLAAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        """Parameter name and shard id for a checkpoint tensor; None to skip it."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return None
+        for ckpt, (fused, shard) in self.packed.items():
+            if f".{ckpt}." in name:
+                return name.replace(f".{ckpt}.", f".{fused}."), shard
+        return name, None
