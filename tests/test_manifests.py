@@ -1,0 +1,612 @@
+"""Offline checks of the Kubernetes manifests in manifests/.
+
+Every overlay is rendered (with `kustomize build` or `kubectl kustomize` when
+on PATH, else with manifests/render.py), every rendered resource is validated
+against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), and what
+the manifests say is checked against the code: the ports in braid.router.config,
+the cluster config each overlay ships (loaded with load_config), the parallel
+sizes against the model they name (validate_for_model and the engine's own
+resolve), and the pod settings the processes rely on (probes, drain time,
+writable directories, the KV data ports of every decode rank).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version
+
+from braid.engine.config import EngineConfig, resolve
+from braid.engine.model_config import load_model_config
+from braid.engine.tiny import write_tiny_llama
+from braid.engine.topology import Topology, validate_for_model
+from braid.router.config import (
+    DEFAULT_DECODE_METRICS_PORT,
+    DEFAULT_DECODE_PORT,
+    DEFAULT_PREFILL_METRICS_PORT,
+    DEFAULT_PREFILL_PORT,
+    DEFAULT_ROUTER_METRICS_PORT,
+    DEFAULT_ROUTER_PORT,
+    DEFAULT_TRANSFER_PORT,
+    NodeConfig,
+    engine_kwargs,
+    load_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+OVERLAYS = ("cpu", "cuda", "npu")
+CONFIG_PATH = "/etc/braid/cluster.yaml"
+ROLES = ("router", "prefill", "decode")
+PORTS = {  # role -> (gRPC port, metrics port), the defaults of braid.router.config
+    "router": (DEFAULT_ROUTER_PORT, DEFAULT_ROUTER_METRICS_PORT),
+    "prefill": (DEFAULT_PREFILL_PORT, DEFAULT_PREFILL_METRICS_PORT),
+    "decode": (DEFAULT_DECODE_PORT, DEFAULT_DECODE_METRICS_PORT),
+}
+# What each overlay is meant to run: device, accelerator resource (named as its
+# device plugin advertises it), model directory name, and
+# (tp, pcp, dcp) of prefill and decode.
+EXPECTED = {
+    "cpu": dict(device="cpu", resource=None, model="", prefill=(1, 2, 1), decode=(2, 1, 2)),
+    # The vllm-ascend context-parallel guide (seeds): DeepSeek-V2-Lite, tp 2, pcp 2, dcp 2.
+    "npu": dict(device="npu", resource="huawei.com/Ascend910", model="DeepSeek-V2-Lite", prefill=(2, 2, 1), decode=(2, 1, 2)),
+    "cuda": dict(device="cuda", resource="nvidia.com/gpu", model="Qwen2.5-3B-Instruct", prefill=(2, 2, 1), decode=(4, 1, 2)),
+}
+
+# config.json facts of the checkpoints the overlays name (no hub downloads here).
+PUBLISHED_CONFIGS = {
+    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json
+    "DeepSeek-V2-Lite": {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "vocab_size": 102400,
+        "hidden_size": 2048,
+        "intermediate_size": 10944,
+        "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "n_shared_experts": 2,
+        "n_routed_experts": 64,
+        "num_experts_per_tok": 6,
+        "routed_scaling_factor": 1.0,
+        "kv_lora_rank": 512,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 1,
+        "norm_topk_prob": False,
+        "scoring_func": "softmax",
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rope_theta": 10000,
+        "rope_scaling": {
+            "type": "yarn",
+            "factor": 40,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 100000,
+        "eos_token_id": 100001,
+    },
+    # https://huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/config.json
+    "Qwen2.5-3B-Instruct": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+}
+
+
+def _load_renderer():
+    spec = importlib.util.spec_from_file_location("braid_manifests_render", MANIFESTS / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+render = _load_renderer()
+
+
+def _kustomize_command() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        probe = subprocess.run(["kubectl", "kustomize", "--help"], capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return ["kubectl", "kustomize"]
+    return None
+
+
+KUSTOMIZE = _kustomize_command()
+
+
+@functools.lru_cache(maxsize=None)
+def _render_cached(path: str, tool: str) -> list[dict]:
+    if tool == "own":
+        return render.build(path)
+    out = subprocess.run(KUSTOMIZE + [path], check=True, capture_output=True, text=True, timeout=120).stdout
+    return [d for d in yaml.safe_load_all(out) if d is not None]
+
+
+def rendered(overlay: str) -> list[dict]:
+    """The overlay's resources, rendered by kustomize where installed."""
+    path = str(MANIFESTS / "overlays" / overlay)
+    return copy.deepcopy(_render_cached(path, "kustomize" if KUSTOMIZE else "own"))
+
+
+# -- helpers over rendered resources -----------------------------------------------------------
+
+
+def find(docs, kind, name=None):
+    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert hits, f"no {kind} {name or ''} rendered"
+    return hits
+
+
+def workloads(docs):
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def workload(docs, role):
+    return find(docs, "Deployment" if role == "router" else "StatefulSet", f"braid-{role}")[0]
+
+
+def container(docs, role):
+    (c,) = [c for c in workload(docs, role)["spec"]["template"]["spec"]["containers"] if c["name"] == role]
+    return c
+
+
+def pod_labels(w):
+    return w["spec"]["template"]["metadata"]["labels"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Service selector (a plain map) or a LabelSelector with matchLabels."""
+    assert "matchExpressions" not in selector, "matchExpressions are not checked here"
+    match = selector["matchLabels"] if "matchLabels" in selector else selector
+    return bool(match) and all(labels.get(k) == v for k, v in match.items())
+
+
+def cluster_yaml(docs) -> dict:
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("braid-config")]
+    return yaml.safe_load(cm["data"]["cluster.yaml"])
+
+
+def load_overlay_config(overlay):
+    """The overlay's ClusterConfig through load_config, with the model directory
+    (absent here; it lives on a volume in the cluster) blanked; and the model."""
+    data = cluster_yaml(rendered(overlay))
+    model = data.get("model", "")
+    return load_config(data=dict(data, model="")), model
+
+
+def world(cfg, role) -> int:
+    e = cfg.node(role).engine
+    return e.tensor_parallel_size * e.prefill_context_parallel_size
+
+
+def env_of(c) -> dict:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def cpu_cores(q: str) -> float:
+    return float(q[:-1]) / 1000 if str(q).endswith("m") else float(q)
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(KUSTOMIZE is None, reason="neither kustomize nor kubectl on PATH")
+@pytest.mark.parametrize("target", ["base", *(f"overlays/{o}" for o in OVERLAYS)])
+def test_own_renderer_equals_kustomize(target):
+    path = str(MANIFESTS / target)
+    assert render.build(path) == _render_cached(path, "kustomize")
+
+
+def test_own_renderer_hash_matches_kustomize_vectors():
+    # Expected names from kustomize's own test suite (api/krusty,
+    # TestGeneratorSimpleOverlay and TestConfigMapGeneratorMergeNamePrefix).
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "p-cm"},
+          "data": {"fruit": "apple", "veggie": "broccoli"}}
+    assert render.configmap_hash(cm) == "877mt5hc89"
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "o1-cm"}, "data": {"big": "bang", "foo": "bar"}}
+    assert render.configmap_hash(cm) == "ft9mmdc8c6"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_own_renderer_renders_every_overlay(overlay):
+    docs = render.build(MANIFESTS / "overlays" / overlay)
+    assert {d["kind"] for d in docs} >= {"ConfigMap", "Deployment", "StatefulSet", "Service", "ServiceAccount", "PodDisruptionBudget"}
+    assert yaml.safe_load_all(render.dump(docs))
+
+
+UNSUPPORTED = {
+    "unknown field": ("namePrefix: x-\nresources: [r.yaml]\n", None),
+    "json6902 patch": ("resources: [r.yaml]\npatches:\n  - path: p.yaml\n", "- op: add\n  path: /spec/replicas\n  value: 2\n"),
+    "patch directive": ("resources: [r.yaml]\npatches:\n  - path: p.yaml\n",
+                        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      $patch: replace\n"),
+    "list without merge key": ("resources: [r.yaml]\npatches:\n  - path: p.yaml\n",
+                               "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      hostAliases: [{ip: 1.2.3.4}]\n"),
+    "patch target missing": ("resources: [r.yaml]\npatches:\n  - path: p.yaml\n",
+                             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: other}\nspec: {replicas: 2}\n"),
+    "patch target options": ("resources: [r.yaml]\npatches:\n  - path: p.yaml\n    target: {kind: Deployment}\n",
+                             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: 2}\n"),
+    "selector labels": ("resources: [r.yaml]\nlabels:\n  - pairs: {a: b}\n    includeSelectors: true\n", None),
+    "generator literals": ("configMapGenerator:\n  - name: c\n    literals: [a=b]\n", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_own_renderer_refuses_what_it_does_not_implement(tmp_path, case):
+    kustomization, patch = UNSUPPORTED[case]
+    (tmp_path / "kustomization.yaml").write_text(kustomization)
+    (tmp_path / "r.yaml").write_text(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n"
+        "spec:\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n"
+        "    spec:\n      containers: [{name: c, image: i}]\n"
+    )
+    if patch:
+        (tmp_path / "p.yaml").write_text(patch)
+    with pytest.raises(render.RenderError):
+        render.build(tmp_path)
+
+
+# -- schema validation ----------------------------------------------------------------------------
+
+# The newest Kubernetes the installed kubernetes-validate knows (1.37 with
+# kubernetes-validate 1.37), and the oldest release the manifests support
+# (native gRPC probes are GA since 1.27, the preStop sleep action since 1.30).
+K8S_VERSIONS = (latest_version(), "1.30.0")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_resources_validate_against_kubernetes_schema(overlay, version):
+    docs = rendered(overlay)
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_schema_validation_is_strict():
+    doc = workload(rendered("cpu"), "router")
+    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 1}}  # misspelt
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+
+
+# -- the cluster config against the code ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_cluster_config_loads_and_binds_all_interfaces(overlay):
+    cfg, model = load_overlay_config(overlay)
+    for role in ROLES:
+        section = cfg.router if role == "router" else cfg.node(role)
+        assert section.host == "0.0.0.0", f"{role}.host must be 0.0.0.0 in a pod"
+        assert (section.port, section.metrics_port) == PORTS[role]
+    assert cfg.decode.transfer.port == DEFAULT_TRANSFER_PORT
+    exp = EXPECTED[overlay]
+    if exp["model"]:
+        assert model == f"/models/{exp['model']}"
+    else:
+        assert model == ""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_etcd_endpoints_are_the_etcd_client_service(overlay):
+    docs = rendered(overlay)
+    cfg, _ = load_overlay_config(overlay)
+    etcd = find(docs, "StatefulSet", "braid-etcd")[0]
+    for endpoint in cfg.etcd.endpoints:
+        host, _, port = endpoint.rpartition(":")
+        (svc,) = find(docs, "Service", host)
+        assert int(port) in [p["port"] for p in svc["spec"]["ports"]]
+        assert "clusterIP" not in svc["spec"], "the client Service balances over ready members"
+        assert selects(svc["spec"]["selector"], pod_labels(etcd))
+
+
+def _model_dir(tmp_path_factory, name: str) -> str:
+    path = tmp_path_factory.mktemp(name or "tiny")
+    if not name:  # the embedded default model, exactly as the pods build it
+        return write_tiny_llama(str(path))
+    (path / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS[name]))
+    return str(path)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_parallel_sizes_fit_the_model(overlay, tmp_path_factory):
+    cfg, model = load_overlay_config(overlay)
+    exp = EXPECTED[overlay]
+    model_dir = _model_dir(tmp_path_factory, Path(model).name)
+    model_cfg = load_model_config(model_dir)
+    for role in ("prefill", "decode"):
+        node = cfg.node(role)
+        e = node.engine
+        assert (e.tensor_parallel_size, e.prefill_context_parallel_size, e.decode_context_parallel_size) == exp[role]
+        assert e.device == exp["device"]
+        assert e.cp_kv_cache_interleave_size == e.block_size, "KV crosses instances: interleave = block size"
+        validate_for_model(
+            Topology(tp=e.tensor_parallel_size, pcp=e.prefill_context_parallel_size, dcp=e.decode_context_parallel_size),
+            model_cfg,
+        )
+        # The engine's own start-up checks: KV capacity for max_model_len, sizes, transport.
+        resolved, _ = resolve(EngineConfig(
+            model_path=model_dir, kv_role=role, kv_transport=node.transfer.transport, **engine_kwargs(e)
+        ))
+        assert resolved.max_model_len <= model_cfg.max_position_embeddings
+        # os.cpu_count() in a container is the host's: the thread count must be explicit.
+        assert e.threads_per_rank is not None, f"{overlay}: set {role}.engine.threads_per_rank"
+    assert cfg.prefill.engine.block_size == cfg.decode.engine.block_size
+    if overlay == "npu":  # the seed's example: DeepSeek-V2-Lite, MLA, block = interleave = 128
+        assert model_cfg.is_mla and model_cfg.num_heads == 16
+        assert cfg.decode.engine.block_size == 128
+
+
+# -- pods against the config -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_and_probes_match_the_config(overlay):
+    docs = rendered(overlay)
+    cfg, _ = load_overlay_config(overlay)
+    for role in ROLES:
+        grpc_port, metrics_port = PORTS[role]
+        c = container(docs, role)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["grpc"] == grpc_port and ports["metrics"] == metrics_port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == grpc_port, f"{role} {probe}"
+        annotations = workload(docs, role)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(metrics_port)
+        assert annotations["prometheus.io/path"] == "/metrics"
+    # One KV data port per decode rank: 50100 + r for r < world.
+    kv = sorted(p["containerPort"] for p in container(docs, "decode")["ports"] if p["name"].startswith("kv-"))
+    assert kv == [cfg.decode.transfer.port + r for r in range(world(cfg, "decode"))]
+    assert {p["name"] for p in container(docs, "decode")["ports"] if p["name"].startswith("kv-")} == {
+        f"kv-{r}" for r in range(world(cfg, "decode"))
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_expose_the_container_ports(overlay):
+    docs = rendered(overlay)
+    for svc in find(docs, "Service"):
+        targets = [w for w in workloads(docs) if selects(svc["spec"]["selector"], pod_labels(w))]
+        assert targets, f"Service {svc['metadata']['name']} selects no pods"
+        for w in targets:
+            ports = {p["name"]: p["containerPort"] for c in w["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+            for sp in svc["spec"]["ports"]:
+                assert sp["targetPort"] in ports, f"{svc['metadata']['name']}: no container port {sp['targetPort']}"
+                assert ports[sp["targetPort"]] == sp["port"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_containers_run_the_braid_cli_with_the_configmap(overlay):
+    docs = rendered(overlay)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    for role in ROLES:
+        c = container(docs, role)
+        assert c["command"] == ["braid"]
+        assert c["args"] == [role, "serve", "--config", CONFIG_PATH]
+        assert c["image"] == f"braid:0.1.0-{overlay}"
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(Path(CONFIG_PATH).parent)]
+        assert mount.get("readOnly") is True
+        (vol,) = [v for v in workload(docs, role)["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        assert vol["configMap"]["name"] == cm["metadata"]["name"]
+        assert Path(CONFIG_PATH).name in cm["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_env_and_writable_directories(overlay):
+    docs = rendered(overlay)
+    for role in ROLES:
+        c = container(docs, role)
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        env = env_of(c)
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        for path in (env["BRAID_HOME"]["value"], "/tmp"):
+            assert "emptyDir" in volumes[mounts[path]["name"]], f"{role}: {path} must be a writable emptyDir"
+            assert not mounts[path].get("readOnly")
+        # Every path the container is told to write to lies on a writable mount.
+        for name, e in env.items():
+            value = e.get("value", "")
+            if name in ("HOME",) or name.endswith(("_PATH", "_DIR")):
+                assert any(value == m or value.startswith(m.rstrip("/") + "/") for m in mounts
+                           if not mounts[m].get("readOnly")), f"{role}: {name}={value} not writable"
+
+
+@pytest.mark.parametrize("overlay", ("cuda", "npu"))
+def test_model_directory_is_mounted_read_only_everywhere(overlay):
+    docs = rendered(overlay)
+    _, model = load_overlay_config(overlay)
+    for role in ROLES:  # the router too: it tokenizes text prompts
+        c = container(docs, role)
+        mounts = [m for m in c["volumeMounts"] if model.startswith(m["mountPath"].rstrip("/") + "/")]
+        assert len(mounts) == 1 and mounts[0]["readOnly"] is True, f"{role}: {model} not mounted"
+        (vol,) = [v for v in workload(docs, role)["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[0]["name"]]
+        assert vol["persistentVolumeClaim"]["readOnly"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_accelerators_match_the_world_size(overlay):
+    docs = rendered(overlay)
+    cfg, _ = load_overlay_config(overlay)
+    resource = EXPECTED[overlay]["resource"]
+    for role in ("prefill", "decode"):
+        res = container(docs, role)["resources"]
+        if resource is None:
+            assert not [k for k in {**res.get("requests", {}), **res.get("limits", {})} if "/" in k]
+            continue
+        n = world(cfg, role)
+        assert res["limits"][resource] == n and res["requests"][resource] == n, f"{role}: one device per rank"
+        assert cfg.node(role).engine.threads_per_rank * n <= cpu_cores(res["requests"]["cpu"])
+        env = env_of(container(docs, role))
+        if overlay == "npu":
+            assert env["HCCL_IF_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            for name in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"):
+                assert int(env[name]["value"]) >= cfg.node(role).engine.collective_timeout_s
+        else:
+            assert any(name.startswith("NCCL_") for name in env)
+    if resource is not None:  # the router does not compute
+        res = container(docs, "router")["resources"]
+        assert resource not in {**res.get("requests", {}), **res.get("limits", {})}
+
+
+# -- pod hardening and lifecycle ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_is_hardened_probed_and_sized(overlay):
+    docs = rendered(overlay)
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    for w in workloads(docs):
+        name = w["metadata"]["name"]
+        spec = w["spec"]["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False, name
+        assert accounts[spec["serviceAccountName"]]["automountServiceAccountToken"] is False, name
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, name
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", name
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], name
+            assert "readinessProbe" in c and "livenessProbe" in c, name
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), name
+            assert "memory" in c["resources"]["limits"], name
+    # Discovery is etcd: no component talks to the Kubernetes API.
+    assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_outlasts_the_drain(overlay):
+    docs = rendered(overlay)
+    cfg, _ = load_overlay_config(overlay)
+    for role in ROLES:
+        spec = workload(docs, role)["spec"]["template"]["spec"]
+        # The router has no drain setting of its own; it drains like a node (default).
+        drain = NodeConfig().drain_timeout_s if role == "router" else cfg.node(role).drain_timeout_s
+        pre_stop = container(docs, role).get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 10, f"{role}: no time to drain"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_match_pods(overlay):
+    docs = rendered(overlay)
+    for w in workloads(docs):
+        assert selects(w["spec"]["selector"], pod_labels(w)), w["metadata"]["name"]
+        others = [o for o in workloads(docs) if o is not w]
+        assert not any(selects(w["spec"]["selector"], pod_labels(o)) for o in others), "selectors overlap"
+        for tsc in w["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            assert selects(tsc["labelSelector"], pod_labels(w))
+        if w["kind"] == "StatefulSet":
+            (svc,) = find(docs, "Service", w["spec"]["serviceName"])
+            assert svc["spec"]["clusterIP"] == "None" and selects(svc["spec"]["selector"], pod_labels(w))
+        assert pod_labels(w)["app.kubernetes.io/part-of"] == "braid"
+    for pdb in find(docs, "PodDisruptionBudget"):
+        matched = [w for w in workloads(docs) if selects(pdb["spec"]["selector"], pod_labels(w))]
+        assert len(matched) == 1, pdb["metadata"]["name"]
+        replicas = matched[0]["spec"]["replicas"]
+        if "minAvailable" in pdb["spec"]:
+            assert pdb["spec"]["minAvailable"] < replicas, "a PDB that blocks every eviction blocks node drains"
+    for d in docs:
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "braid"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_etcd_cluster(overlay):
+    docs = rendered(overlay)
+    sts = find(docs, "StatefulSet", "braid-etcd")[0]
+    replicas, service = sts["spec"]["replicas"], sts["spec"]["serviceName"]
+    assert replicas == 3 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
+    members = [f"braid-etcd-{i}=http://braid-etcd-{i}.{service}.$(POD_NAMESPACE).svc:2380" for i in range(replicas)]
+    assert flags["initial-cluster"].split(",") == members
+    assert flags["initial-advertise-peer-urls"] == f"http://$(POD_NAME).{service}.$(POD_NAMESPACE).svc:2380"
+    assert flags["name"] == "$(POD_NAME)"
+    env = env_of(c)
+    for var in set(re.findall(r"\$\((\w+)\)", " ".join(c["args"]))):
+        assert var in env, f"etcd args use $({var}) but it is not in env"
+    (headless,) = find(docs, "Service", service)
+    assert headless["spec"]["publishNotReadyAddresses"] is True, "members must resolve each other before quorum"
+    (pvc,) = sts["spec"]["volumeClaimTemplates"]
+    assert flags["data-dir"].startswith([m["mountPath"] for m in c["volumeMounts"] if m["name"] == pvc["metadata"]["name"]][0])
+    (pdb,) = find(docs, "PodDisruptionBudget", "braid-etcd")
+    assert replicas - pdb["spec"]["maxUnavailable"] > replicas // 2, "voluntary disruptions must keep quorum"
+    # Only braid pods reach the unauthenticated client and peer ports.
+    (policy,) = find(docs, "NetworkPolicy", "braid-etcd")
+    assert selects(policy["spec"]["podSelector"], pod_labels(sts))
+    client_rule = [r for r in policy["spec"]["ingress"] if {"port": 2379} in r.get("ports", [])][0]
+    for role in ROLES:
+        assert any(selects(f["podSelector"], pod_labels(workload(docs, role))) for f in client_rule["from"]), role
+
+
+# -- the image -----------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_matches_the_manifests():
+    text = (ROOT / "Dockerfile").read_text()
+    entrypoint = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", text, re.M)
+    assert entrypoint and json.loads(entrypoint.group(1)) == ["braid"]
+    user = re.search(r"^USER\s+(\d+)(?::(\d+))?\s*$", text, re.M)
+    assert user and int(user.group(1)) != 0
+    for arg in ("BASE_IMAGE", "EXTRAS", "TORCH_INDEX_URL"):
+        assert re.search(rf"^ARG {arg}\b", text, re.M), arg
+    # Every package folder of pyproject.toml is copied into the image.
+    copied = set(re.findall(r"^COPY\s+(\S+)\s+\./\1\s*$", text, re.M))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    package_dirs = set(re.findall(r'^"braid\.\w+" = "(\w+)"$', pyproject, re.M))
+    assert package_dirs and package_dirs <= copied, package_dirs - copied
+    for overlay in OVERLAYS:
+        docs = rendered(overlay)
+        for role in ROLES:
+            assert workload(docs, role)["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user.group(1))
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_readme_documents_every_overlay():
+    text = (MANIFESTS / "README.md").read_text()
+    for overlay in OVERLAYS:
+        assert f"kubectl apply -k manifests/overlays/{overlay}" in text
+    assert "kubectl scale statefulset/braid-prefill" in text and "kubectl scale statefulset/braid-decode" in text
