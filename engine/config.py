@@ -43,6 +43,16 @@ class EngineConfig:
     """torch intra-op threads in each rank process; None splits the host's cores."""
     collective_timeout_s: float = 120.0
     """Deadline for any collective and for the ranks to start."""
+    kv_role: str | None = None
+    """KV transfer role: None (colocated), "prefill" (sends KV), "decode" (receives), "both"."""
+    kv_transport: str = "tcp"
+    """tcp, collective or mooncake."""
+    kv_host: str = "127.0.0.1"
+    """Address decode ranks bind their KV receivers to."""
+    kv_port: int = 0
+    """First KV receiver port (rank r uses kv_port + r); 0 picks free ports."""
+    kv_advertise_host: str | None = None
+    """Host put in the receivers' endpoints (defaults to kv_host)."""
 
     @property
     def topology(self) -> Topology:
@@ -85,6 +95,15 @@ def resolve(cfg: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
     in the derived defaults. Raises ValueError naming the setting to change."""
     model = load_model_config(cfg.model_path)
     parse_dtype(cfg.dtype)
+    if cfg.kv_role not in (None, "prefill", "decode", "both"):
+        raise ValueError(f"kv_role must be None, prefill, decode or both, got {cfg.kv_role!r}")
+    if cfg.kv_role is not None and cfg.kv_transport not in ("tcp", "collective", "mooncake"):
+        raise ValueError(f"kv_transport must be tcp, collective or mooncake, got {cfg.kv_transport!r}")
+    if cfg.kv_role is not None and cfg.cp_kv_cache_interleave_size not in (None, cfg.block_size):
+        raise ValueError(
+            f"cp_kv_cache_interleave_size {cfg.cp_kv_cache_interleave_size} must equal block_size {cfg.block_size} "
+            f"when KV moves between instances (kv_role={cfg.kv_role})"
+        )
     if cfg.device not in ("cpu", "cuda", "npu"):
         raise ValueError(f"device must be cpu, cuda or npu, got {cfg.device!r}")
     topo = cfg.topology

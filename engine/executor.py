@@ -23,7 +23,16 @@ import torch.distributed as dist
 
 from braid.engine.config import EngineConfig
 from braid.engine.step_plan import StepPlan
-from braid.engine.worker import CMD_GATHER_KV, CMD_SHUTDOWN, CMD_STEP, Worker
+from braid.engine.worker import (
+    CMD_GATHER_KV,
+    CMD_KV_EXPECT,
+    CMD_KV_FINISH,
+    CMD_KV_POLL,
+    CMD_KV_RELEASE,
+    CMD_SHUTDOWN,
+    CMD_STEP,
+    Worker,
+)
 
 
 class RankFailure(RuntimeError):
@@ -118,6 +127,22 @@ class Executor:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run one step on every rank; logits [S, vocab] of each sequence's last token."""
         return self.run(CMD_STEP, plan.encode())
+
+    @staticmethod
+    def _ints(values) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=torch.int64)
+
+    def kv_expect(self, tid: int, num_tokens: int, timeout_s: float, block_ids: list[int]) -> None:
+        self.run(CMD_KV_EXPECT, self._ints([tid, num_tokens, int(timeout_s * 1000), *block_ids]))
+
+    def kv_poll(self, direction: int, tids: list[int]) -> list[int]:
+        return self.run(CMD_KV_POLL, self._ints([direction, *tids]))
+
+    def kv_release(self, direction: int, tids: list[int]) -> None:
+        self.run(CMD_KV_RELEASE, self._ints([direction, *tids]))
+
+    def kv_finish(self, pairs: list[tuple[int, int]]) -> None:
+        self.run(CMD_KV_FINISH, self._ints([v for pair in pairs for v in pair]))
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each rank's cache for these block ids, [L, n, C, H_local, B, D], indexed by rank."""

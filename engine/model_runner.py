@@ -88,8 +88,10 @@ class ModelRunner:
         return self.par.pcp.all_reduce(out)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor:
-        """Logits [S, vocab] fp32 of each sequence's last token."""
+    def run(self, plan: StepPlan, on_layer=None) -> torch.Tensor:
+        """Logits [S, vocab] fp32 of each sequence's last token. `on_layer(i)` is
+        called once layer i's KV of this step is in the cache (prefill only)."""
         ids, positions, meta, last = self.prepare(plan)
+        meta.on_layer_written = on_layer
         hidden = self.model(ids, positions, meta)
         return self.model.compute_logits(self.last_hidden(hidden, last, len(plan.seqs)))

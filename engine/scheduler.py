@@ -177,7 +177,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-        if seq.block_table:
+        if seq.block_table and not seq.holds_kv:
             self.blocks.free(seq.block_table)
             seq.block_table = []
 

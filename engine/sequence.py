@@ -31,6 +31,10 @@ class Sequence:
         """Tokens whose KV is in the cache; the scheduler advances it toward len(token_ids)."""
         self.finish_reason: str | None = None
         self.generator = None  # torch.Generator when the request is seeded
+        self.transfer = None
+        """Prefill side of a remote prefill: (KVDestination, timeout_s)."""
+        self.holds_kv = False
+        """Blocks outlive the sequence's end (they are being sent); the engine frees them."""
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -30,9 +30,22 @@ class SeqPlan:
 
 
 @dataclass(frozen=True)
+class TransferPlan:
+    """KV of sequence `seq_index` goes to a decode instance during this prefill step."""
+
+    seq_index: int
+    transfer_id: int
+    timeout_ms: int
+    dest_layout: bytes
+    """The decode instance's serialized KVLayout (with its endpoints)."""
+    dest_block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StepPlan:
     is_prefill: bool
     seqs: tuple[SeqPlan, ...]
+    transfers: tuple[TransferPlan, ...] = ()
 
     def encode(self) -> torch.Tensor:
         """[2 + 3*S + tokens + blocks] int64: is_prefill, S, then per sequence
@@ -41,6 +54,10 @@ class StepPlan:
         for s in self.seqs:
             head += [s.num_computed, s.num_new, len(s.block_table)]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
+        body.append(len(self.transfers))
+        for t in self.transfers:
+            body += [t.seq_index, t.transfer_id, t.timeout_ms, len(t.dest_layout), len(t.dest_block_ids)]
+            body += list(t.dest_layout) + list(t.dest_block_ids)
         return torch.tensor(head + body, dtype=torch.int64)
 
     @staticmethod
@@ -57,4 +74,14 @@ class StepPlan:
         for (computed, _, nb), toks in zip(meta, tokens):
             seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb])))
             pos += nb
-        return StepPlan(is_prefill, tuple(seqs))
+        transfers = []
+        count = v[pos]
+        pos += 1
+        for _ in range(count):
+            seq_index, tid, timeout_ms, nbytes, nblocks = v[pos : pos + 5]
+            pos += 5
+            layout = bytes(v[pos : pos + nbytes])
+            pos += nbytes
+            transfers.append(TransferPlan(seq_index, tid, timeout_ms, layout, tuple(v[pos : pos + nblocks])))
+            pos += nblocks
+        return StepPlan(is_prefill, tuple(seqs), tuple(transfers))

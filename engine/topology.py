@@ -161,9 +161,11 @@ class GroupComm:
         self.size = len(ranks)
         self.rank_in_group = self.ranks.index(rank) if rank in self.ranks else -1
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.size > 1:
-            self.group.allreduce([t]).wait()
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+            self.group.allreduce([t], opts).wait()
         return t
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:

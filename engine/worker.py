@@ -25,10 +25,18 @@ from braid.engine.model_runner import ModelRunner
 from braid.engine.models import build_model
 from braid.engine.step_plan import StepPlan
 from braid.engine.topology import ParallelState
+from braid.engine.transfer import SendSpec, TransferWorker
 
 CMD_SHUTDOWN = 0
 CMD_STEP = 1
 CMD_GATHER_KV = 2
+CMD_KV_EXPECT = 3
+CMD_KV_POLL = 4
+CMD_KV_RELEASE = 5
+CMD_KV_FINISH = 6
+
+INCOMING, OUTGOING = 0, 1
+ENDPOINT_BYTES = 256
 
 def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
     """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
@@ -69,7 +77,28 @@ class Worker:
         self.kv_cache = allocate_kv_cache(cfg, self.model_cfg, device)
         for layer, attn in enumerate(self.model.attention_layers()):
             attn.cache = self.kv_cache[layer]
+            attn.layer_idx = layer
         self.runner = ModelRunner(self.model, self.par, cfg.layout)
+        self.transfer: TransferWorker | None = None
+        if cfg.kv_role is not None:
+            self._start_transfer()
+
+    def _start_transfer(self) -> None:
+        """Open this rank's KV endpoints and learn every rank's, to describe the instance's layout."""
+        from braid.kv_transfer.layout import describe_engine
+
+        cfg = self.cfg
+        self.transfer = TransferWorker(
+            cfg.kv_transport, self.rank, self.kv_cache, cfg.kv_role, cfg.kv_host, cfg.kv_port, cfg.kv_advertise_host
+        )
+        mine = torch.zeros(ENDPOINT_BYTES, dtype=torch.uint8)
+        raw = self.transfer.endpoint.encode()
+        if len(raw) > ENDPOINT_BYTES:
+            raise ValueError(f"KV endpoint {self.transfer.endpoint!r} longer than {ENDPOINT_BYTES} bytes")
+        mine[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        everyone = self.par.world.all_gather(mine)  # [world, ENDPOINT_BYTES]
+        endpoints = [bytes(row.tolist()).rstrip(b"\0").decode() for row in everyone]
+        self.transfer.layout = describe_engine(cfg, self.model_cfg, endpoints if cfg.kv_role != "prefill" else None)
 
     @property
     def rank(self) -> int:
@@ -85,10 +114,56 @@ class Worker:
 
     @property
     def handlers(self):
-        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv}
+        return {
+            CMD_STEP: self._step,
+            CMD_GATHER_KV: self._gather_kv,
+            CMD_KV_EXPECT: self._kv_expect,
+            CMD_KV_POLL: self._kv_poll,
+            CMD_KV_RELEASE: self._kv_release,
+            CMD_KV_FINISH: self._kv_finish,
+        }
 
     def _step(self, payload: torch.Tensor) -> torch.Tensor:
-        return self.runner.run(StepPlan.decode(payload))
+        plan = StepPlan.decode(payload)
+        on_layer = None
+        if plan.transfers:
+            on_layer = self.transfer.begin([self._send_spec(plan, t) for t in plan.transfers])
+        return self.runner.run(plan, on_layer)
+
+    @staticmethod
+    def _send_spec(plan: StepPlan, t) -> SendSpec:
+        from braid.proto import common_pb2
+
+        seq = plan.seqs[t.seq_index]
+        dest = common_pb2.KVLayout.FromString(t.dest_layout)
+        return SendSpec(t.transfer_id, dest, t.dest_block_ids, seq.end, seq.block_table, t.timeout_ms / 1000)
+
+    def _kv_expect(self, payload: torch.Tensor) -> None:
+        """[tid, num_tokens, timeout_ms, block ids...]: register what this rank will
+        receive; returns only once every rank has (so no byte arrives unexpected)."""
+        tid, num_tokens, timeout_ms, *blocks = payload.tolist()
+        self.transfer.expect(tid, num_tokens, blocks, timeout_ms / 1000)
+        self.par.world.all_reduce(torch.zeros(1))
+
+    def _kv_poll(self, payload: torch.Tensor) -> list[int]:
+        """[direction, tids...] -> per tid 0 done, 1 pending, 2 failed, agreed by every rank (MAX)."""
+        direction, *tids = payload.tolist()
+        states = self.transfer.incoming_state(tids) if direction == INCOMING else self.transfer.outgoing_state(tids)
+        return self.par.world.all_reduce(torch.tensor(states, dtype=torch.int64), op="max").tolist()
+
+    def _kv_release(self, payload: torch.Tensor) -> None:
+        """[direction, tids...]: forget these transfers on every rank; once this returns
+        nothing of them is written or read any more, so their blocks may be reused."""
+        direction, *tids = payload.tolist()
+        for tid in tids:
+            (self.transfer.release_incoming if direction == INCOMING else self.transfer.release_outgoing)(tid)
+        self.par.world.all_reduce(torch.zeros(1))
+
+    def _kv_finish(self, payload: torch.Tensor) -> None:
+        """[tid, first_token, tid, first_token, ...]: end each transfer at its receivers."""
+        values = payload.tolist()
+        for tid, token in zip(values[0::2], values[1::2]):
+            self.transfer.finish(tid, token)
 
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""
@@ -96,6 +171,8 @@ class Worker:
         return self.par.world.gather(local, 0)
 
     def shutdown(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
         self.par.shutdown()
 
 

@@ -10,7 +10,8 @@ Lifecycle of one transfer (ids are chosen by the decode side at reservation):
   receiver.expect(tid, ranges, deadline, want_trailer)   decode rank, before any byte is sent
   sender.send(tid, endpoint, pieces, deadline)           prefill rank, once per layer (non-blocking)
   sender.finish(tid, endpoint, trailer)                  after its last piece to that endpoint
-  sender.wait(tid, timeout)                              returns once every endpoint acknowledged
+  sender.wait(tid, timeout)  or  sender.poll()           once every endpoint acknowledged (wait and
+                                                         poll consume the transfer: use one of them)
   receiver.poll() -> {tid: None | TransferError}         complete when every expected byte (and
                                                          the trailer, if wanted) arrived
   receiver.cancel(tid) / sender.abort(tid)               idempotent, at any point
@@ -108,6 +109,12 @@ class KVSender(abc.ABC):
     def wait(self, transfer_id: int, timeout: float) -> None:
         """Block until every endpoint that got `finish` for this transfer
         acknowledged it; raise TransferError on failure or at the deadline."""
+
+    @abc.abstractmethod
+    def poll(self) -> dict[int, TransferError | None]:
+        """Transfers that ended since the last poll, without blocking: None once every
+        endpoint acknowledged its finish, else the error; a transfer past its deadline
+        fails with "timeout". Like `wait`, reporting a transfer ends it here."""
 
     @abc.abstractmethod
     def abort(self, transfer_id: int) -> None:

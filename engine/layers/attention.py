@@ -19,6 +19,7 @@ decode   1. write the new token's KV on its owner shard.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,6 +46,12 @@ class AttentionMetadata:
     """Decode: [S, max_blocks] block ids (the same on every rank)."""
     local_seq_lens: torch.Tensor | None = None
     """Decode: [S] tokens of each sequence stored on this rank, the new one included."""
+    on_layer_written: Callable[[int], None] | None = None
+    """Prefill with KV transfer: called with the layer index once its KV is in the cache."""
+
+    def layer_written(self, layer_idx: int) -> None:
+        if self.on_layer_written is not None:
+            self.on_layer_written(layer_idx)
 
     def gather_new_tokens(self, x: torch.Tensor, par: ParallelState) -> torch.Tensor:
         """[T_local, ...] per-token values -> [T_full, ...] in token order (PCP all-gather)."""
@@ -107,6 +114,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.par = par
         self.cache: torch.Tensor | None = None  # bound by the worker after allocation
+        self.layer_idx = -1  # bound by the worker too
 
     def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         # q [T, H, D], k/v [T, Hkv, D] for this rank's tokens
@@ -114,6 +122,7 @@ class Attention(nn.Module):
         if meta.is_prefill:
             kv = meta.gather_new_tokens(kv, self.par)  # [T_full, 2, Hkv, D]
             ops.write_kv_cache(self.cache, kv, meta.slot_mapping)
+            meta.layer_written(self.layer_idx)
             out, _ = ops.prefill_attention(q, kv[:, 0], kv[:, 1], meta.rows, self.scale)
             return out
         ops.write_kv_cache(self.cache, kv, meta.slot_mapping)

@@ -44,6 +44,7 @@ class ColumnParallelLinear(nn.Module):
         )
 
     def _load(self, param, lazy, shard_id=0):
+        shard_id = shard_id or 0
         start = sum(self.local_sizes[:shard_id])
         size = self.local_sizes[shard_id]
         value = lazy.narrow(0, self.tp.rank_in_group * size, size)

@@ -55,7 +55,8 @@ class MLAAttention(nn.Module):
         self.kv_lora_rank = mla.kv_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         hidden, bias = cfg.hidden_size, mla.attention_bias
-        if mla.q_lora_rank:
+        self.q_lora = bool(mla.q_lora_rank)
+        if self.q_lora:
             self.q_a_proj = ReplicatedLinear(hidden, mla.q_lora_rank, bias, dtype)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LORA_NORM_EPS, dtype)
             self.q_b_proj = ColumnParallelLinear(mla.q_lora_rank, [cfg.num_heads * qk_dim], False, tp, dtype)
@@ -70,11 +71,12 @@ class MLAAttention(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, interleaved=True)
         self.scale = qk_dim**-0.5 * yarn_softmax_scale(cfg.rope.scaling, cfg.rope.max_position_embeddings)
         self.cache: torch.Tensor | None = None
+        self.layer_idx = -1  # bound by the worker
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_lora:
+            return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.q_proj(x)
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's heads of kv_b_proj as (W_UK [H, nope, L], W_UV [H, v, L]) views."""
@@ -98,6 +100,7 @@ class MLAAttention(nn.Module):
         """Un-absorbed: attend with decompressed K/V of all new tokens; returns [T, H, v]."""
         latent = meta.gather_new_tokens(latent, self.par)  # [T_full, L + R]
         ops.write_kv_cache(self.cache, latent[:, None, None, :], meta.slot_mapping)
+        meta.layer_written(self.layer_idx)  # KV transfer can send this layer now
         kv = self.kv_b_proj(latent[:, : self.kv_lora_rank])  # [T_full, H * (nope + v)]
         k_nope, v = kv.view(-1, self.num_heads, self.nope_dim + self.v_dim).split([self.nope_dim, self.v_dim], dim=-1)
         k_pe = latent[:, None, self.kv_lora_rank :].expand(-1, self.num_heads, -1)  # [T_full, H, R]

@@ -52,11 +52,15 @@ class DeepseekV2Model(nn.Module):
 class DeepseekV2ForCausalLM(nn.Module):
     """Checkpoint names are transformers' (and DeepSeek's): gate/up_proj of
     the dense MLPs, shared experts and each routed expert `mlp.experts.{e}`
-    map onto fused gate_up_proj; the router is `mlp.gate`."""
+    map onto fused gate_up_proj; the router is `mlp.gate`. The head-split
+    projections are column-parallel linears with one sub-matrix (shard 0)."""
 
     packed = {
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("q_proj", 0),
+        "q_b_proj": ("q_b_proj", 0),
+        "kv_b_proj": ("kv_b_proj", 0),
     }
 
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
