@@ -224,11 +224,19 @@ class EngineCore:
                 if state == DONE:
                     events.append(self._transfer_done(table, direction, tid))
                 elif state == FAILED or now > tr.deadline:
-                    why = "KV transfer failed" if state == FAILED else "KV lease expired before the transfer completed"
+                    why = self._failure_reason(direction, tid, state == FAILED)
                     self._drop_transfer(table, direction, tid)
                     self.requests.pop(rid, None)
                     events.append(TokenEvent(rid, None, True, "error", why))
         return events
+
+    def _failure_reason(self, direction: int, tid: int, failed: bool) -> str:
+        err = self.executor.driver.transfer.error(direction == INCOMING, tid) if failed else None
+        if direction == INCOMING and (not failed or (err is not None and err.kind == "timeout")):
+            return "KV transfer failed: the lease expired before the KV arrived"
+        if err is None:
+            return "KV transfer failed on another rank" if failed else "KV transfer failed: deadline passed"
+        return f"KV transfer failed ({err.kind}{': ' + err.detail if err.detail else ''})"
 
     def _transfer_done(self, table: dict, direction: int, tid: int) -> TokenEvent:
         tr = table.pop(tid)

@@ -108,6 +108,7 @@ class TransferWorker:
         self._incoming_errors: dict[int, TransferError] = {}
         self._outgoing: dict[int, _Outgoing] = {}
         self._outgoing_state: dict[int, int] = {}
+        self._outgoing_errors: dict[int, TransferError] = {}
 
     @property
     def endpoint(self) -> str:
@@ -147,8 +148,9 @@ class TransferWorker:
             self._drain_receiver()
         return [self._incoming.get(t, FAILED) for t in tids]
 
-    def incoming_error(self, tid: int) -> TransferError | None:
-        return self._incoming_errors.get(tid)
+    def error(self, incoming: bool, tid: int) -> TransferError | None:
+        """What this rank saw go wrong with a failed transfer, if anything."""
+        return (self._incoming_errors if incoming else self._outgoing_errors).get(tid)
 
     def release_incoming(self, tid: int) -> None:
         if self.receiver is not None:
@@ -205,12 +207,15 @@ class TransferWorker:
         for tid, err in self.sender.poll().items():
             if tid in self._outgoing_state:
                 self._outgoing_state[tid] = DONE if err is None else FAILED
+                if err is not None:
+                    self._outgoing_errors[tid] = err
         now = time.monotonic()
         for tid in tids:
             out = self._outgoing.get(tid)
             if out is not None and self._outgoing_state.get(tid) == PENDING and now > out.deadline + 1.0:
                 self.sender.abort(tid)
                 self._outgoing_state[tid] = FAILED
+                self._outgoing_errors[tid] = TransferError(tid, "timeout", "no acknowledgement by the deadline")
         return [self._outgoing_state.get(t, FAILED) for t in tids]
 
     def release_outgoing(self, tid: int) -> None:
@@ -218,6 +223,7 @@ class TransferWorker:
             self.sender.abort(tid)
         self._outgoing.pop(tid, None)
         self._outgoing_state.pop(tid, None)
+        self._outgoing_errors.pop(tid, None)
 
     def close(self) -> None:
         for t in (self.sender, self.receiver):
