@@ -12,7 +12,7 @@ Three steps, kept apart so each side uses what it needs:
 
 The rules mirror `braid.engine.SamplingParams`: max_tokens >= 1, temperature a
 finite number >= 0 (0 = greedy), top_k -1, 0 (off) or positive, top_p in (0, 1]
-where 0 on the wire means "unset" (1.0).
+(an optional field: unset means 1.0, an explicit 0 is refused).
 """
 from __future__ import annotations
 
@@ -75,17 +75,12 @@ def check_sampling(pb: common_pb2.SamplingParams) -> None:
         raise ValueError(f"temperature must be a finite number >= 0, got {pb.temperature!r}")
     if pb.top_k < -1:
         raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {pb.top_k}")
-    # 0 on the wire is proto3's "unset" and means 1.0.
-    if not (pb.top_p == 0 or 0 < pb.top_p <= 1):
+    if pb.HasField("top_p") and not 0 < pb.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {pb.top_p!r}")
 
 
 def validate_sampling(**kwargs) -> common_pb2.SamplingParams:
     """Keyword arguments of `build_sampling` in, a checked SamplingParams out (ValueError otherwise)."""
-    top_p = kwargs.get("top_p", 1.0)
-    if isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and not 0 < top_p <= 1:
-        # Checked here too: on the wire 0 would silently read as "unset".
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     pb = build_sampling(**kwargs)
     check_sampling(pb)
     return pb
@@ -93,12 +88,12 @@ def validate_sampling(**kwargs) -> common_pb2.SamplingParams:
 
 def sampling_kwargs(pb: common_pb2.SamplingParams) -> dict:
     """A checked SamplingParams as plain keyword arguments, wire defaults resolved
-    (top_p 0 -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
+    (unset top_p -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
     return dict(
         max_tokens=int(pb.max_tokens),
         temperature=float(pb.temperature),
         top_k=int(pb.top_k),
-        top_p=float(pb.top_p) if pb.top_p > 0 else 1.0,
+        top_p=float(pb.top_p) if pb.HasField("top_p") else 1.0,
         seed=int(pb.seed) if pb.HasField("seed") else None,
         stop_token_ids=tuple(int(t) for t in pb.stop_token_ids),
         ignore_eos=bool(pb.ignore_eos),

@@ -1,8 +1,286 @@
-"""The `braid` command line."""
+"""The `braid` command line.
+
+    braid up [--model PATH] [--config YAML] [--port N] [--demo PROMPT]
+                                   a whole local cluster: etcd, router, one prefill
+                                   node (pcp 2) and one decode node (tp 2, dcp 2)
+    braid router serve  --config YAML [--set FIELD=VALUE ...]
+    braid prefill serve --config YAML [--set ...]
+    braid decode serve  --config YAML [--set ...]
+    braid generate "text" --router HOST:PORT     stream a completion through the SDK
+    braid status --router HOST:PORT              nodes, roles, layouts and load
+    braid offline "text"                          the offline engine in this process
+"""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+
+log = logging.getLogger("braid")
+
+
+# -- shared helpers ------------------------------------------------------------------
+
+
+def _load(args):
+    from braid.router.config import load_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "port", None) is not None:
+        overrides.append(f"{args.role}.port={args.port}")
+    if getattr(args, "model", None):
+        overrides.append(f"model={args.model}")
+    return load_config(args.config, overrides)
+
+
+def _model_path(cfg) -> str:
+    from braid.engine.tiny import ensure_default_model
+
+    return cfg.model or ensure_default_model()
+
+
+def _write_ready(path: str | None, info: dict) -> None:
+    print(json.dumps(info), flush=True)
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)
+
+
+async def _wait_for_signal() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# -- serve commands --------------------------------------------------------------------
+
+
+async def _serve_node(args) -> None:
+    cfg = _load(args)
+    model = _model_path(cfg)
+    if args.role == "prefill":
+        from braid.prefill_node.server import start_prefill_node as start
+    else:
+        from braid.decode_node.server import start_decode_node as start
+    rt, svc = await start(cfg, model)
+    _write_ready(args.ready_file, {"role": args.role, "node_id": rt.node_id, "address": rt.address, "metrics": rt.metrics_address})
+    try:
+        await _wait_for_signal()
+    finally:
+        if hasattr(svc, "close"):
+            svc.close()
+        await rt.stop()
+
+
+async def _serve_router(args) -> None:
+    from braid.discovery.base import DiscoveryConfig
+    from braid.discovery.etcd import EtcdMembership
+    from braid.engine.tokenizer import Tokenizer
+    from braid.router.server import start_router
+
+    cfg = _load(args)
+    try:
+        tokenizer = Tokenizer(_model_path(cfg))
+    except FileNotFoundError:
+        tokenizer = None
+    membership = EtcdMembership(
+        DiscoveryConfig(
+            endpoint=cfg.etcd.endpoints[0],
+            cluster=cfg.cluster,
+            lease_ttl_s=max(1, int(round(cfg.etcd.lease_ttl_s))),
+            call_timeout_s=cfg.etcd.timeout_s,
+        )
+    )
+    await membership.start()
+    handle = await start_router(cfg, membership, tokenizer)
+    _write_ready(args.ready_file, {"role": "router", "address": handle.address, "metrics": handle.metrics_address})
+    try:
+        await _wait_for_signal()
+    finally:
+        await handle.stop(2.0)
+        await membership.close()
+
+
+def _serve(args) -> int:
+    logging.basicConfig(level=os.environ.get("BRAID_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(_serve_router(args) if args.role == "router" else _serve_node(args))
+    return 0
+
+
+# -- braid up -------------------------------------------------------------------------
+
+
+class LocalCluster:
+    """etcd + router + one prefill node + one decode node, each its own process."""
+
+    def __init__(self, config_path: str | None, model: str | None, port: int, overrides: list[str], workdir: str):
+        from braid.router.config import load_config, to_dict
+
+        self.workdir = workdir
+        cfg = load_config(config_path, overrides)
+        self.base = to_dict(cfg)
+        if model:
+            self.base["model"] = model
+        self.port = port
+        self.procs: list[subprocess.Popen] = []
+        self.etcd = None
+
+    def _spawn(self, role: str, cfg_path: str) -> tuple[subprocess.Popen, str]:
+        ready = os.path.join(self.workdir, f"{role}.ready.json")
+        cmd = [sys.executable, "-m", "braid.router.cli", role, "serve", "--config", cfg_path, "--ready-file", ready]
+        log_file = open(os.path.join(self.workdir, f"{role}.log"), "w")
+        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p, ready
+
+    def _wait_ready(self, proc, path: str, what: str, deadline: float) -> dict:
+        while time.monotonic() < deadline:
+            if os.path.exists(path):
+                with open(path) as f:
+                    return json.load(f)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited with code {proc.returncode}; see {self.workdir}/{what}.log")
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} did not become ready in time; see {self.workdir}/{what}.log")
+
+    def start(self, timeout_s: float = 300.0) -> str:
+        from braid.discovery.etcd_server import EtcdServer
+
+        deadline = time.monotonic() + timeout_s
+        self.etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd"))
+        self.etcd.start()
+        cfg = json.loads(json.dumps(self.base))
+        cfg["etcd"]["endpoints"] = [self.etcd.endpoint]
+        cfg["router"].update(host="127.0.0.1", port=self.port, metrics_port=0)
+        for role in ("prefill", "decode"):
+            cfg[role].update(host="127.0.0.1", port=0, metrics_port=0)
+            cfg[role]["transfer"]["port"] = 0
+        path = os.path.join(self.workdir, "cluster.yaml")
+        import yaml
+
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        nodes = {role: self._spawn(role, path) for role in ("prefill", "decode")}
+        router = self._spawn("router", path)
+        info = self._wait_ready(*router, "router", deadline)
+        for role, (p, ready) in nodes.items():
+            self._wait_ready(p, ready, role, deadline)
+        self.address = info["address"]
+        self._wait_routable(deadline)
+        return self.address
+
+    def _wait_routable(self, deadline: float) -> None:
+        from braid.client import Client
+
+        with Client(self.address) as c:
+            while time.monotonic() < deadline:
+                try:
+                    roles = {n.role for n in c.list_nodes(timeout=5) if n.reachable}
+                    if {"prefill", "decode"} <= roles:
+                        return
+                except Exception:  # noqa: BLE001 - router still starting
+                    pass
+                time.sleep(0.2)
+        raise TimeoutError("the router did not see both nodes in time")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        if self.etcd is not None:
+            self.etcd.stop()
+
+
+def _up(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory(prefix="braid-up-") as workdir:
+        cluster = LocalCluster(args.config, args.model, args.port, args.set or [], workdir)
+        interrupted = []
+
+        def on_signal(signum, frame):
+            interrupted.append(signum)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            address = cluster.start()
+            print(f"braid: cluster up; router at {address}", flush=True)
+            if args.demo is not None:
+                _stream(address, args.demo, args.max_tokens, args.temperature)
+            else:
+                print("braid: Ctrl-C to stop", flush=True)
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            print("braid: shutting down", flush=True)
+            cluster.stop()
+    return 0
+
+
+# -- client commands ----------------------------------------------------------------------
+
+
+def _stream(address: str, prompt: str, max_tokens: int, temperature: float) -> None:
+    from braid.client import Client
+
+    with Client(address) as c:
+        tokens = []
+        print(f"prompt: {prompt!r}\nanswer: ", end="", flush=True)
+        for chunk in c.generate(prompt, max_tokens=max_tokens, temperature=temperature):
+            tokens += chunk.token_ids
+            print(chunk.text, end="", flush=True)
+            if chunk.finished:
+                t = chunk.timings
+                print(f"\ntokens: {tokens}")
+                if t is not None:
+                    print(
+                        f"finish: {chunk.finish_reason}; ttft {t.ttft_s * 1000:.0f} ms, total {t.total_s * 1000:.0f} ms, "
+                        f"prefill on {t.prefill_node or '-'}, decode on {t.decode_node}, {t.kv_bytes} KV bytes moved"
+                    )
+
+
+def _generate(args) -> int:
+    _stream(args.router, args.prompt, args.max_tokens, args.temperature)
+    return 0
+
+
+def _status(args) -> int:
+    from braid.client import Client
+
+    with Client(args.router) as c:
+        nodes = c.list_nodes(timeout=10)
+    if not nodes:
+        print("no nodes registered")
+        return 0
+    for n in nodes:
+        lay = n.info.layout if n.info is not None else None
+        shape = f"tp{lay.tp_size} pcp{lay.pcp_size} dcp{lay.dcp_size} block{lay.block_size}" if lay is not None else "?"
+        load = n.load
+        print(
+            f"{n.role:8s} {n.node_id:30s} {n.address:22s} {'up' if n.reachable else 'DOWN':4s} {shape:28s} "
+            f"free blocks {load.free_kv_blocks}/{load.total_kv_blocks} running {load.running_seqs} "
+            f"waiting {load.waiting_seqs} reserved {load.reserved_blocks} queued prefill tokens {load.queued_prefill_tokens}"
+        )
+    return 0
 
 
 def _offline(args) -> int:
@@ -30,9 +308,46 @@ def _offline(args) -> int:
     return 0
 
 
+# -- parser ------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="braid", description="braid: disaggregated LLM serving with context parallelism")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a whole local cluster (etcd, router, prefill pcp 2, decode tp 2 dcp 2)")
+    up.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny model)")
+    up.add_argument("--config", help="cluster YAML (defaults for everything not given)")
+    up.add_argument("--port", type=int, default=0, help="router port (default: a free port)")
+    up.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
+    up.add_argument("--demo", metavar="PROMPT", help="send this prompt through the SDK, print the answer, shut down")
+    up.add_argument("--max-tokens", type=int, default=32)
+    up.add_argument("--temperature", type=float, default=0.0)
+    up.set_defaults(func=_up)
+
+    for role, what in (("router", "the Router service"), ("prefill", "a prefill node"), ("decode", "a decode node")):
+        p = sub.add_parser(role, help=f"{what}")
+        psub = p.add_subparsers(dest="action", metavar="ACTION")
+        s = psub.add_parser("serve", help=f"serve {what} until SIGTERM / Ctrl-C")
+        s.add_argument("--config", help="cluster YAML")
+        s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
+        s.add_argument("--port", type=int, help=f"gRPC port (overrides {role}.port)")
+        s.add_argument("--model", help="HF checkpoint directory (overrides model)")
+        s.add_argument("--ready-file", help="write the bound addresses here as JSON once serving")
+        s.set_defaults(func=_serve, role=role)
+        p.set_defaults(func=lambda a, p=p: (p.print_help(), 0)[1])
+
+    gen = sub.add_parser("generate", help="stream a completion from a router through the SDK")
+    gen.add_argument("prompt")
+    gen.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.set_defaults(func=_generate)
+
+    st = sub.add_parser("status", help="list nodes, roles, layouts and load")
+    st.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
+    st.set_defaults(func=_status)
+
     off = sub.add_parser("offline", help="generate in this process with the offline engine (no cluster)")
     off.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched)")
     off.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny model)")
@@ -56,7 +371,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except ValueError as e:
+    except ValueError as e:  # ConfigError and bad settings
         print(f"braid: error: {e}", file=sys.stderr)
         return 2
 

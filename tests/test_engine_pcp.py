@@ -31,6 +31,17 @@ def test_pcp_logits_and_greedy_equal_transformers(checkpoints, pcp, tp):
         assert out.token_ids == checkpoints.greedy(name, p, NEW), f"prompt length {len(p)}"
 
 
+@pytest.mark.parametrize("pcp", [2, 4])
+def test_pcp_prompts_shorter_than_the_ranks_alone(checkpoints, pcp):
+    """A prompt alone in its batch, too short to give every PCP rank a token."""
+    name = "kv2"
+    with LLM(checkpoints.get(name), prefill_context_parallel_size=pcp, block_size=4, num_kv_blocks=64) as llm:
+        for n in range(1, 2 * pcp + 1):
+            p = prompt_of(n, seed=600 + n)
+            out = llm.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+            assert out.token_ids == checkpoints.greedy(name, p, 6), f"prompt length {n}"
+
+
 def test_pcp_with_dcp_is_exact(checkpoints):
     name = "kv1"
     prompts = [prompt_of(n, seed=400 + n) for n in (1, 3, 4, 5, 37, 100)]

@@ -53,8 +53,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [T, H, D]
-        return self.o_proj(out.reshape(t, -1))
+        out = self.attn(q, k, v, meta)  # [T, H, D]; T may be 0 on a PCP rank
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,158 @@
+"""The DecodeNode service: reservations with leases, the decode stream, abort, load.
+
+A remotely prefilled request:
+  Reserve   blocks for the prompt under a lease; every rank expects its bytes
+  Decode    the stream opens at once and yields nothing until the KV and the
+            first token have arrived, then streams tokens as they are decoded
+  Abort     at any point: cancels the receivers, then frees the blocks
+If the KV does not arrive before the lease ends, or the transfer fails, the
+stream ends with ABORTED (the router may retry with another prefill node). A
+reservation that no Decode stream claims within the lease is aborted too.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from braid.engine.rpc_errors import sampling_from, status_for
+from braid.engine.serving import NodeRuntime
+from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+}
+SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
+
+
+class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
+    def __init__(self, runtime: NodeRuntime):
+        self.rt = runtime
+        self.unclaimed: dict[str, float] = {}  # request id -> claim deadline (monotonic)
+        self._reaper = asyncio.create_task(self._reap_unclaimed())
+
+    @property
+    def engine(self):
+        return self.rt.engine
+
+    async def _refuse_if_not_accepting(self, context) -> None:
+        if not self.rt.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"decode node {self.rt.node_id} is not accepting work")
+
+    async def Reserve(self, request, context):
+        await self._refuse_if_not_accepting(context)
+        rid = request.request_id
+        try:
+            params = sampling_from(request.sampling)
+            if not rid:
+                raise ValueError("request_id is empty")
+            lease = request.lease_s if request.lease_s > 0 else 60.0
+            self.engine.subscribe(rid)
+            dest = await self.engine.call(lambda c: c.reserve(rid, list(request.prompt_token_ids), params, lease))
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            self.engine.unsubscribe(rid)
+            code, msg = status_for(e)
+            self.rt.metrics.requests.labels("Reserve", code.name).inc()
+            await context.abort(code, msg)
+        dest.decode_node_id = self.rt.node_id
+        self.unclaimed[rid] = time.monotonic() + lease
+        self.rt.metrics.requests.labels("Reserve", "OK").inc()
+        return nodes_pb2.ReserveResponse(destination=dest)
+
+    async def Decode(self, request, context):
+        rid = request.request_id
+        started = time.monotonic()
+        if request.local_prefill:
+            await self._refuse_if_not_accepting(context)
+            try:
+                params = sampling_from(request.sampling)
+                if not rid:
+                    raise ValueError("request_id is empty")
+                queue = self.engine.subscribe(rid)
+                await self.engine.call(lambda c: c.add_request(list(request.prompt_token_ids), params, rid))
+            except Exception as e:  # noqa: BLE001
+                self.engine.unsubscribe(rid)
+                code, msg = status_for(e)
+                await context.abort(code, msg)
+        else:
+            if rid not in self.unclaimed:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
+            del self.unclaimed[rid]
+            queue = self.engine.subscribe(rid)
+        self.rt.inflight += 1
+        finished = False
+        first = True
+        try:
+            while not finished:
+                ev = await queue.get()
+                batch = [ev]
+                while not ev.finished and not queue.empty():
+                    ev = queue.get_nowait()
+                    batch.append(ev)
+                if ev.finish_reason == "error":
+                    finished = True  # the engine already released everything
+                    code = grpc.StatusCode.ABORTED if first else grpc.StatusCode.UNAVAILABLE
+                    self.rt.metrics.transfer_failures.inc()
+                    await context.abort(code, ev.error or "request failed")
+                tokens = [e.token_id for e in batch if e.token_id is not None]
+                finished = ev.finished
+                msg = nodes_pb2.DecodeResponse(token_ids=tokens, finished=finished)
+                if finished:
+                    msg.finish_reason = FINISH.get(ev.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+                if first:
+                    msg.kv_ready_s = time.monotonic() - started
+                    first = False
+                yield msg
+            self.rt.metrics.requests.labels("Decode", "OK").inc()
+        finally:
+            self.rt.inflight -= 1
+            self.engine.unsubscribe(rid)
+            if not finished:  # client went away or the stream broke: free everything now
+                await self._abort(rid)
+
+    async def _abort(self, rid: str) -> bool:
+        self.unclaimed.pop(rid, None)
+        try:
+            return await self.engine.call(lambda c: c.abort(rid))
+        except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
+            return False
+
+    async def Abort(self, request, context):
+        found = await self._abort(request.request_id)
+        self.engine.unsubscribe(request.request_id)
+        return common_pb2.AbortResponse(found=found)
+
+    async def GetLoad(self, request, context):
+        return self.rt.load()
+
+    async def _reap_unclaimed(self) -> None:
+        """Abort reservations nobody opened a Decode stream for within their lease."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for rid, deadline in list(self.unclaimed.items()):
+                if now > deadline:
+                    log.warning("reservation %s never claimed; aborting", rid)
+                    await self._abort(rid)
+                    self.engine.unsubscribe(rid)
+
+    def close(self) -> None:
+        self._reaper.cancel()
+
+
+async def start_decode_node(cluster, model_path: str, etcd_endpoint: str | None = None) -> tuple[NodeRuntime, DecodeServicer]:
+    rt = NodeRuntime("decode", cluster, model_path=model_path, etcd_endpoint=etcd_endpoint)
+    holder = {}
+
+    def add(server):
+        holder["svc"] = DecodeServicer(rt)
+        nodes_pb2_grpc.add_DecodeNodeServicer_to_server(holder["svc"], server)
+
+    await rt.start(add, SERVICE)
+    return rt, holder["svc"]

@@ -1,0 +1,144 @@
+"""An EngineCore on its own thread, driven from asyncio (the node servers).
+
+The engine thread owns the EngineCore: it runs submitted calls between steps,
+steps while there is work, and hands each TokenEvent to the asyncio loop,
+where the request's subscriber queue receives it. Calls from asyncio
+(`await engine.call(fn)`) run `fn(core)` on the engine thread, so the core is
+never touched from two threads. If the engine fails (a rank died), every
+subscriber gets an error event and later calls raise EngineDead.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from braid.engine.config import EngineConfig
+from braid.engine.core import EngineCore, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine stopped (a rank failed or it was shut down)."""
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    queued_prefill_tokens: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    reserved_blocks: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, cfg: EngineConfig, loop: asyncio.AbstractEventLoop | None = None, idle_wait_s: float = 0.002):
+        self.core = EngineCore(cfg)  # blocking: starts every rank
+        self.loop = loop or asyncio.get_event_loop()
+        self.idle_wait_s = idle_wait_s
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._subscribers: dict[str, asyncio.Queue] = {}
+        self._stopping = threading.Event()
+        self.dead: BaseException | None = None
+        self.load = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- asyncio side ----------------------------------------------------------
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """Run fn(core) on the engine thread; its result or exception comes back here."""
+        if self.dead is not None:
+            raise EngineDead(str(self.dead))
+        fut = self.loop.create_future()
+        self._calls.put((fn, fut))
+        return await fut
+
+    def subscribe(self, request_id: str) -> asyncio.Queue:
+        """Events of `request_id` from now on (create before the request can produce any)."""
+        q = self._subscribers.get(request_id)
+        if q is None:
+            q = self._subscribers[request_id] = asyncio.Queue()
+        return q
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._subscribers.pop(request_id, None)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            q = self._subscribers.get(ev.request_id)
+            if q is not None:
+                q.put_nowait(ev)
+
+    def _fail_all(self, why: str) -> None:
+        for rid, q in list(self._subscribers.items()):
+            q.put_nowait(TokenEvent(rid, None, True, "error", why))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 60)
+        await asyncio.get_running_loop().run_in_executor(None, self.core.shutdown)
+
+    # -- engine thread ---------------------------------------------------------
+    def _resolve(self, fut: asyncio.Future, ok: bool, value: Any) -> None:
+        def set_it():
+            if not fut.done():
+                (fut.set_result if ok else fut.set_exception)(value)
+
+        self.loop.call_soon_threadsafe(set_it)
+
+    def _run_calls(self, block_s: float) -> None:
+        try:
+            item = self._calls.get(timeout=block_s) if block_s > 0 else self._calls.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, fut = item
+            try:
+                self._resolve(fut, True, fn(self.core))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._resolve(fut, False, e)
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                return
+
+    def _snapshot(self) -> LoadSnapshot:
+        c = self.core
+        reserved = sum(len(t.seq.block_table) for t in c.incoming.values())
+        return LoadSnapshot(
+            queued_prefill_tokens=sum(len(s) for s in c.scheduler.waiting),
+            free_kv_blocks=c.blocks.num_free,
+            total_kv_blocks=c.blocks.num_blocks,
+            running_seqs=len(c.scheduler.running),
+            waiting_seqs=len(c.scheduler.waiting) + len(c.incoming),
+            reserved_blocks=reserved,
+        )
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                busy = self.core.has_unfinished()
+                self._run_calls(0 if busy else self.idle_wait_s)
+                if self.core.has_unfinished():
+                    events = self.core.step()
+                    if events:
+                        self.loop.call_soon_threadsafe(self._deliver, events)
+                self.load = self._snapshot()
+        except BaseException as e:  # noqa: BLE001 - the engine is gone; tell everyone
+            log.exception("engine failed")
+            self.dead = e
+            self.loop.call_soon_threadsafe(self._fail_all, f"engine failed: {e}")
+        finally:
+            # answer calls still queued so no caller waits forever
+            while True:
+                try:
+                    _, fut = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                self._resolve(fut, False, EngineDead(str(self.dead or "engine stopped")))

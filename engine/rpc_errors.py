@@ -1,0 +1,28 @@
+"""Engine exceptions -> gRPC status codes, shared by the node servicers."""
+from __future__ import annotations
+
+import grpc
+
+from braid.engine.async_engine import EngineDead
+from braid.engine.core import Overloaded
+from braid.engine.scheduler import RequestRejected
+
+
+def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a node answers for an exception raised while handling a request."""
+    if isinstance(e, (RequestRejected, ValueError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    if isinstance(e, EngineDead):
+        return grpc.StatusCode.UNAVAILABLE, f"engine stopped: {e}"
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+
+
+def sampling_from(pb):
+    """engine SamplingParams from the wire message (ValueError with the reason)."""
+    from braid.client.sampling import check_sampling, sampling_kwargs
+    from braid.engine.sampling import SamplingParams
+
+    check_sampling(pb)
+    return SamplingParams(**sampling_kwargs(pb))

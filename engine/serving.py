@@ -1,0 +1,222 @@
+"""What a prefill or decode node needs around its engine: the gRPC server
+(health, reflection, message limits, graceful stop), etcd registration, the
+Prometheus endpoint, and draining on shutdown.
+
+A node's life:
+  start   engine ranks up -> gRPC server listening (health NOT_SERVING) ->
+          registered in etcd under its lease -> health SERVING
+  serve   a lost lease makes it refuse new work (UNAVAILABLE) until it has
+          re-registered; requests in flight go on
+  stop    health NOT_SERVING, lease revoked (routers drop the node at once),
+          requests in flight drain for up to drain_timeout_s, server stops,
+          engine ranks exit
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from braid.engine.async_engine import AsyncEngine
+from braid.engine.config import EngineConfig
+from braid.proto import common_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def advertise_host(bind_host: str, configured: str | None) -> str:
+    """The address others use to reach a server bound to `bind_host`."""
+    if configured:
+        return configured
+    env = os.environ.get("BRAID_ADVERTISE_HOST") or os.environ.get("POD_IP")
+    if bind_host in ("0.0.0.0", "::", ""):
+        return env or socket.gethostbyname(socket.gethostname())
+    return bind_host
+
+
+def engine_config_for(role: str, cluster, node, model_path: str) -> EngineConfig:
+    from braid.router.config import engine_kwargs
+
+    return EngineConfig(
+        model_path=model_path,
+        kv_role=role,
+        kv_transport=node.transfer.transport,
+        kv_host=node.host,
+        kv_advertise_host=advertise_host(node.host, node.advertise_host),
+        kv_port=node.transfer.port,
+        **engine_kwargs(node.engine),
+    )
+
+
+class NodeMetrics:
+    def __init__(self, role: str):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("braid_node_requests", "Requests handled, by RPC and status", ["rpc", "status"], registry=r)
+        self.free_blocks = Gauge("braid_node_free_kv_blocks", "Free KV blocks (per rank)", registry=r)
+        self.reserved_blocks = Gauge("braid_node_reserved_kv_blocks", "KV blocks reserved for incoming KV", registry=r)
+        self.running = Gauge("braid_node_running_seqs", "Sequences being decoded", registry=r)
+        self.waiting = Gauge("braid_node_waiting_seqs", "Sequences waiting (queued or for KV)", registry=r)
+        self.prefill_s = Histogram("braid_node_prefill_seconds", "Prefill time including KV transfer", registry=r,
+                                   buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.kv_bytes = Counter("braid_node_kv_bytes", "KV bytes sent (prefill) or reserved for (decode)", registry=r)
+        self.transfer_failures = Counter("braid_node_transfer_failures", "KV transfers that failed", registry=r)
+
+    def observe_load(self, load) -> None:
+        self.free_blocks.set(load.free_kv_blocks)
+        self.reserved_blocks.set(load.reserved_blocks)
+        self.running.set(load.running_seqs)
+        self.waiting.set(load.waiting_seqs)
+
+
+class NodeRuntime:
+    def __init__(self, role: str, cluster, *, model_path: str, etcd_endpoint: str | None = None):
+        self.role = role
+        self.cluster = cluster
+        self.node = cluster.node(role)
+        self.model_path = model_path
+        self.etcd_endpoint = etcd_endpoint or cluster.etcd.endpoints[0]
+        self.metrics = NodeMetrics(role)
+        self.engine: AsyncEngine | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.registration = None
+        self.accepting = False
+        self.address = ""
+        self.metrics_address = ""
+        self.node_id = ""
+        self.inflight = 0
+        self._metrics_server = None
+        self._load_task: asyncio.Task | None = None
+        self._stopping = False
+
+    # -- start -----------------------------------------------------------------
+    async def start(self, add_servicer, service_name: str) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = engine_config_for(self.role, self.cluster, self.node, self.model_path)
+        self.engine = await loop.run_in_executor(None, lambda: AsyncEngine(cfg, loop))
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=opts)
+        add_servicer(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        port = self.server.add_insecure_port(f"{self.node.host}:{self.node.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {self.node.host}:{self.node.port}")
+        await self.server.start()
+        host = advertise_host(self.node.host, self.node.advertise_host)
+        self.address = f"{host}:{port}"
+        self.node_id = self.node.node_id or os.environ.get("BRAID_NODE_ID") or f"{self.role}-{host}-{port}"
+        await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.node.metrics_port >= 0:
+            server, _ = start_http_server(self.node.metrics_port, addr=self.node.host, registry=self.metrics.registry)
+            self._metrics_server = server
+            self.metrics_address = f"{host}:{server.server_port}"
+        self._load_task = asyncio.create_task(self._publish_load())
+        await self._register()
+        for name in (service_name, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.accepting = True
+        log.info("%s node %s serving on %s", self.role, self.node_id, self.address)
+
+    def node_info(self) -> common_pb2.NodeInfo:
+        core = self.engine.core
+        cfg = core.config
+        return common_pb2.NodeInfo(
+            node_id=self.node_id,
+            role=common_pb2.ROLE_PREFILL if self.role == "prefill" else common_pb2.ROLE_DECODE,
+            address=self.address,
+            model_id=os.path.basename(os.path.normpath(self.model_path)),
+            layout=core.kv_layout,
+            capacity=common_pb2.Capacity(
+                num_kv_blocks=cfg.num_kv_blocks,
+                tokens_per_block=cfg.layout.virtual_block_size,
+                max_num_seqs=cfg.max_num_seqs,
+                max_model_len=cfg.max_model_len,
+            ),
+            cluster=self.cluster.cluster,
+            transport=cfg.kv_transport,
+            started_at_ms=int(time.time() * 1000),
+            metrics_address=self.metrics_address,
+        )
+
+    async def _register(self) -> None:
+        from braid.discovery.base import DiscoveryConfig
+        from braid.discovery.etcd import EtcdRegistration
+
+        dcfg = DiscoveryConfig(
+            endpoint=self.etcd_endpoint,
+            cluster=self.cluster.cluster,
+            lease_ttl_s=max(1, int(round(self.cluster.etcd.lease_ttl_s))),
+            call_timeout_s=self.cluster.etcd.timeout_s,
+        )
+        self.registration = EtcdRegistration(dcfg, self.node_info())
+        self.registration.add_listener(self._on_registered)
+        await self.registration.start()
+
+    def _on_registered(self, registered: bool, *_) -> None:
+        # a node that lost its lease stops taking work until it is registered again
+        if self._stopping:
+            return
+        self.accepting = bool(registered)
+        if not registered:
+            log.warning("%s node %s lost its registration; refusing new work", self.role, self.node_id)
+
+    async def _publish_load(self) -> None:
+        while True:
+            if self.engine is not None:
+                self.metrics.observe_load(self.engine.load)
+            await asyncio.sleep(0.5)
+
+    def load(self) -> common_pb2.Load:
+        s = self.engine.load
+        return common_pb2.Load(
+            queued_prefill_tokens=s.queued_prefill_tokens,
+            free_kv_blocks=s.free_kv_blocks,
+            total_kv_blocks=s.total_kv_blocks,
+            running_seqs=s.running_seqs,
+            waiting_seqs=s.waiting_seqs,
+            reserved_blocks=s.reserved_blocks,
+        )
+
+    # -- stop ------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Drain and stop (idempotent)."""
+        self._stopping = True
+        self.accepting = False
+        await self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            try:
+                await asyncio.wait_for(self.registration.close(), timeout=5)
+            except Exception:  # noqa: BLE001 - etcd may be gone; the lease then expires on its own
+                log.warning("could not revoke the registration of %s", self.node_id)
+            self.registration = None
+        deadline = time.monotonic() + self.node.drain_timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+            self.server = None
+        if self._load_task is not None:
+            self._load_task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None

@@ -1,0 +1,110 @@
+"""The PrefillNode service: prefill a prompt (PCP) and push its KV into a
+decode node's reserved blocks, layer by layer; reply once the decode node
+acknowledged every block and the first token.
+
+A prefill that fails (a dead or stalled receiver, a deadline) ends in ABORTED
+or DEADLINE_EXCEEDED with its blocks freed; a cancelled call aborts the
+request at once. The node serves other requests throughout.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+
+from braid.engine.rpc_errors import sampling_from, status_for
+from braid.engine.serving import NodeRuntime
+from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
+
+SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
+
+
+class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
+    def __init__(self, runtime: NodeRuntime):
+        self.rt = runtime
+        # failure injection for tests: hold each prefill this long before running it
+        self.fault_delay_s = float(os.environ.get("BRAID_FAULT_PREFILL_DELAY_S", "0") or 0)
+
+    @property
+    def engine(self):
+        return self.rt.engine
+
+    async def Prefill(self, request, context):
+        if not self.rt.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill node {self.rt.node_id} is not accepting work")
+        rid = request.request_id
+        remaining = context.time_remaining()
+        timeout = self.rt.node.transfer.timeout_s
+        if remaining is not None:
+            timeout = max(0.1, min(timeout, remaining))
+        started = time.monotonic()
+        if self.fault_delay_s:
+            await asyncio.sleep(self.fault_delay_s)
+        try:
+            params = sampling_from(request.sampling)
+            if not rid:
+                raise ValueError("request_id is empty")
+            if not request.HasField("destination"):
+                raise ValueError("destination is missing")
+            queue = self.engine.subscribe(rid)
+            dest = request.destination
+            await self.engine.call(lambda c: c.add_transfer_request(rid, list(request.token_ids), params, dest, timeout))
+        except Exception as e:  # noqa: BLE001 - mapped to a status
+            self.engine.unsubscribe(rid)
+            code, msg = status_for(e)
+            self.rt.metrics.requests.labels("Prefill", code.name).inc()
+            await context.abort(code, msg)
+        self.rt.inflight += 1
+        done = False
+        try:
+            ev = await queue.get()
+            done = True
+            if ev.finish_reason != "transferred":
+                self.rt.metrics.transfer_failures.inc()
+                self.rt.metrics.requests.labels("Prefill", "ABORTED").inc()
+                await context.abort(grpc.StatusCode.ABORTED, ev.error or "KV transfer failed")
+            elapsed = time.monotonic() - started
+            stats = ev.stats or {}
+            self.rt.metrics.prefill_s.observe(elapsed)
+            self.rt.metrics.kv_bytes.inc(stats.get("kv_bytes", 0))
+            self.rt.metrics.requests.labels("Prefill", "OK").inc()
+            return nodes_pb2.PrefillResponse(
+                first_token=ev.token_id,
+                prefill_s=stats.get("prefill_s", elapsed),
+                transfer_s=stats.get("transfer_s", 0.0),
+                kv_bytes=stats.get("kv_bytes", 0),
+            )
+        finally:
+            self.rt.inflight -= 1
+            self.engine.unsubscribe(rid)
+            if not done:  # cancelled or deadline: free the blocks and stop sending now
+                try:
+                    await self.engine.call(lambda c: c.abort(rid))
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def Abort(self, request, context):
+        rid = request.request_id
+        try:
+            found = await self.engine.call(lambda c: c.abort(rid))
+        except Exception:  # noqa: BLE001
+            found = False
+        self.engine.unsubscribe(rid)
+        return common_pb2.AbortResponse(found=found)
+
+    async def GetLoad(self, request, context):
+        return self.rt.load()
+
+
+async def start_prefill_node(cluster, model_path: str, etcd_endpoint: str | None = None) -> tuple[NodeRuntime, PrefillServicer]:
+    rt = NodeRuntime("prefill", cluster, model_path=model_path, etcd_endpoint=etcd_endpoint)
+    holder = {}
+
+    def add(server):
+        holder["svc"] = PrefillServicer(rt)
+        nodes_pb2_grpc.add_PrefillNodeServicer_to_server(holder["svc"], server)
+
+    await rt.start(add, SERVICE)
+    return rt, holder["svc"]
