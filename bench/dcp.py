@@ -1,0 +1,100 @@
+"""DCP benchmark: KV capacity and decode speed at dcp 1, 2 (and 4) with the
+same per-rank KV memory.
+
+    .venv/bin/python bench/dcp.py [--tp 2] [--blocks 256] [--batch 8] [--context 2048]
+
+Capacity: the scheduler's pool holds `blocks` ids of block_size * dcp tokens;
+the table shows that bound and the most tokens the engine actually held at
+once while serving a stream of long requests. TPOT: mean decode step time for
+`batch` sequences of `context` tokens. The model has one KV head, so every TP
+rank holds a copy of it at dcp 1; DCP turns those copies into shards.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import bench_model, table  # noqa: E402
+from braid.engine import LLM, SamplingParams  # noqa: E402
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return [((i + seed) * 7919) % 380 + 2 for i in range(n)]
+
+
+def capacity(llm: LLM, context: int) -> int:
+    """Most tokens resident at once while serving many requests of `context` tokens."""
+    eng = llm.engine
+    vbs = eng.blocks.tokens_per_block
+    n = 2 * (eng.blocks.num_blocks * vbs) // context + 2
+    for i in range(n):
+        eng.add_request(prompt_of(context, i), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    peak = 0
+    while eng.has_unfinished():
+        eng.step()
+        peak = max(peak, sum(s.num_cached_tokens for s in eng.scheduler.running))
+    return peak
+
+
+def tpot(llm: LLM, batch: int, context: int, steps: int) -> float:
+    eng = llm.engine
+    for i in range(batch):
+        eng.add_request(prompt_of(context, 100 + i), SamplingParams(max_tokens=steps + 2, temperature=0, ignore_eos=True))
+    while any(s.num_cached_tokens == 0 for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()  # prefill everything first (not timed)
+    times = []
+    while eng.has_unfinished():
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:-1] or times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tp", type=int, default=2, help="tensor parallel size (dcp goes up to tp)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=256, help="KV blocks per rank (same memory at every dcp)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    model = bench_model()
+    dcps = [d for d in (1, 2, 4) if d <= args.tp and args.tp % d == 0]
+    rows, res = [], {}
+    for dcp in dcps:
+        common = dict(
+            tensor_parallel_size=args.tp,
+            decode_context_parallel_size=dcp,
+            block_size=args.block_size,
+            threads_per_rank=1,
+            max_num_seqs=256,
+        )
+        with LLM(model, num_kv_blocks=args.blocks, **common) as llm:
+            bound = llm.engine.blocks.num_blocks * llm.engine.blocks.tokens_per_block
+            per_rank_mb = llm.engine.kv_stats()["bytes_per_block_per_rank"] * args.blocks / 2**20
+            held = capacity(llm, args.context // 4)
+        need = (args.batch * (args.context + args.steps + 2)) // (args.block_size * dcp) + args.batch + 1
+        with LLM(model, num_kv_blocks=need, max_model_len=args.context + args.steps + 8, **common) as llm:
+            step = tpot(llm, args.batch, args.context, args.steps)
+        res[dcp] = (bound, held, step)
+        rows.append([dcp, f"{per_rank_mb:.1f}", bound, held, step * 1000])
+        print(f"  dcp {dcp}: capacity bound {bound} tokens, held {held}, TPOT {step * 1000:.1f} ms", flush=True)
+    print(f"\nDCP at the same per-rank KV memory (tp {args.tp}, block {args.block_size}, {args.blocks} blocks per rank)")
+    print(f"TPOT: batch {args.batch}, context {args.context} tokens, one thread per rank")
+    print(table(["dcp", "KV MiB/rank", "capacity bound (tokens)", "held at once", "TPOT ms"], rows))
+    top = max(dcps)
+    cap_ratio = res[2][1] / res[1][1] if 2 in res else float("nan")
+    tpot_ratio = res[2][2] / res[1][2] if 2 in res else float("nan")
+    if top > 2:
+        print(f"dcp {top}: capacity x{res[top][1] / res[1][1]:.2f}, TPOT x{res[top][2] / res[1][2]:.2f} vs dcp 1")
+    print(f"RESULT dcp_capacity_ratio={cap_ratio:.3f} dcp_tpot_ratio={tpot_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()

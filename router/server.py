@@ -1,0 +1,145 @@
+"""The Router gRPC service: Generate (server streaming) and ListNodes.
+
+    handle = await start_router(config, membership, tokenizer)   # membership already started
+    handle.address            # "host:port" actually bound (port 0 = a free port)
+    handle.metrics_address    # "host:port" of /metrics, or None when metrics_port = -1
+    await handle.stop(grace=5.0)
+
+The server is grpc.aio with the standard health service ("" and braid.v1.Router
+report SERVING until stop) and reflection. A request over MAX_REQUEST_BYTES
+(orchestrator) is refused with INVALID_ARGUMENT naming its size; one over
+MAX_MESSAGE_BYTES never gets past grpc (RESOURCE_EXHAUSTED). stop()
+turns health to NOT_SERVING, lets running calls finish for `grace` seconds,
+cancels the rest (their nodes get aborts), then closes the node channels and
+the metrics server. The membership belongs to the caller: it is neither
+started nor closed here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from braid.proto import router_pb2, router_pb2_grpc
+from braid.router.admission import AdmissionControl
+from braid.router.config import ClusterConfig
+from braid.router.metrics import RouterMetrics
+from braid.router.nodes import NodeView
+from braid.router.orchestrator import Orchestrator
+from braid.router.policies import DECODE, PREFILL, make_policy
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest message grpc reads off the wire; beyond it grpc answers RESOURCE_EXHAUSTED.
+Requests between MAX_REQUEST_BYTES and this are read and refused with INVALID_ARGUMENT."""
+MAX_SEND_BYTES = 64 * 1024 * 1024
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, orchestrator: Orchestrator, view: NodeView):
+        self._orchestrator = orchestrator
+        self._view = view
+
+    async def Generate(self, request, context):
+        await self._orchestrator.generate(request, context)
+
+    async def ListNodes(self, request, context):
+        return router_pb2.ListNodesResponse(nodes=self._view.statuses())
+
+
+@dataclass(eq=False)
+class RouterHandle:
+    address: str
+    metrics_address: str | None
+    server: grpc.aio.Server
+    view: NodeView
+    orchestrator: Orchestrator
+    metrics: RouterMetrics
+    health: HealthServicer
+    _stopped: bool = False
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful stop (idempotent): refuse new calls, give running ones `grace` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.orchestrator.close()
+        await self.view.close()
+        await asyncio.to_thread(self.metrics.close)
+
+
+def _load_tokenizer(tokenizer):
+    if isinstance(tokenizer, str):
+        from braid.engine.tokenizer import Tokenizer
+
+        return Tokenizer(tokenizer)
+    return tokenizer
+
+
+async def start_router(config: ClusterConfig, membership, tokenizer=None) -> RouterHandle:
+    """Start the router on config.router.host:port; `tokenizer` (a braid Tokenizer or a
+    model directory) enables text prompts and text deltas."""
+    rc = config.router
+    metrics = RouterMetrics()
+    policies = {PREFILL: make_policy(rc.prefill_policy), DECODE: make_policy(rc.decode_policy)}
+    admission = AdmissionControl(rc.max_inflight, rc.max_queued)
+    metrics.track_admission(lambda: admission.inflight, lambda: admission.queued)
+
+    def on_view_change(view: NodeView) -> None:
+        metrics.reserved_blocks.set(view.reserved_blocks())
+        counts = {(role, r): 0 for role in (PREFILL, DECODE) for r in ("true", "false")}
+        for e in view.entries():
+            counts[(e.role, "true" if e.reachable else "false")] += 1
+        for (role, r), n in counts.items():
+            metrics.nodes.labels(role, r).set(n)
+
+    view = NodeView(
+        membership, policies, load_poll_s=rc.load_poll_s, rpc_timeout_s=rc.node_rpc_timeout_s, on_change=on_view_change
+    )
+    orchestrator = Orchestrator(
+        rc, view, policies[PREFILL], policies[DECODE], admission, metrics, tokenizer=_load_tokenizer(tokenizer)
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(orchestrator, view), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(f"{rc.host}:{rc.port}")
+    except RuntimeError as e:
+        raise OSError(f"router: cannot bind {rc.host}:{rc.port}: {e}") from None
+    if port == 0:
+        raise OSError(f"router: cannot bind {rc.host}:{rc.port}")
+    metrics_address = None
+    await view.start()
+    try:
+        if rc.metrics_port >= 0:
+            metrics_address = metrics.serve(rc.host, rc.metrics_port)
+        await server.start()
+    except BaseException:
+        await view.close()
+        metrics.close()
+        await server.stop(None)
+        raise
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    address = f"{rc.host}:{port}"
+    log.info("router: serving on %s (metrics: %s)", address, metrics_address or "off")
+    return RouterHandle(address, metrics_address, server, view, orchestrator, metrics, health)
