@@ -129,3 +129,26 @@ def test_client_cancel_frees_both_sides_within_a_second(cluster):
         t0 = time.monotonic()
         _eventually(lambda: _all_free(c), 1.5, "KV blocks freed after cancel")
         assert time.monotonic() - t0 < 1.5
+
+
+def test_deepseek_v2_through_the_cluster(checkpoints, tmp_path):
+    """MLA + MoE served by prefill pcp 2 -> decode tp 2 dcp 2: only latent blocks move."""
+    from test_kv_transfer import model_path
+
+    name = "ds-moe"
+    c = Cluster(str(tmp_path), model_path(checkpoints, name))
+    try:
+        p = c.spawn("prefill")
+        d = c.spawn("decode")
+        router = c.spawn("router")
+        with Client(router.address, timeout=120) as cl:
+            c.wait_nodes(cl, {"prefill": {p.node_id}, "decode": {d.node_id}})
+            prompts = [prompt_of(n, seed=70 + n) for n in (1, 6, 19, 44)]
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda pr: cl.complete(pr, max_tokens=12, temperature=0, ignore_eos=True), prompts))
+            for pr, r in zip(prompts, results):
+                assert list(r.token_ids) == checkpoints.greedy(name, pr, 12), f"prompt length {len(pr)}"
+                assert r.timings.kv_bytes > 0
+            _eventually(lambda: _all_free(cl), 5, "all KV blocks free")
+    finally:
+        c.close()

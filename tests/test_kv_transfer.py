@@ -17,10 +17,24 @@ B = 4
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
+def model_path(checkpoints, name: str) -> str:
+    """conftest's checkpoints, or a DeepSeek-V2 one from test_deepseek_v2 (built beside them)."""
+    if name.startswith("ds-"):
+        import os
+
+        from test_deepseek_v2 import CONFIGS, build_deepseek
+
+        path = os.path.join(checkpoints.root, name)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            build_deepseek(path, CONFIGS[name])
+        return path
+    return checkpoints.get(name)
+
+
 def engine(checkpoints, name, role, transport, tp=1, pcp=1, dcp=1, blocks=96) -> EngineCore:
     return EngineCore(
         EngineConfig(
-            model_path=checkpoints.get(name),
+            model_path=model_path(checkpoints, name),
             tensor_parallel_size=tp,
             prefill_context_parallel_size=pcp,
             decode_context_parallel_size=dcp,
@@ -70,10 +84,15 @@ PAIRS = [
     pytest.param("kv2", (1, 2), (2, 1), id="P-pcp2_D-tp2-headsliced"),
     pytest.param("kv1", (2, 2), (2, 2), id="P-pcp2-tp2_D-tp2-dcp2"),
 ]
+MLA_PAIRS = [
+    # DeepSeek-V2 (MLA + MoE): only the latent moves, one copy per KV shard
+    pytest.param("ds-moe", (1, 2), (2, 2), id="mla-P-pcp2_D-tp2-dcp2"),
+    pytest.param("ds-dense", (2, 1), (2, 1), id="mla-P-tp2_D-tp2"),
+]
 
 
 @pytest.mark.parametrize("transport", ["tcp", "collective"])
-@pytest.mark.parametrize("name,p_shape,d_shape", PAIRS)
+@pytest.mark.parametrize("name,p_shape,d_shape", PAIRS + MLA_PAIRS)
 def test_pd_transfer_greedy_equals_transformers(checkpoints, transport, name, p_shape, d_shape):
     prompts = [prompt_of(n, seed=500 + n) for n in (1, 3, 4, 9, 17, 33, 50, 8)]  # 8 concurrent requests
     P = engine(checkpoints, name, "prefill", transport, tp=p_shape[0], pcp=p_shape[1])
@@ -81,6 +100,8 @@ def test_pd_transfer_greedy_equals_transformers(checkpoints, transport, name, p_
     try:
         outs, p_events, d_errors = run_pd(P, D, prompts)
         assert not d_errors
+        if name.startswith("ds-"):
+            assert P.kv_layout.format == 2 and D.kv_layout.num_kv_heads == 1  # KV_FORMAT_MLA: one latent head
         for p, out in zip(prompts, outs):
             assert out == checkpoints.greedy(name, p, GREEDY.max_tokens), f"prompt length {len(p)}"
         assert sorted(p_events) == sorted(f"r{i}" for i in range(len(prompts)))
