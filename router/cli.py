@@ -122,9 +122,19 @@ def _serve(args) -> int:
 
 
 class LocalCluster:
-    """etcd + router + one prefill node + one decode node, each its own process."""
+    """etcd + router + nodes, each its own process, on loopback with free ports.
+    `nodes` lists (role, [FIELD=VALUE overrides]); by default one prefill node
+    and one decode node with the config's sizes (prefill pcp 2, decode tp 2 dcp 2)."""
 
-    def __init__(self, config_path: str | None, model: str | None, port: int, overrides: list[str], workdir: str):
+    def __init__(
+        self,
+        config_path: str | None,
+        model: str | None,
+        port: int,
+        overrides: list[str],
+        workdir: str,
+        nodes: list[tuple[str, list[str]]] | None = None,
+    ):
         from braid.router.config import load_config, to_dict
 
         self.workdir = workdir
@@ -133,13 +143,17 @@ class LocalCluster:
         if model:
             self.base["model"] = model
         self.port = port
+        self.nodes = nodes if nodes is not None else [("prefill", []), ("decode", [])]
         self.procs: list[subprocess.Popen] = []
         self.etcd = None
 
-    def _spawn(self, role: str, cfg_path: str) -> tuple[subprocess.Popen, str]:
-        ready = os.path.join(self.workdir, f"{role}.ready.json")
+    def _spawn(self, role: str, cfg_path: str, sets: list[str] = (), tag: str | None = None) -> tuple[subprocess.Popen, str]:
+        tag = tag or role
+        ready = os.path.join(self.workdir, f"{tag}.ready.json")
         cmd = [sys.executable, "-m", "braid.router.cli", role, "serve", "--config", cfg_path, "--ready-file", ready]
-        log_file = open(os.path.join(self.workdir, f"{role}.log"), "w")
+        for item in sets:
+            cmd += ["--set", item]
+        log_file = open(os.path.join(self.workdir, f"{tag}.log"), "w")
         p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p, ready
@@ -171,28 +185,31 @@ class LocalCluster:
 
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
-        nodes = {role: self._spawn(role, path) for role in ("prefill", "decode")}
+        started = []
+        for i, (role, sets) in enumerate(self.nodes):
+            tag = f"{role}-{i}"
+            started.append((tag, self._spawn(role, path, sets, tag)))
         router = self._spawn("router", path)
         info = self._wait_ready(*router, "router", deadline)
-        for role, (p, ready) in nodes.items():
-            self._wait_ready(p, ready, role, deadline)
+        ids = {}
+        for tag, (p, ready) in started:
+            ids[tag] = self._wait_ready(p, ready, tag, deadline)["node_id"]
         self.address = info["address"]
-        self._wait_routable(deadline)
+        self._wait_routable(set(ids.values()), deadline)
         return self.address
 
-    def _wait_routable(self, deadline: float) -> None:
+    def _wait_routable(self, node_ids: set[str], deadline: float) -> None:
         from braid.client import Client
 
         with Client(self.address) as c:
             while time.monotonic() < deadline:
                 try:
-                    roles = {n.role for n in c.list_nodes(timeout=5) if n.reachable}
-                    if {"prefill", "decode"} <= roles:
+                    if node_ids <= {n.node_id for n in c.list_nodes(timeout=5) if n.reachable}:
                         return
                 except Exception:  # noqa: BLE001 - router still starting
                     pass
                 time.sleep(0.2)
-        raise TimeoutError("the router did not see both nodes in time")
+        raise TimeoutError("the router did not see every node in time")
 
     def stop(self) -> None:
         for p in reversed(self.procs):
