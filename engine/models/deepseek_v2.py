@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from braid.engine.layers.attention import AttentionMetadata
-from braid.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from braid.engine.layers.embedding import VocabParallelEmbedding
 from braid.engine.layers.mla import MLAAttention
 from braid.engine.layers.moe import GatedMLP, MoE
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.model_config import ModelConfig
+from braid.engine.models.base import CausalLM
 from braid.engine.topology import ParallelState
 
 
@@ -49,7 +50,7 @@ class DeepseekV2Model(nn.Module):
         return self.norm(x)
 
 
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(CausalLM):
     """Checkpoint names are transformers' (and DeepSeek's): gate/up_proj of
     the dense MLPs, shared experts and each routed expert `mlp.experts.{e}`
     map onto fused gate_up_proj; the router is `mlp.gate`. The head-split
@@ -64,29 +65,9 @@ class DeepseekV2ForCausalLM(nn.Module):
     }
 
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
-        super().__init__()
         if cfg.mla is None:
             raise ValueError(f"{cfg.architecture} needs an MLA configuration")
-        self.cfg = cfg
-        self.model = DeepseekV2Model(cfg, par, dtype)
-        self.lm_head = ParallelLMHead(self.model.embed_tokens, cfg.tie_word_embeddings, dtype)
-
-    def forward(self, input_ids, positions, meta):
-        return self.model(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        super().__init__(cfg, DeepseekV2Model(cfg, par, dtype), dtype)
 
     def attention_layers(self) -> list[MLAAttention]:
         return [layer.self_attn for layer in self.model.layers]
-
-    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
-        """Parameter name and shard id for a checkpoint tensor; None to skip it."""
-        if "rotary_emb.inv_freq" in name:
-            return None
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return None
-        for ckpt, (fused, shard) in self.packed.items():
-            if f".{ckpt}." in name:
-                return name.replace(f".{ckpt}.", f".{fused}."), shard
-        return name, None

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from braid.engine.layers.attention import Attention, AttentionMetadata
-from braid.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from braid.engine.layers.embedding import VocabParallelEmbedding
 from braid.engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.layers.rotary import RotaryEmbedding
 from braid.engine.model_config import ModelConfig
+from braid.engine.models.base import CausalLM
 from braid.engine.topology import ParallelState
 
 
@@ -84,7 +85,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Checkpoint names map onto fused parameters: q/k/v_proj -> qkv_proj,
     gate/up_proj -> gate_up_proj."""
 
@@ -97,27 +98,7 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
-        super().__init__()
-        self.cfg = cfg
-        self.model = LlamaModel(cfg, par, dtype)
-        self.lm_head = ParallelLMHead(self.model.embed_tokens, cfg.tie_word_embeddings, dtype)
-
-    def forward(self, input_ids, positions, meta):
-        return self.model(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        super().__init__(cfg, LlamaModel(cfg, par, dtype), dtype)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
-
-    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
-        """Parameter name and shard id for a checkpoint tensor; None to skip it."""
-        if "rotary_emb.inv_freq" in name:
-            return None
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return None
-        for ckpt, (fused, shard) in self.packed.items():
-            if f".{ckpt}." in name:
-                return name.replace(f".{ckpt}.", f".{fused}."), shard
-        return name, None

@@ -1,0 +1,37 @@
+"""What every causal LM of the engine shares: a decoder body (`self.model`), a
+vocabulary-parallel LM head, and the map from checkpoint names to parameters."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from braid.engine.layers.embedding import ParallelLMHead
+from braid.engine.model_config import ModelConfig
+
+
+class CausalLM(nn.Module):
+    packed: dict[str, tuple[str, object]] = {}
+    """Checkpoint module name -> (fused parameter's module, shard id)."""
+
+    def __init__(self, cfg: ModelConfig, body: nn.Module, dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.model = body
+        self.lm_head = ParallelLMHead(body.embed_tokens, cfg.tie_word_embeddings, dtype)
+
+    def forward(self, input_ids, positions, meta):
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        """Parameter name and shard id for a checkpoint tensor; None to skip it."""
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return None
+        for ckpt, (fused, shard) in self.packed.items():
+            if f".{ckpt}." in name:
+                return name.replace(f".{ckpt}.", f".{fused}."), shard
+        return name, None
