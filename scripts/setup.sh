@@ -29,6 +29,12 @@ fi
 stamp=.venv/.braid-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VPY" -m pip install -q -e ".[test]"
+  # Mooncake (optional): its tests skip with the reason when it cannot be installed or loaded
+  if [ "${BRAID_SKIP_MOONCAKE:-0}" != 1 ]; then
+    extra=rdma-cpu
+    command -v nvidia-smi >/dev/null 2>&1 && extra=rdma
+    "$VPY" -m pip install -q -e ".[$extra]" || echo "braid: Mooncake not installed; its tests will skip"
+  fi
   touch "$stamp"
 fi
 echo "braid: environment ready in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,611 @@
+"""The `mooncake` transport: prefill ranks write KV byte ranges one-sided into decode
+ranks' memory with Mooncake's transfer engine (RDMA, or its TCP protocol where there is
+no RDMA hardware), and a small TCP control channel says what one-sided writes cannot:
+which ranges a sender may write, when its writes landed, the end of a transfer, the
+trailer, and the acknowledgement.
+
+Optional: it needs the `mooncake-transfer-engine` package (the `rdma` extra; on a host
+without CUDA, `mooncake-transfer-engine-non-cuda`, same module) and Debian's
+`libibverbs1`. This module imports without them; constructing a sender or receiver then
+raises MooncakeUnavailable with the reason, and `unavailable_reason()` tells beforehand.
+
+Endpoint: "host:rpc_port#0xADDR:NBYTES#ctrl_port": the receiver engine's session name
+(P2P handshake, no metadata server), the address and size of its registered region, and
+its control port on the same host.
+
+Life of one transfer (see base.py)
+  1. decode   receiver.expect(tid, ranges, deadline)
+  2. prefill  sender.send(tid, ep, pieces, deadline) queues the pieces on the connection
+     to `ep`; its writer thread asks for them (WRITE: tid, seq, piece table) and the
+     receiver answers GRANT once it checked every piece lies inside tid's ranges, or
+     refuses (the transfer is unknown, cancelled, failed: the sender fails it too)
+  3. the writer writes the granted pieces with one Mooncake batch write straight into
+     the receiver's region, then reports DONE (ok or failed); the receiver counts the
+     bytes only then, and cancel waits for the DONE of every granted write of the
+     transfer (a write is granted only while the transfer is live)
+  4. sender.finish(tid, ep, trailer) sends FINISH after the connection's earlier
+     frames; the receiver answers ACK, or ERROR with the reason
+  5. sender.wait / receiver.poll as in base.py
+
+Control frame, little-endian header of 32 bytes: magic u32 "BRMC", version u8, type u8,
+flags u16, transfer id u64, seq u32, n_pieces u32, payload_len u64; then the payload:
+WRITE a piece table n x (dst offset u64, length u64); FINISH the trailer (flags bit 0:
+there is one); GRANT (flags: 0 granted, else a kind code), ERROR (flags: kind code) a
+utf-8 detail; DONE (flags: 0 ok, 1 the write failed) and ACK nothing.
+
+Limits of one-sided writes: the receiver's guarantees hold for senders running this
+code (a write is always granted first), not against a peer that writes on its own.
+A granted write that neither reports DONE within `cancel_grace` nor dies with its
+process is waited out by closing the control connection, but bytes already submitted to
+Mooncake may still land until Mooncake's own transfer timeout.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from typing import Sequence
+
+import torch
+
+from .base import KVReceiver, KVSender, Piece, TransferError
+from .collective import (
+    CODE_KIND,
+    KIND_CODE,
+    MAX_PIECES,
+    MAX_TRAILER,
+    ConnFail,
+    Expected,
+    RxConn,
+    RxLedger,
+    TxConn,
+    TxLedger,
+    flat_bytes,
+    parse_endpoint,
+)
+
+log = logging.getLogger(__name__)
+
+MAGIC = int.from_bytes(b"BRMC", "little")
+VERSION = 1
+WRITE, GRANT, DONE, FINISH, ACK, ERROR = 1, 2, 3, 4, 5, 6
+FLAG_TRAILER = 1
+_HDR = struct.Struct("<IBBHQIIQ")
+HEADER_SIZE = _HDR.size  # 32
+MAX_DETAIL = 4096
+# Entries per Mooncake batch write: its TCP transport fails a batch outright once more
+# than max_queued_transfers_per_peer (1024 by default) entries wait for one peer.
+MAX_BATCH = 512
+
+
+class MooncakeUnavailable(RuntimeError):
+    """Mooncake's transfer engine cannot be imported or started here."""
+
+
+_engine_cls = None
+_import_error: str | None = None
+
+
+def _load_engine_class():
+    global _engine_cls, _import_error
+    if _engine_cls is None and _import_error is None:
+        try:
+            from mooncake.engine import TransferEngine
+        except Exception as e:  # ImportError, or OSError for a missing shared library
+            _import_error = f"{type(e).__name__}: {e}"
+        else:
+            _engine_cls = TransferEngine
+    if _engine_cls is None:
+        raise MooncakeUnavailable(
+            f"the mooncake transport needs Mooncake's transfer engine ({_import_error}); install "
+            "the 'rdma' extra (mooncake-transfer-engine, or mooncake-transfer-engine-non-cuda on "
+            "hosts without CUDA) and Debian's libibverbs1"
+        )
+    return _engine_cls
+
+
+def unavailable_reason() -> str | None:
+    """None if Mooncake's engine imports here, else why not."""
+    try:
+        _load_engine_class()
+    except MooncakeUnavailable as e:
+        return str(e)
+    return None
+
+
+def _start_engine(host: str, protocol: str, device_name: str):
+    engine = _load_engine_class()()
+    rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+    if rc != 0:
+        raise MooncakeUnavailable(f"Mooncake transfer engine failed to start on {host} with protocol {protocol!r} (rc {rc})")
+    return engine
+
+
+def parse_mooncake_endpoint(endpoint: str) -> tuple[str, int, int, tuple[str, int]]:
+    """-> (engine session "host:rpc_port", region address, region size, (host, ctrl port))."""
+    parts = endpoint.split("#")
+    try:
+        session, region, ctrl = parts
+        host, _ = parse_endpoint(session)
+        addr_s, size_s = region.split(":")
+        return session, int(addr_s, 16), int(size_s), (host, int(ctrl))
+    except ValueError:
+        raise ValueError(f"mooncake endpoint must be 'host:rpc_port#0xADDR:NBYTES#ctrl_port', got {endpoint!r}") from None
+
+
+# ---- control frames -----------------------------------------------------------------
+
+
+class _Corrupt(Exception):
+    """The control stream cannot be trusted any more."""
+
+
+class _Lost(Exception):
+    """The peer went away."""
+
+
+def _pack(ftype: int, tid: int, flags: int = 0, seq: int = 0, n: int = 0, payload: bytes = b"") -> bytes:
+    return _HDR.pack(MAGIC, VERSION, ftype, flags, tid, seq, n, len(payload)) + payload
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise _Lost("connection closed")
+        got += k
+    return bytes(buf)
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, int, int, int, int, bytes] | None:
+    """-> (type, flags, tid, seq, n, payload), None on EOF between frames."""
+    first = sock.recv(HEADER_SIZE)
+    if not first:
+        return None
+    hdr = first + _recv_exact(sock, HEADER_SIZE - len(first)) if len(first) < HEADER_SIZE else first
+    magic, version, ftype, flags, tid, seq, n, plen = _HDR.unpack(hdr)
+    if magic != MAGIC or version != VERSION:
+        raise _Corrupt(f"bad magic/version {magic:#x}/{version}")
+    limit = {WRITE: 16 * MAX_PIECES, FINISH: MAX_TRAILER}.get(ftype, MAX_DETAIL)
+    if not WRITE <= ftype <= ERROR or plen > limit or (ftype == WRITE and (not 0 < n <= MAX_PIECES or plen != 16 * n)):
+        raise _Corrupt(f"malformed control frame (type {ftype}, {n} pieces, {plen} bytes)")
+    return ftype, flags, tid, seq, n, _recv_exact(sock, plen) if plen else b""
+
+
+def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
+    """A stalled send returns instead of blocking for ever; recv stays blocking."""
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# receiver
+
+
+class _RConn(RxConn):
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        super().__init__(name)
+        self.sock = sock
+        self.grants: dict[tuple[int, int], tuple[Expected, list[tuple[int, int]]]] = {}  # conn thread only
+        self.thread: threading.Thread | None = None
+
+    def shut(self) -> None:
+        _shutdown(self.sock)
+
+
+class MooncakeReceiver(KVReceiver):
+    """Registers `region` (a contiguous tensor: the rank's KV cache) with a Mooncake
+    transfer engine on `host` and takes control connections on `port` there (a free
+    one by default; the engine picks its own RPC port)."""
+
+    def __init__(
+        self,
+        region: torch.Tensor,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        protocol: str = "tcp",
+        device_name: str = "",
+        cancel_grace: float = 2.0,
+        reply_timeout: float = 5.0,
+    ) -> None:
+        self._region = region
+        flat = flat_bytes(region)
+        self._nbytes = flat.numel()
+        self._addr = flat.data_ptr()
+        self._engine = _start_engine(host, protocol, device_name)
+        if self._engine.register_memory(self._addr, self._nbytes) != 0:
+            raise RuntimeError(f"Mooncake could not register the {self._nbytes}-byte region")
+        self._reply_timeout = reply_timeout
+        self._book = RxLedger(self._nbytes, cancel_grace, f"mooncake-{self._engine.get_rpc_port()}")
+        self._listener = socket.create_server((host, port), backlog=64)
+        self._listener.settimeout(0.2)  # the accept loop notices close within this
+        self._endpoint = f"{host}:{self._engine.get_rpc_port()}#{self._addr:#x}:{self._nbytes}#{self._listener.getsockname()[1]}"
+        self._conns: set[_RConn] = set()
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept_loop, name="braid-mooncake-accept", daemon=True)
+        self._acceptor.start()
+
+    # ---- KVReceiver ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    @property
+    def num_connections(self) -> int:
+        with self._book.lock:
+            return len(self._conns)
+
+    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float, want_trailer: bool = False) -> None:
+        self._book.expect(transfer_id, ranges, deadline, want_trailer)
+
+    def poll(self) -> dict[int, TransferError | None]:
+        return self._book.poll()
+
+    def trailer(self, transfer_id: int) -> bytes | None:
+        return self._book.trailer(transfer_id)
+
+    def cancel(self, transfer_id: int) -> None:
+        self._book.cancel(transfer_id)
+
+    def close(self) -> None:
+        with self._book.lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns)
+        self._book.close()
+        self._acceptor.join(timeout=2.0)
+        self._listener.close()
+        for c in conns:
+            c.shut()
+        for c in conns:
+            if c.thread is not None:
+                c.thread.join(timeout=2.0)
+        self._engine.unregister_memory(self._addr)
+        self._engine = None  # stops the engine's servers
+
+    # ---- connections ---------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, addr = self._listener.accept()
+            except (socket.timeout, BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return
+            sock.setblocking(True)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _set_sndtimeo(sock, self._reply_timeout)  # a peer that never reads cannot block us
+            c = _RConn(sock, f"{addr[0]}:{addr[1]}->{self._endpoint}")
+            c.thread = threading.Thread(target=self._serve, args=(c,), name=f"braid-mooncake-ctrl-{addr[1]}", daemon=True)
+            with self._book.lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._conns.add(c)
+            c.thread.start()
+
+    def _serve(self, c: _RConn) -> None:
+        kind, detail = "peer_lost", f"sender connection {c.name} closed"
+        try:
+            while self._handle(c):
+                pass
+        except _Corrupt as e:
+            kind, detail = "corrupt", f"{e} on {c.name}"
+        except (_Lost, OSError) as e:
+            detail = f"{e or type(e).__name__} on {c.name}"
+        finally:
+            with self._book.lock:
+                self._conns.discard(c)
+            # the sender's writer ends before its connection does (or dies with its
+            # process), so no write of these grants is in flight any more
+            grants, c.grants = c.grants, {}
+            for (tid, _), (rx, _) in grants.items():
+                self._book.end_write(c, tid, rx, ())
+            c.shut()
+            c.sock.close()
+            self._book.drop_conn(c, kind, detail)
+
+    def _handle(self, c: _RConn) -> bool:
+        frame = _read_frame(c.sock)
+        if frame is None:
+            return False
+        ftype, flags, tid, seq, n, payload = frame
+        if ftype == WRITE:
+            table = struct.unpack(f"<{2 * n}Q", payload)
+            offs, lens = list(table[0::2]), list(table[1::2])
+            rx = self._book.admit(c, tid, seq, offs, lens, sum(lens))
+            if rx is not None and self._book.begin_write(c, tid, rx):
+                c.grants[(tid, seq)] = (rx, [(o, o + n) for o, n in zip(offs, lens)])
+                c.sock.sendall(_pack(GRANT, tid, 0, seq))
+            else:
+                err = self._book.tell_ended(c, tid) or self._book.refusal(tid)
+                c.sock.sendall(_pack(GRANT, tid, KIND_CODE[err.kind], seq, payload=err.detail.encode()[:MAX_DETAIL]))
+        elif ftype == DONE:
+            grant = c.grants.pop((tid, seq), None)
+            if grant is None:
+                raise _Corrupt(f"DONE of transfer {tid} frame {seq} that was not granted")
+            rx, spans = grant
+            self._book.end_write(c, tid, rx, spans if flags == 0 else ())
+            if flags != 0:
+                self._book.fail(tid, TransferError(tid, "peer_lost", "the sender's Mooncake write failed"))
+        elif ftype == FINISH:
+            err = self._book.on_finish(c, tid, seq, payload if flags & FLAG_TRAILER else None)
+            if err is None:
+                c.sock.sendall(_pack(ACK, tid))
+            else:
+                c.sock.sendall(_pack(ERROR, tid, KIND_CODE[err.kind], payload=(err.detail or err.kind).encode()[:MAX_DETAIL]))
+        elif ftype == ERROR:
+            self._book.on_abort(c, tid, CODE_KIND.get(flags, "aborted"), payload.decode(errors="replace"))
+        else:
+            raise _Corrupt(f"frame type {ftype} from a sender")
+        return True
+
+
+# ---------------------------------------------------------------------------------------
+# sender
+
+
+class _Grant:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: TransferError | None = None
+        self.lost = False
+
+
+class _SConn(TxConn):
+    def __init__(self, endpoint: str, lock: threading.Lock) -> None:
+        super().__init__(endpoint, lock)
+        self.session, self.remote_addr, self.remote_nbytes, self.ctrl = parse_mooncake_endpoint(endpoint)
+        self.sock: socket.socket | None = None
+        self.seq: dict[int, int] = {}  # tid -> WRITE frames sent (writer thread only)
+        self.grants: dict[tuple[int, int], _Grant] = {}
+        self.grant_lock = threading.Lock()
+        self.send_lock = threading.Lock()
+        self.writer: threading.Thread | None = None
+        self.reader: threading.Thread | None = None
+        self._shut = False
+
+    def send(self, data: bytes) -> None:
+        with self.send_lock:
+            self.sock.sendall(data)
+
+    def shut(self) -> None:
+        with self.grant_lock:
+            self._shut = True
+            grants = list(self.grants.values())
+        for g in grants:
+            g.lost = True
+            g.event.set()
+        _shutdown(self.sock)
+
+    def await_grant(self, tid: int, seq: int) -> _Grant:
+        g = _Grant()
+        with self.grant_lock:
+            if self._shut:
+                g.lost = True
+                g.event.set()
+            self.grants[(tid, seq)] = g
+        return g
+
+    def resolve_grant(self, tid: int, seq: int, err: TransferError | None) -> None:
+        with self.grant_lock:
+            g = self.grants.pop((tid, seq), None)
+        if g is None:
+            raise _Corrupt(f"GRANT of transfer {tid} frame {seq} that was not asked for")
+        g.error = err
+        g.event.set()
+
+
+class MooncakeSender(KVSender):
+    """Writes byte ranges of `region` (a contiguous tensor: the rank's KV cache) into
+    MooncakeReceivers through a Mooncake transfer engine started on `host`."""
+
+    def __init__(
+        self,
+        region: torch.Tensor,
+        host: str = "127.0.0.1",
+        *,
+        protocol: str = "tcp",
+        device_name: str = "",
+        connect_timeout: float = 5.0,
+        stall_timeout: float = 10.0,
+        min_wait: float = 0.2,
+    ) -> None:
+        self._region = region
+        flat = flat_bytes(region)
+        self._addr = flat.data_ptr()
+        self._engine = _start_engine(host, protocol, device_name)
+        if self._engine.register_memory(self._addr, flat.numel()) != 0:
+            raise RuntimeError(f"Mooncake could not register the {flat.numel()}-byte region")
+        self._connect_timeout = connect_timeout
+        self._stall_timeout = stall_timeout
+        self._min_wait = min_wait  # a frame whose deadline is (nearly) due still gets this long
+        self._book = TxLedger(flat.numel(), self._new_conn, MAX_TRAILER)
+        self._threads: list[threading.Thread] = []
+
+    # ---- KVSender --------------------------------------------------------------
+
+    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
+        _, _, nbytes, _ = parse_mooncake_endpoint(endpoint)
+        for p in pieces:
+            if p.dst_offset + p.length > nbytes:
+                raise ValueError(f"{p} is outside the receiver's {nbytes}-byte region")
+        self._book.send(transfer_id, endpoint, pieces, deadline)
+
+    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
+        parse_mooncake_endpoint(endpoint)
+        self._book.finish(transfer_id, endpoint, trailer)
+
+    def wait(self, transfer_id: int, timeout: float) -> None:
+        self._book.wait(transfer_id, timeout)
+
+    def poll(self) -> dict[int, TransferError | None]:
+        return self._book.poll()
+
+    def abort(self, transfer_id: int) -> None:
+        self._book.abort(transfer_id)
+
+    def close(self) -> None:
+        conns = self._book.close()
+        end = time.monotonic() + self._stall_timeout + 2.0
+        for c in conns:  # each writer stops after the write it is in
+            if c.writer is not None:
+                c.writer.join(timeout=max(0.0, end - time.monotonic()))
+        for c in conns:
+            self._book.kill(c, "aborted", "sender closed")
+        for t in self._threads:
+            t.join(timeout=2.0)
+        if self._engine is not None:
+            self._engine.unregister_memory(self._addr)
+            self._engine = None
+
+    # ---- connection threads --------------------------------------------------------
+
+    def _new_conn(self, endpoint: str) -> _SConn:
+        c = _SConn(endpoint, self._book.lock)
+        c.writer = threading.Thread(target=self._write_loop, args=(c,), name=f"braid-mooncake-write-{c.session}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()]
+        self._threads.append(c.writer)
+        c.writer.start()
+        return c
+
+    def _budget(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self._stall_timeout
+        return max(deadline - time.monotonic(), self._min_wait)
+
+    def _write_loop(self, c: _SConn) -> None:
+        kind, detail = "peer_lost", "connection closed"
+        try:
+            while True:
+                item = self._book.next_item(c)
+                if item is None:
+                    return
+                what, tid, payload, deadline = item
+                if what == "close":
+                    kind, detail = "aborted", "sender closed"
+                    return
+                if c.sock is None:
+                    self._connect(c, deadline)
+                if what == "data":
+                    self._write_data(c, tid, payload, deadline)
+                elif what == "finish":
+                    flags = 0 if payload is None else FLAG_TRAILER
+                    c.send(_pack(FINISH, tid, flags, c.seq.pop(tid, 0), payload=payload or b""))
+                else:
+                    c.seq.pop(tid, None)
+                    c.send(_pack(ERROR, tid, KIND_CODE[payload[0]], payload=payload[1].encode()[:MAX_DETAIL]))
+        except ConnFail as e:
+            kind, detail = e.kind, e.detail
+        except OSError as e:
+            detail = f"{e or type(e).__name__}"
+        finally:
+            self._book.kill(c, kind, f"{detail} ({c.endpoint})")
+            if c.sock is not None:
+                if c.reader is not None:
+                    c.reader.join(timeout=2.0)
+                c.sock.close()
+
+    def _connect(self, c: _SConn, deadline: float | None) -> None:
+        limit = self._connect_timeout
+        if deadline is not None:
+            limit = max(0.05, min(limit, deadline - time.monotonic()))
+        try:
+            sock = socket.create_connection(c.ctrl, timeout=limit)
+        except socket.timeout:
+            raise ConnFail("timeout", f"connect to {c.endpoint} timed out") from None
+        except ConnectionRefusedError:
+            raise ConnFail("refused", f"connection to {c.endpoint} refused") from None
+        except OSError as e:
+            raise ConnFail("peer_lost", f"connect to {c.endpoint}: {e}") from None
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _set_sndtimeo(sock, self._stall_timeout)
+        c.sock = sock
+        c.reader = threading.Thread(target=self._read_loop, args=(c,), name=f"braid-mooncake-reply-{c.session}", daemon=True)
+        with self._book.lock:
+            self._threads.append(c.reader)
+        c.reader.start()
+
+    def _write_data(self, c: _SConn, tid: int, pieces: list[Piece], deadline: float) -> None:
+        runs: list[tuple[int, int, int]] = []  # (src, dst, length), contiguous pieces merged
+        for p in pieces:
+            if not p.length:
+                continue
+            if runs:
+                s, d, n = runs[-1]
+                if s + n == p.src_offset and d + n == p.dst_offset:
+                    runs[-1] = (s, d, n + p.length)
+                    continue
+            runs.append((p.src_offset, p.dst_offset, p.length))
+        for k in range(0, len(runs), MAX_PIECES):
+            frame = runs[k : k + MAX_PIECES]
+            seq = c.seq.get(tid, 0)
+            c.seq[tid] = seq + 1
+            grant = c.await_grant(tid, seq)
+            table = struct.pack(f"<{2 * len(frame)}Q", *[x for _, d, n in frame for x in (d, n)])
+            c.send(_pack(WRITE, tid, 0, seq, len(frame), table))
+            if not grant.event.wait(self._budget(deadline)):
+                raise ConnFail("timeout", "no grant from the receiver in time")
+            if grant.lost:
+                raise ConnFail("peer_lost", "connection closed while waiting for a grant")
+            if grant.error is not None:  # the receiver knows already: no ABORT frame for it
+                self._book.acked(c, tid, grant.error)
+                return
+            rc = 0
+            for b in range(0, len(frame), MAX_BATCH):
+                batch = frame[b : b + MAX_BATCH]
+                rc = self._engine.batch_transfer_sync_write(
+                    c.session,
+                    [self._addr + s for s, _, _ in batch],
+                    [c.remote_addr + d for _, d, _ in batch],
+                    [n for _, _, n in batch],
+                )
+                if rc != 0:
+                    break
+            c.send(_pack(DONE, tid, 0 if rc == 0 else 1, seq))
+            if rc != 0:
+                raise ConnFail("peer_lost", f"Mooncake write to {c.session} failed (rc {rc})")
+
+    def _read_loop(self, c: _SConn) -> None:
+        kind, detail = "peer_lost", "receiver closed the connection"
+        try:
+            while True:
+                frame = _read_frame(c.sock)
+                if frame is None:
+                    break
+                ftype, flags, tid, seq, _, payload = frame
+                err = None
+                if ftype in (GRANT, ERROR) and flags:
+                    if flags not in CODE_KIND:
+                        raise _Corrupt(f"unknown kind code {flags}")
+                    err = TransferError(tid, CODE_KIND[flags], payload.decode("utf-8", "replace"))
+                if ftype == GRANT:
+                    c.resolve_grant(tid, seq, err)
+                elif ftype == ACK:
+                    self._book.acked(c, tid, None)
+                elif ftype == ERROR and err is not None:
+                    self._book.acked(c, tid, err)
+                else:
+                    raise _Corrupt(f"frame type {ftype} from a receiver")
+        except _Corrupt as e:
+            kind, detail = "corrupt", str(e)
+        except (_Lost, OSError) as e:
+            detail = f"{e or type(e).__name__}"
+        self._book.kill(c, kind, f"{detail} ({c.endpoint})")
