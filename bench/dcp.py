@@ -1,12 +1,12 @@
 """DCP benchmark: KV capacity and decode speed at dcp 1, 2 (and 4) with the
 same per-rank KV memory.
 
-    .venv/bin/python bench/dcp.py [--tp 2] [--blocks 256] [--batch 8] [--context 2048]
+    .venv/bin/python bench/dcp.py [--tp 2] [--blocks 256] [--batch 8] [--context 2048 8192]
 
 Capacity: the scheduler's pool holds `blocks` ids of block_size * dcp tokens;
 the table shows that bound and the most tokens the engine actually held at
-once while serving a stream of long requests. TPOT: mean decode step time for
-`batch` sequences of `context` tokens. The model has one KV head, so every TP
+once while serving a stream of long requests. TPOT: median decode step time for
+`batch` sequences of each context length; the RESULT ratio is at the longest. The model has one KV head, so every TP
 rank holds a copy of it at dcp 1; DCP turns those copies into shards.
 """
 from __future__ import annotations
@@ -61,12 +61,12 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=256, help="KV blocks per rank (same memory at every dcp)")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--context", type=int, nargs="+", default=[2048, 8192], help="context lengths for TPOT")
     ap.add_argument("--steps", type=int, default=16)
     args = ap.parse_args()
     model = bench_model()
     dcps = [d for d in (1, 2, 4) if d <= args.tp and args.tp % d == 0]
-    rows, res = [], {}
+    rows, res, tpots = [], {}, {}
     for dcp in dcps:
         common = dict(
             tensor_parallel_size=args.tp,
@@ -78,21 +78,26 @@ def main() -> None:
         with LLM(model, num_kv_blocks=args.blocks, **common) as llm:
             bound = llm.engine.blocks.num_blocks * llm.engine.blocks.tokens_per_block
             per_rank_mb = llm.engine.kv_stats()["bytes_per_block_per_rank"] * args.blocks / 2**20
-            held = capacity(llm, args.context // 4)
-        need = (args.batch * (args.context + args.steps + 2)) // (args.block_size * dcp) + args.batch + 1
-        with LLM(model, num_kv_blocks=need, max_model_len=args.context + args.steps + 8, **common) as llm:
-            step = tpot(llm, args.batch, args.context, args.steps)
-        res[dcp] = (bound, held, step)
-        rows.append([dcp, f"{per_rank_mb:.1f}", bound, held, step * 1000])
-        print(f"  dcp {dcp}: capacity bound {bound} tokens, held {held}, TPOT {step * 1000:.1f} ms", flush=True)
+            held = capacity(llm, min(args.context) // 4)
+        steps = []
+        for ctx in args.context:
+            need = (args.batch * (ctx + args.steps + 2)) // (args.block_size * dcp) + args.batch + 1
+            with LLM(model, num_kv_blocks=need, max_model_len=ctx + args.steps + 8, **common) as llm:
+                steps.append(tpot(llm, args.batch, ctx, args.steps))
+            tpots[(dcp, ctx)] = steps[-1]
+        res[dcp] = (bound, held)
+        rows.append([dcp, f"{per_rank_mb:.1f}", bound, held] + [t * 1000 for t in steps])
+        print(f"  dcp {dcp}: capacity bound {bound} tokens, held {held}, TPOT "
+              + ", ".join(f"{t * 1000:.1f} ms @ {c}" for t, c in zip(steps, args.context)), flush=True)
     print(f"\nDCP at the same per-rank KV memory (tp {args.tp}, block {args.block_size}, {args.blocks} blocks per rank)")
-    print(f"TPOT: batch {args.batch}, context {args.context} tokens, one thread per rank")
-    print(table(["dcp", "KV MiB/rank", "capacity bound (tokens)", "held at once", "TPOT ms"], rows))
-    top = max(dcps)
+    print(f"TPOT: batch {args.batch}, one thread per rank, context lengths {args.context}")
+    print(table(["dcp", "KV MiB/rank", "capacity bound (tokens)", "held at once"] + [f"TPOT ms @ {c}" for c in args.context], rows))
+    for d in dcps[1:]:
+        print(f"dcp {d} vs 1: capacity x{res[d][1] / res[1][1]:.2f}; TPOT "
+              + ", ".join(f"x{tpots[(d, c)] / tpots[(1, c)]:.3f} @ {c}" for c in args.context))
     cap_ratio = res[2][1] / res[1][1] if 2 in res else float("nan")
-    tpot_ratio = res[2][2] / res[1][2] if 2 in res else float("nan")
-    if top > 2:
-        print(f"dcp {top}: capacity x{res[top][1] / res[1][1]:.2f}, TPOT x{res[top][2] / res[1][2]:.2f} vs dcp 1")
+    longest = max(args.context)
+    tpot_ratio = tpots[(2, longest)] / tpots[(1, longest)] if 2 in res else float("nan")
     print(f"RESULT dcp_capacity_ratio={cap_ratio:.3f} dcp_tpot_ratio={tpot_ratio:.3f}")
 
 

@@ -58,6 +58,10 @@ CONFIGS = {
 }
 
 
+LONG_PROMPT = 1024
+"""Prompts at least this long count as long contexts in the TTFT breakdown."""
+
+
 @dataclass
 class Record:
     prompt_tokens: int
@@ -149,6 +153,10 @@ def summarize(records: list[Record], wall: float, max_tokens: int) -> dict:
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         for q in (50, 90, 99):
             out[f"{name}_p{q}"] = percentile(xs, q)
+    for cls, pick in (("short", lambda r: r.prompt_tokens < LONG_PROMPT), ("long", lambda r: r.prompt_tokens >= LONG_PROMPT)):
+        xs = [r.first - r.sent for r in ok if pick(r)]
+        out[f"ttft_{cls}_p50"] = percentile(xs, 50)
+        out[f"n_{cls}"] = len(xs)
     for phase in ("queue", "prefill", "transfer", "decode"):
         vals = [r.phases[phase] for r in ok if r.phases]
         out[f"{phase}_mean"] = statistics.mean(vals) if vals else float("nan")
@@ -266,14 +274,15 @@ def main() -> None:
             finally:
                 if cluster is not None:
                     cluster.stop()
-    headers = ["config", unit, "done", "fail", "TTFT p50/p90/p99 s", "TPOT p50/p90/p99 ms", "E2E p50/p90/p99 s",
-               "tok/s", "queue s", "prefill s", "transfer s", "decode s"]
+    headers = ["config", unit, "done", "fail", "TTFT p50/p90/p99 s", "TTFT short/long p50 s", "TPOT p50/p90/p99 ms",
+               "E2E p50/p90/p99 s", "tok/s", "queue s", "prefill s", "transfer s", "decode s"]
     rows = []
     for name, points in results.items():
         for s in points:
             rows.append([
                 name, s["offered"], s["completed"], s["failed"],
                 f"{s['ttft_p50']:.2f}/{s['ttft_p90']:.2f}/{s['ttft_p99']:.2f}",
+                f"{s['ttft_short_p50']:.2f}/{s['ttft_long_p50']:.2f}",
                 f"{s['tpot_p50'] * 1e3:.0f}/{s['tpot_p90'] * 1e3:.0f}/{s['tpot_p99'] * 1e3:.0f}",
                 f"{s['e2e_p50']:.2f}/{s['e2e_p90']:.2f}/{s['e2e_p99']:.2f}",
                 f"{s['tokens_per_s']:.1f}", f"{s['queue_mean']:.3f}", f"{s['prefill_mean']:.3f}",
