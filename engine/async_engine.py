@@ -122,11 +122,16 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            busy = False
             while not self._stopping.is_set():
-                busy = self.core.has_unfinished()
+                # between model steps take calls without waiting; while there is nothing
+                # to run but transfers to watch, wait a little so that polling them does
+                # not keep every rank spinning
                 self._run_calls(0 if busy else self.idle_wait_s)
+                busy = False
                 if self.core.has_unfinished():
                     events = self.core.step()
+                    busy = self.core.ran_batch
                     if events:
                         self.loop.call_soon_threadsafe(self._deliver, events)
                 self.load = self._snapshot()

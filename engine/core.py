@@ -84,6 +84,7 @@ class EngineCore:
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
         self.requests: dict[str, Sequence] = {}
+        self.ran_batch = False
         self.incoming: dict[int, _Transfer] = {}  # decode: reserved, waiting for KV
         self.outgoing: dict[int, _Transfer] = {}  # prefill: sent, waiting for acknowledgement
         self._ids = itertools.count()
@@ -282,8 +283,11 @@ class EngineCore:
         return StepPlan(batch.is_prefill, tuple(seqs), transfers)
 
     def step(self) -> list[TokenEvent]:
+        """One engine step; `ran_batch` tells afterwards whether the model ran
+        (False when it only polled transfers, so a driver may back off)."""
         events = self._poll_transfers() if (self.incoming or self.outgoing) else []
         batch = self.scheduler.schedule()
+        self.ran_batch = batch is not None
         if batch is None:
             return events
         transfers = self._transfer_plans(batch) if batch.is_prefill else ()
