@@ -1,0 +1,98 @@
+"""The cluster config loader and the `braid` command line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from braid.router.config import (
+    DEFAULT_DECODE_PORT,
+    ClusterConfig,
+    ConfigError,
+    load_config,
+    to_dict,
+)
+
+BRAID = [sys.executable, "-m", "braid.router.cli"]
+
+
+def test_defaults_and_nested_overrides_keep_their_siblings():
+    cfg = load_config(data={"decode": {"engine": {"block_size": 32}}, "prefill": {"engine": {"block_size": 32}}})
+    assert cfg.decode.engine.block_size == 32
+    assert (cfg.decode.engine.tensor_parallel_size, cfg.decode.engine.decode_context_parallel_size) == (2, 2)
+    assert cfg.prefill.engine.prefill_context_parallel_size == 2
+    assert cfg.decode.port == DEFAULT_DECODE_PORT
+    cfg = load_config(overrides=["router.port=1234", "etcd.endpoints=[a:1, b:2]", "decode.engine.max_model_len=null"])
+    assert cfg.router.port == 1234 and cfg.etcd.endpoints == ("a:1", "b:2") and cfg.decode.engine.max_model_len is None
+    assert load_config(data=to_dict(cfg)) == cfg  # a dumped config loads back the same
+
+
+@pytest.mark.parametrize(
+    "data,field,reason",
+    [
+        ({"router": {"prot": 1}}, "router.prot", "unknown field"),
+        ({"decode": {"engine": {"block_size": "x"}}}, "decode.engine.block_size", "expected an integer"),
+        ({"router": {"prefill_policy": "random"}}, "router.prefill_policy", "unknown policy"),
+        ({"decode": {"engine": {"block_size": 8}}}, "decode.engine.block_size", "prefill.engine.block_size"),
+        ({"decode": {"transfer": {"transport": "udp"}}}, "decode.transfer.transport", "unknown transport"),
+        ({"router": {"port": 70000}}, "router.port", "outside"),
+        ({"etcd": {"endpoints": ["nohost"]}}, "etcd.endpoints[0]", "host:port"),
+        ({"prefill": {"engine": {"cp_kv_cache_interleave_size": 1}}}, "prefill.engine.cp_kv_cache_interleave_size", "block_size"),
+        ({"model": "/does/not/exist"}, "model", "not a directory"),
+        ({"cluster": "a/b"}, "cluster", "without '/'"),
+        ({"decode": []}, "decode", "mapping"),
+    ],
+)
+def test_bad_config_names_the_field_and_the_reason(data, field, reason):
+    with pytest.raises(ConfigError) as e:
+        load_config(data=data)
+    assert str(e.value).startswith(field) and reason in str(e.value)
+
+
+def test_bad_override_and_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected FIELD=VALUE"):
+        load_config(overrides=["router.port"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("router: [unclosed")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="No such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["up"], ["router"], ["router", "serve"], ["prefill", "serve"], ["decode", "serve"], ["generate"], ["status"], ["offline"]],
+)
+def test_every_command_has_help(args):
+    out = subprocess.run(BRAID + args + ["--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage: braid" in out.stdout
+
+
+def test_serve_with_a_bad_config_fails_at_start(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"decode": {"engine": {"tensor_parallel_size": 0}}}))
+    out = subprocess.run(BRAID + ["decode", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "decode.engine.tensor_parallel_size: must be > 0" in out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_up_demo_serves_one_request_and_shuts_down(tmp_path):
+    env = dict(os.environ, BRAID_HOME=str(tmp_path / "home"))  # the embedded model is created here
+    out = subprocess.run(BRAID + ["up", "--demo", "Hello world", "--max-tokens", "6"], capture_output=True, text=True,
+                         timeout=280, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("braid: cluster up; router at 127.0.0.1:") for line in lines)
+    tokens = next(line for line in lines if line.startswith("tokens: "))
+    assert len(yaml.safe_load(tokens[len("tokens: "):])) == 6
+    assert any("prefill on prefill-" in line and "decode on decode-" in line for line in lines)
+    assert lines[-1] == "braid: shutting down"
+    # the same answer from the offline engine on the same embedded model
+    off = subprocess.run(BRAID + ["offline", "Hello world", "--max-tokens", "6"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert off.returncode == 0 and tokens in off.stdout
