@@ -38,6 +38,9 @@ code (a write is always granted first), not against a peer that writes on its ow
 A granted write that neither reports DONE within `cancel_grace` nor dies with its
 process is waited out by closing the control connection, but bytes already submitted to
 Mooncake may still land until Mooncake's own transfer timeout.
+
+The receiver and sender bookkeeping (RxLedger, TxLedger) is ledger.py's; the control
+channel's sockets and threads are the tcp transport's (SocketReceiver, SocketSender).
 """
 from __future__ import annotations
 
@@ -50,21 +53,10 @@ from typing import Sequence
 
 import torch
 
-from .base import KVReceiver, KVSender, Piece, TransferError
-from .collective import (
-    CODE_KIND,
-    KIND_CODE,
-    MAX_PIECES,
-    MAX_TRAILER,
-    ConnFail,
-    Expected,
-    RxConn,
-    RxLedger,
-    TxConn,
-    TxLedger,
-    flat_bytes,
-    parse_endpoint,
-)
+from .base import Piece, TransferError
+from .collective import MAX_PIECES, MAX_TRAILER, flat_bytes, merge_runs
+from .ledger import CODE_KIND, KIND_CODE, ConnFail, Expected, RxLedger, TxLedger, parse_endpoint
+from .tcp import Corrupt, Lost, SocketRConn, SocketReceiver, SocketSConn, SocketSender
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +130,6 @@ def parse_mooncake_endpoint(endpoint: str) -> tuple[str, int, int, tuple[str, in
 # ---- control frames -----------------------------------------------------------------
 
 
-class _Corrupt(Exception):
-    """The control stream cannot be trusted any more."""
-
-
-class _Lost(Exception):
-    """The peer went away."""
-
-
 def _pack(ftype: int, tid: int, flags: int = 0, seq: int = 0, n: int = 0, payload: bytes = b"") -> bytes:
     return _HDR.pack(MAGIC, VERSION, ftype, flags, tid, seq, n, len(payload)) + payload
 
@@ -156,7 +140,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
-            raise _Lost("connection closed")
+            raise Lost("connection closed")
         got += k
     return bytes(buf)
 
@@ -169,46 +153,29 @@ def _read_frame(sock: socket.socket) -> tuple[int, int, int, int, int, bytes] | 
     hdr = first + _recv_exact(sock, HEADER_SIZE - len(first)) if len(first) < HEADER_SIZE else first
     magic, version, ftype, flags, tid, seq, n, plen = _HDR.unpack(hdr)
     if magic != MAGIC or version != VERSION:
-        raise _Corrupt(f"bad magic/version {magic:#x}/{version}")
+        raise Corrupt(f"bad magic/version {magic:#x}/{version}")
     limit = {WRITE: 16 * MAX_PIECES, FINISH: MAX_TRAILER}.get(ftype, MAX_DETAIL)
     if not WRITE <= ftype <= ERROR or plen > limit or (ftype == WRITE and (not 0 < n <= MAX_PIECES or plen != 16 * n)):
-        raise _Corrupt(f"malformed control frame (type {ftype}, {n} pieces, {plen} bytes)")
+        raise Corrupt(f"malformed control frame (type {ftype}, {n} pieces, {plen} bytes)")
     return ftype, flags, tid, seq, n, _recv_exact(sock, plen) if plen else b""
-
-
-def _set_sndtimeo(sock: socket.socket, seconds: float) -> None:
-    """A stalled send returns instead of blocking for ever; recv stays blocking."""
-    sec = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
-
-
-def _shutdown(sock: socket.socket | None) -> None:
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------
 # receiver
 
 
-class _RConn(RxConn):
+class _RConn(SocketRConn):
     def __init__(self, sock: socket.socket, name: str) -> None:
-        super().__init__(name)
-        self.sock = sock
+        super().__init__(sock, name)
         self.grants: dict[tuple[int, int], tuple[Expected, list[tuple[int, int]]]] = {}  # conn thread only
-        self.thread: threading.Thread | None = None
-
-    def shut(self) -> None:
-        _shutdown(self.sock)
 
 
-class MooncakeReceiver(KVReceiver):
+class MooncakeReceiver(SocketReceiver):
     """Registers `region` (a contiguous tensor: the rank's KV cache) with a Mooncake
     transfer engine on `host` and takes control connections on `port` there (a free
     one by default; the engine picks its own RPC port)."""
+
+    _rconn = _RConn
 
     def __init__(
         self,
@@ -229,14 +196,10 @@ class MooncakeReceiver(KVReceiver):
         if self._engine.register_memory(self._addr, self._nbytes) != 0:
             raise RuntimeError(f"Mooncake could not register the {self._nbytes}-byte region")
         self._reply_timeout = reply_timeout
-        self._book = RxLedger(self._nbytes, cancel_grace, f"mooncake-{self._engine.get_rpc_port()}")
+        self._book = RxLedger(self._nbytes, cancel_grace, f"braid-mooncake-{self._engine.get_rpc_port()}-timer")
         self._listener = socket.create_server((host, port), backlog=64)
-        self._listener.settimeout(0.2)  # the accept loop notices close within this
         self._endpoint = f"{host}:{self._engine.get_rpc_port()}#{self._addr:#x}:{self._nbytes}#{self._listener.getsockname()[1]}"
-        self._conns: set[_RConn] = set()
-        self._closed = False
-        self._acceptor = threading.Thread(target=self._accept_loop, name="braid-mooncake-accept", daemon=True)
-        self._acceptor.start()
+        self._start_accepting("braid-mooncake-accept", "braid-mooncake-ctrl")
 
     # ---- KVReceiver ---------------------------------------------------------------
 
@@ -244,82 +207,20 @@ class MooncakeReceiver(KVReceiver):
     def endpoint(self) -> str:
         return self._endpoint
 
-    @property
-    def num_connections(self) -> int:
-        with self._book.lock:
-            return len(self._conns)
-
-    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float, want_trailer: bool = False) -> None:
-        self._book.expect(transfer_id, ranges, deadline, want_trailer)
-
-    def poll(self) -> dict[int, TransferError | None]:
-        return self._book.poll()
-
-    def trailer(self, transfer_id: int) -> bytes | None:
-        return self._book.trailer(transfer_id)
-
-    def cancel(self, transfer_id: int) -> None:
-        self._book.cancel(transfer_id)
-
     def close(self) -> None:
-        with self._book.lock:
-            if self._closed:
-                return
-            self._closed = True
-            conns = list(self._conns)
-        self._book.close()
-        self._acceptor.join(timeout=2.0)
-        self._listener.close()
-        for c in conns:
-            c.shut()
-        for c in conns:
-            if c.thread is not None:
-                c.thread.join(timeout=2.0)
-        self._engine.unregister_memory(self._addr)
-        self._engine = None  # stops the engine's servers
+        super().close()
+        engine, self._engine = self._engine, None  # dropping it stops the engine's servers
+        if engine is not None:
+            engine.unregister_memory(self._addr)
 
     # ---- connections ---------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, addr = self._listener.accept()
-            except (socket.timeout, BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            sock.setblocking(True)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _set_sndtimeo(sock, self._reply_timeout)  # a peer that never reads cannot block us
-            c = _RConn(sock, f"{addr[0]}:{addr[1]}->{self._endpoint}")
-            c.thread = threading.Thread(target=self._serve, args=(c,), name=f"braid-mooncake-ctrl-{addr[1]}", daemon=True)
-            with self._book.lock:
-                if self._closed:
-                    sock.close()
-                    return
-                self._conns.add(c)
-            c.thread.start()
-
-    def _serve(self, c: _RConn) -> None:
-        kind, detail = "peer_lost", f"sender connection {c.name} closed"
-        try:
-            while self._handle(c):
-                pass
-        except _Corrupt as e:
-            kind, detail = "corrupt", f"{e} on {c.name}"
-        except (_Lost, OSError) as e:
-            detail = f"{e or type(e).__name__} on {c.name}"
-        finally:
-            with self._book.lock:
-                self._conns.discard(c)
-            # the sender's writer ends before its connection does (or dies with its
-            # process), so no write of these grants is in flight any more
-            grants, c.grants = c.grants, {}
-            for (tid, _), (rx, _) in grants.items():
-                self._book.end_write(c, tid, rx, ())
-            c.shut()
-            c.sock.close()
-            self._book.drop_conn(c, kind, detail)
+    def _release(self, c: _RConn) -> None:
+        # the sender's writer ends before its connection does (or dies with its
+        # process), so no write of these grants is in flight any more
+        grants, c.grants = c.grants, {}
+        for (tid, _), (rx, _) in grants.items():
+            self._book.end_write(c, tid, rx, ())
 
     def _handle(self, c: _RConn) -> bool:
         frame = _read_frame(c.sock)
@@ -339,7 +240,7 @@ class MooncakeReceiver(KVReceiver):
         elif ftype == DONE:
             grant = c.grants.pop((tid, seq), None)
             if grant is None:
-                raise _Corrupt(f"DONE of transfer {tid} frame {seq} that was not granted")
+                raise Corrupt(f"DONE of transfer {tid} frame {seq} that was not granted")
             rx, spans = grant
             self._book.end_write(c, tid, rx, spans if flags == 0 else ())
             if flags != 0:
@@ -353,7 +254,7 @@ class MooncakeReceiver(KVReceiver):
         elif ftype == ERROR:
             self._book.on_abort(c, tid, CODE_KIND.get(flags, "aborted"), payload.decode(errors="replace"))
         else:
-            raise _Corrupt(f"frame type {ftype} from a sender")
+            raise Corrupt(f"frame type {ftype} from a sender")
         return True
 
 
@@ -368,17 +269,14 @@ class _Grant:
         self.lost = False
 
 
-class _SConn(TxConn):
+class _SConn(SocketSConn):
     def __init__(self, endpoint: str, lock: threading.Lock) -> None:
-        super().__init__(endpoint, lock)
-        self.session, self.remote_addr, self.remote_nbytes, self.ctrl = parse_mooncake_endpoint(endpoint)
-        self.sock: socket.socket | None = None
-        self.seq: dict[int, int] = {}  # tid -> WRITE frames sent (writer thread only)
+        session, self.remote_addr, self.remote_nbytes, ctrl = parse_mooncake_endpoint(endpoint)
+        super().__init__(endpoint, lock, ctrl, session)
+        self.session = session
         self.grants: dict[tuple[int, int], _Grant] = {}
         self.grant_lock = threading.Lock()
         self.send_lock = threading.Lock()
-        self.writer: threading.Thread | None = None
-        self.reader: threading.Thread | None = None
         self._shut = False
 
     def send(self, data: bytes) -> None:
@@ -392,7 +290,7 @@ class _SConn(TxConn):
         for g in grants:
             g.lost = True
             g.event.set()
-        _shutdown(self.sock)
+        super().shut()
 
     def await_grant(self, tid: int, seq: int) -> _Grant:
         g = _Grant()
@@ -407,14 +305,16 @@ class _SConn(TxConn):
         with self.grant_lock:
             g = self.grants.pop((tid, seq), None)
         if g is None:
-            raise _Corrupt(f"GRANT of transfer {tid} frame {seq} that was not asked for")
+            raise Corrupt(f"GRANT of transfer {tid} frame {seq} that was not asked for")
         g.error = err
         g.event.set()
 
 
-class MooncakeSender(KVSender):
+class MooncakeSender(SocketSender):
     """Writes byte ranges of `region` (a contiguous tensor: the rank's KV cache) into
     MooncakeReceivers through a Mooncake transfer engine started on `host`."""
+
+    _thread_names = ("braid-mooncake-write", "braid-mooncake-reply")
 
     def __init__(
         self,
@@ -435,6 +335,7 @@ class MooncakeSender(KVSender):
             raise RuntimeError(f"Mooncake could not register the {flat.numel()}-byte region")
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout
+        self._sndtimeo = stall_timeout
         self._min_wait = min_wait  # a frame whose deadline is (nearly) due still gets this long
         self._book = TxLedger(flat.numel(), self._new_conn, MAX_TRAILER)
         self._threads: list[threading.Thread] = []
@@ -446,114 +347,40 @@ class MooncakeSender(KVSender):
         for p in pieces:
             if p.dst_offset + p.length > nbytes:
                 raise ValueError(f"{p} is outside the receiver's {nbytes}-byte region")
-        self._book.send(transfer_id, endpoint, pieces, deadline)
+        super().send(transfer_id, endpoint, pieces, deadline)
 
     def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
         parse_mooncake_endpoint(endpoint)
-        self._book.finish(transfer_id, endpoint, trailer)
-
-    def wait(self, transfer_id: int, timeout: float) -> None:
-        self._book.wait(transfer_id, timeout)
-
-    def poll(self) -> dict[int, TransferError | None]:
-        return self._book.poll()
-
-    def abort(self, transfer_id: int) -> None:
-        self._book.abort(transfer_id)
+        super().finish(transfer_id, endpoint, trailer)
 
     def close(self) -> None:
-        conns = self._book.close()
-        end = time.monotonic() + self._stall_timeout + 2.0
-        for c in conns:  # each writer stops after the write it is in
-            if c.writer is not None:
-                c.writer.join(timeout=max(0.0, end - time.monotonic()))
-        for c in conns:
-            self._book.kill(c, "aborted", "sender closed")
-        for t in self._threads:
-            t.join(timeout=2.0)
-        if self._engine is not None:
-            self._engine.unregister_memory(self._addr)
-            self._engine = None
+        super().close()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.unregister_memory(self._addr)
 
     # ---- connection threads --------------------------------------------------------
 
     def _new_conn(self, endpoint: str) -> _SConn:
-        c = _SConn(endpoint, self._book.lock)
-        c.writer = threading.Thread(target=self._write_loop, args=(c,), name=f"braid-mooncake-write-{c.session}", daemon=True)
-        self._threads = [t for t in self._threads if t.is_alive()]
-        self._threads.append(c.writer)
-        c.writer.start()
-        return c
+        return self._start_conn(_SConn(endpoint, self._book.lock))
 
     def _budget(self, deadline: float | None) -> float:
         if deadline is None:
             return self._stall_timeout
         return max(deadline - time.monotonic(), self._min_wait)
 
-    def _write_loop(self, c: _SConn) -> None:
-        kind, detail = "peer_lost", "connection closed"
-        try:
-            while True:
-                item = self._book.next_item(c)
-                if item is None:
-                    return
-                what, tid, payload, deadline = item
-                if what == "close":
-                    kind, detail = "aborted", "sender closed"
-                    return
-                if c.sock is None:
-                    self._connect(c, deadline)
-                if what == "data":
-                    self._write_data(c, tid, payload, deadline)
-                elif what == "finish":
-                    flags = 0 if payload is None else FLAG_TRAILER
-                    c.send(_pack(FINISH, tid, flags, c.seq.pop(tid, 0), payload=payload or b""))
-                else:
-                    c.seq.pop(tid, None)
-                    c.send(_pack(ERROR, tid, KIND_CODE[payload[0]], payload=payload[1].encode()[:MAX_DETAIL]))
-        except ConnFail as e:
-            kind, detail = e.kind, e.detail
-        except OSError as e:
-            detail = f"{e or type(e).__name__}"
-        finally:
-            self._book.kill(c, kind, f"{detail} ({c.endpoint})")
-            if c.sock is not None:
-                if c.reader is not None:
-                    c.reader.join(timeout=2.0)
-                c.sock.close()
-
-    def _connect(self, c: _SConn, deadline: float | None) -> None:
-        limit = self._connect_timeout
-        if deadline is not None:
-            limit = max(0.05, min(limit, deadline - time.monotonic()))
-        try:
-            sock = socket.create_connection(c.ctrl, timeout=limit)
-        except socket.timeout:
-            raise ConnFail("timeout", f"connect to {c.endpoint} timed out") from None
-        except ConnectionRefusedError:
-            raise ConnFail("refused", f"connection to {c.endpoint} refused") from None
-        except OSError as e:
-            raise ConnFail("peer_lost", f"connect to {c.endpoint}: {e}") from None
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _set_sndtimeo(sock, self._stall_timeout)
-        c.sock = sock
-        c.reader = threading.Thread(target=self._read_loop, args=(c,), name=f"braid-mooncake-reply-{c.session}", daemon=True)
-        with self._book.lock:
-            self._threads.append(c.reader)
-        c.reader.start()
+    def _write(self, c: _SConn, what: str, tid: int, payload, deadline: float | None) -> None:
+        if what == "data":
+            self._write_data(c, tid, payload, deadline)
+        elif what == "finish":
+            flags = 0 if payload is None else FLAG_TRAILER
+            c.send(_pack(FINISH, tid, flags, c.seq.pop(tid, 0), payload=payload or b""))
+        elif what == "abort":
+            c.seq.pop(tid, None)
+            c.send(_pack(ERROR, tid, KIND_CODE[payload[0]], payload=payload[1].encode()[:MAX_DETAIL]))
 
     def _write_data(self, c: _SConn, tid: int, pieces: list[Piece], deadline: float) -> None:
-        runs: list[tuple[int, int, int]] = []  # (src, dst, length), contiguous pieces merged
-        for p in pieces:
-            if not p.length:
-                continue
-            if runs:
-                s, d, n = runs[-1]
-                if s + n == p.src_offset and d + n == p.dst_offset:
-                    runs[-1] = (s, d, n + p.length)
-                    continue
-            runs.append((p.src_offset, p.dst_offset, p.length))
+        runs = merge_runs(pieces)
         for k in range(0, len(runs), MAX_PIECES):
             frame = runs[k : k + MAX_PIECES]
             seq = c.seq.get(tid, 0)
@@ -583,29 +410,22 @@ class MooncakeSender(KVSender):
             if rc != 0:
                 raise ConnFail("peer_lost", f"Mooncake write to {c.session} failed (rc {rc})")
 
-    def _read_loop(self, c: _SConn) -> None:
-        kind, detail = "peer_lost", "receiver closed the connection"
-        try:
-            while True:
-                frame = _read_frame(c.sock)
-                if frame is None:
-                    break
-                ftype, flags, tid, seq, _, payload = frame
-                err = None
-                if ftype in (GRANT, ERROR) and flags:
-                    if flags not in CODE_KIND:
-                        raise _Corrupt(f"unknown kind code {flags}")
-                    err = TransferError(tid, CODE_KIND[flags], payload.decode("utf-8", "replace"))
-                if ftype == GRANT:
-                    c.resolve_grant(tid, seq, err)
-                elif ftype == ACK:
-                    self._book.acked(c, tid, None)
-                elif ftype == ERROR and err is not None:
-                    self._book.acked(c, tid, err)
-                else:
-                    raise _Corrupt(f"frame type {ftype} from a receiver")
-        except _Corrupt as e:
-            kind, detail = "corrupt", str(e)
-        except (_Lost, OSError) as e:
-            detail = f"{e or type(e).__name__}"
-        self._book.kill(c, kind, f"{detail} ({c.endpoint})")
+    def _read_reply(self, c: _SConn) -> bool:
+        frame = _read_frame(c.sock)
+        if frame is None:
+            return False
+        ftype, flags, tid, seq, _, payload = frame
+        err = None
+        if ftype in (GRANT, ERROR) and flags:
+            if flags not in CODE_KIND:
+                raise Corrupt(f"unknown kind code {flags}")
+            err = TransferError(tid, CODE_KIND[flags], payload.decode("utf-8", "replace"))
+        if ftype == GRANT:
+            c.resolve_grant(tid, seq, err)
+        elif ftype == ACK:
+            self._book.acked(c, tid, None)
+        elif ftype == ERROR and err is not None:
+            self._book.acked(c, tid, err)
+        else:
+            raise Corrupt(f"frame type {ftype} from a receiver")
+        return True

@@ -301,6 +301,29 @@ def test_two_senders_into_one_receiver(receiver, procs):
     assert r.num_connections == 2
 
 
+def check_late_finish_after_cancel(r, region: torch.Tensor, a: SenderProc, b: SenderProc, tid: int, pieces: list[Piece]) -> None:
+    """A transfer fed by two senders completes before the second one's FINISH; released
+    then (cancel), it stays complete, so that FINISH is acknowledged, not refused."""
+    half_a, half_b = pieces[: len(pieces) // 2], pieces[len(pieces) // 2 :]
+    r.expect(tid, ranges_of(pieces), time.monotonic() + 60)
+    a.send(tid, r.endpoint, half_a)
+    b.send(tid, r.endpoint, half_b)
+    a.finish(tid, r.endpoint)
+    assert a.wait(tid) == {"ok": True}
+    assert results_within(r, [tid], 30) == {tid: None}
+    r.cancel(tid)
+    b.finish(tid, r.endpoint)
+    assert b.wait(tid) == {"ok": True}
+    assert r.poll() == {}
+    assert torch.equal(region, expected_region([(a.source, p) for p in half_a] + [(b.source, p) for p in half_b]))
+
+
+@pytest.mark.timeout(180)
+def test_cancel_after_completion_acknowledges_a_late_finish(receiver, procs):
+    r, region = receiver()
+    check_late_finish_after_cancel(r, region, procs(1), procs(2), 91, block_plan(8, seed=9))
+
+
 @pytest.mark.timeout(180)
 def test_sender_killed_mid_transfer(receiver, procs):
     r, region = receiver()

@@ -12,7 +12,7 @@ import torch
 from braid.kv_transfer import mooncake
 from braid.kv_transfer.base import Piece, TransferError
 from braid.kv_transfer.mooncake import MooncakeReceiver, MooncakeSender, MooncakeUnavailable, parse_mooncake_endpoint
-from test_transport_collective import BLOCK, REGION, SenderProc, block_plan, expected_region, layers, ranges_of, results_within, wait_landed
+from test_transport_collective import BLOCK, REGION, SenderProc, block_plan, check_late_finish_after_cancel, expected_region, layers, ranges_of, results_within, wait_landed
 
 SENDER = dict(cls="MooncakeSender", mod="braid.kv_transfer.mooncake", connect_timeout=10.0)
 
@@ -112,6 +112,12 @@ def test_concurrent_transfers_and_two_senders(receiver, procs):
     assert results_within(r, [100 + t for t in plans], 30) == {100 + t: None for t in plans}
     moves = [((a if i < 4 else b).source, p) for ps in plans.values() for i, p in enumerate(ps)]
     assert torch.equal(region, expected_region(moves))
+
+
+@pytest.mark.timeout(180)
+def test_cancel_after_completion_acknowledges_a_late_finish(receiver, procs):
+    r, region = receiver()
+    check_late_finish_after_cancel(r, region, procs(21), procs(22), 91, block_plan(8, seed=29))
 
 
 @pytest.mark.timeout(180)

@@ -297,6 +297,53 @@ def test_bytes_written_twice_count_once(closer):
     assert torch.equal(byte_view(dst), byte_view(ref))
 
 
+def test_transfer_ids_span_u64(closer):
+    src, dst = rand_region(8 * BLOCK, seed=47), rand_region(8 * BLOCK, seed=48)
+    ref = dst.clone()
+    rx, tx = TcpReceiver(dst), TcpSender(src)
+    closer(rx), closer(tx)
+    tids = [1 << 63, (1 << 64) - 1]  # past int64: the header carries a u64
+    for k, tid in enumerate(tids):
+        rx.expect(tid, [(k * BLOCK, BLOCK)], time.monotonic() + 30)
+        tx.send(tid, rx.endpoint, [Piece(k * BLOCK, k * BLOCK, BLOCK)], time.monotonic() + 30)
+        tx.finish(tid, rx.endpoint)
+    for tid in tids:
+        tx.wait(tid, timeout=30)
+    assert poll_until(rx, tids) == {tid: None for tid in tids}
+    apply(ref, src, [Piece(0, 0, 2 * BLOCK)])
+    assert torch.equal(byte_view(dst), byte_view(ref))
+    for bad in (-1, 1 << 64):
+        with pytest.raises(ValueError):
+            rx.expect(bad, [(0, BLOCK)], time.monotonic() + 30)
+
+
+def test_cancel_after_completion_acknowledges_a_late_finish(closer):
+    """Two senders feed one transfer; it completes with their data, before the second
+    one's FINISH. Releasing it then (cancel) keeps it complete: that FINISH is
+    acknowledged, not refused."""
+    size = 16 * BLOCK
+    srcs = [rand_region(size, seed=48), rand_region(size, seed=49)]
+    dst = rand_region(size, seed=50)
+    ref = dst.clone()
+    rx, a, b = TcpReceiver(dst), TcpSender(srcs[0]), TcpSender(srcs[1])
+    closer(rx), closer(a), closer(b)
+    halves = [[Piece(0, 0, 4 * BLOCK)], [Piece(4 * BLOCK, 4 * BLOCK, 4 * BLOCK)]]
+    rx.expect(1, [(0, 8 * BLOCK)], time.monotonic() + 30)
+    a.send(1, rx.endpoint, halves[0], time.monotonic() + 30)
+    b.send(1, rx.endpoint, halves[1], time.monotonic() + 30)
+    a.finish(1, rx.endpoint)
+    a.wait(1, timeout=30)
+    assert poll_until(rx, [1]) == {1: None}
+    rx.cancel(1)
+    rx.cancel(1)
+    b.finish(1, rx.endpoint)
+    b.wait(1, timeout=30)
+    assert rx.poll() == {}
+    apply(ref, srcs[0], halves[0])
+    apply(ref, srcs[1], halves[1])
+    assert torch.equal(byte_view(dst), byte_view(ref))
+
+
 def test_frames_of_unknown_transfers_are_drained(closer):
     dst = rand_region(64 * BLOCK, seed=50)
     ref = dst.clone()
@@ -634,6 +681,41 @@ def test_sender_abort_fails_the_receiver_side(closer):
     with pytest.raises(TransferError) as err:
         tx.wait(1, timeout=5)
     assert err.value.kind == "aborted"
+
+
+def test_sender_poll_reports_each_transfer_once(closer):
+    """poll() does not block; it reports an acknowledged transfer once, and fails one
+    whose acknowledgement does not come by its deadline with "timeout"."""
+    src, dst = rand_region(8 * BLOCK, seed=105), rand_region(8 * BLOCK, seed=106)
+    server = SilentServer()
+    rx, tx = TcpReceiver(dst), TcpSender(src)
+    closer(server), closer(rx), closer(tx)
+    rx.expect(1, [(0, BLOCK)], time.monotonic() + 30)
+    tx.send(1, rx.endpoint, [Piece(0, 0, BLOCK)], time.monotonic() + 30)
+    tx.finish(1, rx.endpoint)
+    deadline = time.monotonic() + 1.0
+    tx.send(2, server.endpoint, [Piece(0, 0, BLOCK)], deadline)  # written, never answered
+    tx.finish(2, server.endpoint)
+    got, when = {}, {}
+    end = time.monotonic() + 20
+    while got.keys() != {1, 2}:
+        assert time.monotonic() < end, f"poll did not report {({1, 2} - got.keys())}"
+        t0 = time.monotonic()
+        out = tx.poll()
+        assert time.monotonic() - t0 < SLACK
+        assert not out.keys() & got.keys()  # each once
+        got.update(out)
+        when.update({tid: time.monotonic() for tid in out})
+        time.sleep(0.01)
+    assert got[1] is None
+    assert isinstance(got[2], TransferError) and got[2].kind == "timeout"
+    assert when[2] >= deadline
+    assert tx.poll() == {}
+    with pytest.raises(ValueError):  # reported, so forgotten
+        tx.wait(1, timeout=1)
+    with pytest.raises(TransferError) as err:  # a failed one stays failed
+        tx.wait(2, timeout=1)
+    assert err.value.kind == "timeout"
 
 
 def test_unreachable_endpoint_is_refused(closer):
