@@ -10,6 +10,7 @@ from braid.discovery.base import (
     DiscoveryConfig,
     DiscoveryError,
     Membership,
+    NodeIdInUse,
     Registration,
     parse_role,
     role_name,
@@ -20,7 +21,7 @@ from braid.discovery.static import StaticMembership, StaticRegistration
 _ETCD_NAMES = ("EtcdRegistration", "EtcdMembership", "node_key", "nodes_prefix", "parse_node_key")
 
 __all__ = [
-    "ROLE_NAMES", "DiscoveryConfig", "DiscoveryError", "Membership", "Registration", "parse_role",
+    "ROLE_NAMES", "DiscoveryConfig", "DiscoveryError", "Membership", "NodeIdInUse", "Registration", "parse_role",
     "role_name", "validate_node_info", "StaticMembership", "StaticRegistration", *_ETCD_NAMES,
 ]
 

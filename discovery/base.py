@@ -49,6 +49,11 @@ class DiscoveryError(RuntimeError):
     """Discovery could not reach its backend in time (etcd down or unreachable)."""
 
 
+class NodeIdInUse(DiscoveryError):
+    """Another live node (a different address, under a lease that is not ours) holds
+    this node's key: two nodes were given the same node_id."""
+
+
 async def bounded(aw, timeout: float | None):
     """`await aw` with a deadline (TimeoutError after `timeout` seconds; None = none).
 

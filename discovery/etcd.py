@@ -4,7 +4,15 @@ Keys: /braid/<cluster>/nodes/<role>/<node_id> -> NodeInfo (protobuf bytes), each
 attached to its node's lease.
 
 Life of a registration (EtcdRegistration):
-  1. start(): grant a lease (lease_ttl_s), put the key with it, `registered` -> True.
+  1. start(): grant a lease (lease_ttl_s), claim the key with it, `registered` -> True.
+     The claim is one compare-and-put: it succeeds when the key is absent, hangs on
+     one of our own leases, or names our own address (this node, restarted before
+     its old lease expired). A key held by another address under a lease that is not
+     ours is a second live node with the same node_id: the claim fails with
+     NodeIdInUse and is retried with backoff, so it succeeds once that holder's lease
+     ends; start() waits one lease TTL longer for that before it gives up naming the
+     holder. Never overwriting a live holder matters: a silent overwrite hides one
+     node from routing, and the first of the two to close deletes the other's key.
   2. Every TTL/3 (jittered) renew the lease with one keepalive, each under a deadline.
      A failed renewal is retried with backoff until the lease is presumed expired:
      one TTL after the last confirmed renewal was sent.
@@ -45,6 +53,7 @@ from braid.discovery.base import (
     DiscoveryConfig,
     DiscoveryError,
     Membership,
+    NodeIdInUse,
     Registration,
     bounded,
     check_name,
@@ -143,6 +152,7 @@ class EtcdRegistration(Registration):
         self._lease_ttl = config.lease_ttl_s    # as granted by etcd
         self._expires = 0.0                     # monotonic time the lease is presumed gone
         self._put_lock = asyncio.Lock()
+        self._last_error: BaseException | None = None  # of the latest failed registration attempt
 
     @staticmethod
     def _stamp(config: DiscoveryConfig, info: common_pb2.NodeInfo) -> common_pb2.NodeInfo:
@@ -174,17 +184,33 @@ class EtcdRegistration(Registration):
             self._task = asyncio.create_task(self._run(), name=f"braid-registration-{self._info.node_id}")
         timeout = self._config.start_timeout_s if timeout is None else timeout
         waiter = asyncio.ensure_future(self.wait_until(True))
+        deadline = time.monotonic() + timeout
+        extended = False
         try:
-            await asyncio.wait({waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                await asyncio.wait({waiter, self._task}, timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if self._registered or self._closed or self._task.done():
+                    break
+                if isinstance(self._last_error, NodeIdInUse) and not extended:
+                    # the holder may be this node's own dead predecessor at another
+                    # address: its lease ends within one TTL, give it that long
+                    extended = True
+                    deadline = max(deadline, time.monotonic() + self._config.lease_ttl_s + 1.0)
+                    continue
+                break
         finally:
             waiter.cancel()
         if self._registered:
             return
         if self._closed:
             raise RuntimeError("registration closed while starting")
+        if isinstance(self._last_error, NodeIdInUse):
+            raise NodeIdInUse(f"{self._last_error} (still retrying in the background)")
         raise DiscoveryError(
             f"could not register {self._info.node_id!r} with etcd at {self._config.endpoint} "
             f"within {timeout:.1f}s (still retrying in the background)"
+            + (f"; last error: {_describe(self._last_error)}" if self._last_error is not None else "")
         )
 
     async def update(self, info: common_pb2.NodeInfo) -> None:
@@ -225,7 +251,9 @@ class EtcdRegistration(Registration):
                 try:
                     await self._register()
                     backoff.reset()
+                    self._last_error = None
                 except Exception as e:
+                    self._last_error = e
                     delay = backoff.next()
                     log.log(backoff.log_level(), "node %s: registration failed (%s); retrying in %.2fs",
                             self._info.node_id, _describe(e), delay)
@@ -240,6 +268,35 @@ class EtcdRegistration(Registration):
             value = self._info.SerializeToString()
             await bounded(self._client.put(self._key, value, lease=lease_id), self._config.call_timeout_s)
 
+    async def _claim(self, lease_id: int) -> None:
+        """Put our key under `lease_id` unless another live node holds it (see the
+        module docstring); one compare-and-put on the revision we inspected."""
+        cfg, tx = self._config, self._client.transactions
+        async with self._put_lock:
+            current = await bounded(self._client.get(self._key), cfg.call_timeout_s)
+            if current is None:
+                guard = tx.version(self._key) == 0
+            else:
+                if current.lease not in (lease_id, *self._stale_leases):
+                    holder = common_pb2.NodeInfo()
+                    with contextlib.suppress(Exception):
+                        holder.ParseFromString(current.value)
+                    if holder.address != self._info.address:
+                        raise NodeIdInUse(
+                            f"node_id {self._info.node_id!r} is already registered by a live node at "
+                            f"{holder.address or '(unknown address)'} (lease {current.lease:x}); this node is at "
+                            f"{self._info.address}: give every node its own node_id")
+                    log.warning("node %s: taking over its key from lease %x (same address %s: a restart)",
+                                self._info.node_id, current.lease, holder.address)
+                guard = tx.mod(self._key) == current.mod_revision
+            value = self._info.SerializeToString()
+            ok, _ = await bounded(
+                self._client.transaction(compare=[guard], success=[tx.put(self._key, value, lease=lease_id)],
+                                         failure=[]),
+                cfg.call_timeout_s)
+            if not ok:
+                raise DiscoveryError(f"node {self._info.node_id!r}: its key changed while registering; retrying")
+
     async def _register(self) -> None:
         cfg = self._config
         sent = time.monotonic()
@@ -247,7 +304,7 @@ class EtcdRegistration(Registration):
         if self._lease_id is not None:
             self._stale_leases.add(self._lease_id)
         self._lease_id = lease.id  # before the put, so close() revokes it even if cancelled mid-put
-        await self._put(lease.id)
+        await self._claim(lease.id)
         self._lease_ttl = lease.ttl
         self._expires = sent + lease.ttl
         self._set_registered(True)

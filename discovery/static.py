@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from braid.discovery.base import LOST_CLOSED, LOST_LEASE_GONE, Membership, Registration, validate_node_info
+from braid.discovery.base import (
+    LOST_CLOSED,
+    LOST_LEASE_GONE,
+    Membership,
+    NodeIdInUse,
+    Registration,
+    validate_node_info,
+)
 from braid.proto import common_pb2
 
 
@@ -56,6 +63,11 @@ class StaticRegistration(Registration):
         if self._closed:
             raise RuntimeError("registration is closed")
         if self._membership is not None:
+            holder = self._membership.get(self._info.node_id, self._info.role)
+            if holder is not None and holder.address != self._info.address:
+                raise NodeIdInUse(
+                    f"node_id {self._info.node_id!r} is already registered by a node at {holder.address}; "
+                    f"this node is at {self._info.address}: give every node its own node_id")
             self._membership.add(self._info)
         self._set_registered(True)
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from braid.discovery import DiscoveryConfig, DiscoveryError, StaticMembership, StaticRegistration
+from braid.discovery import DiscoveryConfig, DiscoveryError, NodeIdInUse, StaticMembership, StaticRegistration
 from braid.discovery.base import LOST_CLOSED, LOST_LEASE_GONE, LOST_UNREACHABLE
 from braid.discovery.etcd_server import EtcdServer, find_etcd_binary
 from braid.proto import common_pb2 as pb
@@ -221,6 +221,24 @@ def test_static_registration_lose_and_recover():
         assert states == [True, False, True, False]
         with pytest.raises(RuntimeError):
             await reg.start()
+
+    run(body(), 20)
+
+
+@pytest.mark.timeout(30)
+def test_static_registration_refuses_a_duplicate_node_id():
+    async def body():
+        members = StaticMembership()
+        first = StaticRegistration(pb.NodeInfo(node_id="p-dup", role=pb.ROLE_PREFILL, address="127.0.0.1:1001"), members)
+        await first.start()
+        second = StaticRegistration(pb.NodeInfo(node_id="p-dup", role=pb.ROLE_PREFILL, address="127.0.0.1:1002"), members)
+        with pytest.raises(NodeIdInUse, match="127.0.0.1:1001"):
+            await second.start()
+        assert not second.registered and members.get("p-dup").address == "127.0.0.1:1001"
+        # the same id in another role is another key
+        other = StaticRegistration(pb.NodeInfo(node_id="p-dup", role=pb.ROLE_DECODE, address="127.0.0.1:1002"), members)
+        await other.start()
+        assert members.get("p-dup", "decode").address == "127.0.0.1:1002"
 
     run(body(), 20)
 
@@ -659,3 +677,55 @@ def test_start_is_bounded_when_etcd_is_down(etcd):
         assert time.monotonic() - t0 < 5
 
     run(body(), 50)
+
+
+@needs_etcd
+@pytest.mark.timeout(90)
+def test_duplicate_node_id_is_refused_and_never_hides_the_holder(etcd):
+    """Two live nodes given one node_id: the second is refused with an error naming
+    the holder, the holder stays routable; once the holder leaves, the second (still
+    retrying) takes the key. A restart at the same address takes over its old key at
+    once, and the old incarnation's lease ending then does not remove it."""
+    from braid.discovery.etcd import EtcdMembership, EtcdRegistration
+
+    cfg = config(etcd, start_timeout_s=1.0)
+
+    def info(port: int) -> pb.NodeInfo:
+        return pb.NodeInfo(node_id="p-dup", role=pb.ROLE_PREFILL, address=f"127.0.0.1:{port}", model_id="tiny")
+
+    def address(members) -> str | None:
+        got = members.get("p-dup", "prefill")
+        return None if got is None else got.address
+
+    async def body():
+        members = EtcdMembership(cfg)
+        await members.start()
+        holder = EtcdRegistration(cfg, info(1001))
+        await holder.start()
+        assert await members.wait_for(lambda m: address(m) == "127.0.0.1:1001", SEEN_S)
+
+        second = EtcdRegistration(cfg, info(1002))
+        t0 = time.monotonic()
+        with pytest.raises(NodeIdInUse, match="127.0.0.1:1001"):
+            await second.start()
+        # start() gives a possibly dead holder one lease TTL beyond its own timeout, no more
+        assert TTL <= time.monotonic() - t0 < cfg.start_timeout_s + TTL + 1.0 + 3.0
+        assert not second.registered and holder.registered
+        await asyncio.sleep(2 * TTL)  # the holder keeps its key through several of second's retries
+        assert address(members) == "127.0.0.1:1001" and not second.registered
+
+        await holder.close()  # its key goes with its lease; second, retrying, claims it
+        assert await second.wait_until(True, timeout=5)
+        assert await members.wait_for(lambda m: address(m) == "127.0.0.1:1002", SEEN_S)
+
+        restarted = EtcdRegistration(cfg, info(1002))  # same address: the node came back
+        await restarted.start(timeout=5)
+        assert restarted.registered and restarted.lease_id != second.lease_id
+        await second.close()  # the old incarnation's lease ends; the key is no longer on it
+        await asyncio.sleep(0.5)
+        assert address(members) == "127.0.0.1:1002"
+        await restarted.close()
+        assert await gone(members, "prefill", "p-dup")
+        await members.close()
+
+    run(body(), 60)
