@@ -562,10 +562,9 @@ class TxLedger:
     ("data", tid, pieces, deadline), ("finish", tid, trailer, deadline),
     ("abort", tid, (kind, detail), None), ("close", -1, None, None).
 
-    `tids`: the ids the transport's frames carry, checked by send and finish (None:
-    not checked here)."""
+    `tids`: the ids the transport's frames carry, checked by send and finish."""
 
-    def __init__(self, nbytes: int, new_conn: Callable[[str], TxConn], max_trailer: int, *, tids: TidSpace | None = INT64_IDS) -> None:
+    def __init__(self, nbytes: int, new_conn: Callable[[str], TxConn], max_trailer: int, *, tids: TidSpace = INT64_IDS) -> None:
         self.nbytes = nbytes
         self._new_conn = new_conn
         self._max_trailer = max_trailer
@@ -744,8 +743,7 @@ class TxLedger:
     def _tx(self, tid: int) -> Tx | None:
         if self.closed:
             raise RuntimeError("sender is closed")
-        if self._tids is not None:
-            self._tids.check(tid)
+        self._tids.check(tid)
         if tid in self._failed:
             return None
         tx = self._txs.get(tid)

@@ -57,9 +57,9 @@ failure wait (briefly) for a recv that is landing its bytes, and shut that conne
 down if it does not end, before they return or report.
 
 The receiver and sender bookkeeping (RxLedger, TxLedger) is ledger.py's, shared with
-the collective and mooncake transports; what is tcp's own: transfer ids are u64, a
-transfer counts its bytes with LazyCoverage (a recvmsg_into lands up to _IOV_MAX
-spans), ids are not checked on the sender side, and closing a sender shuts its
+the collective and mooncake transports; what is tcp's own: transfer ids are u64
+(checked where they are given, on both sides), a transfer counts its bytes with
+LazyCoverage (a recvmsg_into lands up to _IOV_MAX spans), and closing a sender shuts its
 connections at once (there is no CLOSE frame). The socket side of connections
 (SocketReceiver: accepting, a thread per connection; SocketSender: connecting, a
 reader thread for replies) is shared with the mooncake transport's control channel.
@@ -528,8 +528,7 @@ class TcpSender(SocketSender):
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout  # for frames without a deadline (finish, error)
         self._sndtimeo = poll_interval  # a blocked send wakes this often to check its deadline
-        # ids are not checked here: the receiver takes any u64, and packing the header fails for others
-        self._book = TxLedger(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=None)
+        self._book = TxLedger(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=U64_IDS)
         self._threads: list[threading.Thread] = []
 
     @property

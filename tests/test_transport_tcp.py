@@ -312,9 +312,13 @@ def test_transfer_ids_span_u64(closer):
     assert poll_until(rx, tids) == {tid: None for tid in tids}
     apply(ref, src, [Piece(0, 0, 2 * BLOCK)])
     assert torch.equal(byte_view(dst), byte_view(ref))
-    for bad in (-1, 1 << 64):
-        with pytest.raises(ValueError):
+    for bad in (-1, 1 << 64):  # refused where they are given, on both sides
+        with pytest.raises(ValueError, match="u64"):
             rx.expect(bad, [(0, BLOCK)], time.monotonic() + 30)
+        with pytest.raises(ValueError, match="u64"):
+            tx.send(bad, rx.endpoint, [Piece(0, 0, BLOCK)], time.monotonic() + 30)
+        with pytest.raises(ValueError, match="u64"):
+            tx.finish(bad, rx.endpoint)
 
 
 def test_cancel_after_completion_acknowledges_a_late_finish(closer):
