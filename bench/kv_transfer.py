@@ -1,13 +1,15 @@
 """KV transfer benchmark: transport throughput next to raw loopback sockets, and
 how much of a long prompt's transfer hides behind its prefill compute.
 
-    .venv/bin/python bench/kv_transfer.py [--sizes-mb 64 256 1024] [--repeat 3] [--overlap-tokens 16384]
+    .venv/bin/python bench/kv_transfer.py [--sizes-mb 64 256 1024] [--repeat 5] [--overlap-tokens 16384]
 
 Throughput: a receiver process and a sender process on loopback; each request
 moves `size` bytes of KV as 1 MiB block pieces spread over 8 layer sends (what
 a prefill rank does), and the time runs from the first send to the receiver
 reporting completion. "raw" is plain sendall / recv_into of 4 MiB chunks
-between the same two processes: the ceiling any transport on loopback has.
+between two processes: what Python sockets on loopback give without any
+protocol. All of them are set up together and timed in turn, round after
+round (median of `repeat`), so each ratio compares runs under the same load.
 
 Overlap: a prefill instance pushes a prompt's KV into a decode instance over
 tcp, layer by layer while its forward pass runs. hidden = 1 - exposed / alone,
@@ -51,7 +53,7 @@ def _pieces(size: int, layers: int = 8):
 # -- raw sockets -------------------------------------------------------------------
 
 
-def _raw_receiver(port_q, size, repeat):
+def _raw_receiver(port_q, size):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -59,7 +61,7 @@ def _raw_receiver(port_q, size, repeat):
     conn, _ = srv.accept()
     buf = bytearray(size)
     view = memoryview(buf)
-    for _ in range(repeat):
+    while conn.recv(1) == b"g":  # one request per "g"; anything else (or EOF) ends it
         got = 0
         while got < size:
             got += conn.recv_into(view[got : got + CHUNK])
@@ -67,25 +69,31 @@ def _raw_receiver(port_q, size, repeat):
     conn.close()
 
 
-def raw_loopback(size: int, repeat: int) -> float:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_raw_receiver, args=(q, size, repeat), daemon=True)
-    p.start()
-    s = socket.create_connection(("127.0.0.1", q.get(timeout=60)))
-    data = memoryview(bytearray(os.urandom(1 << 20)) * (size >> 20))
-    times = []
-    for _ in range(repeat):
+class RawLoopback:
+    """Plain sendall / recv_into between two processes: one timed request per once()."""
+
+    def __init__(self, size: int):
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        self.size = size
+        self.proc = ctx.Process(target=_raw_receiver, args=(q, size), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", q.get(timeout=60)))
+        self.data = memoryview(bytearray(os.urandom(1 << 20)) * (size >> 20))
+
+    def once(self) -> float:
         t = time.perf_counter()
+        self.sock.sendall(b"g")
         sent = 0
-        while sent < size:
-            s.sendall(data[sent : sent + CHUNK])
+        while sent < self.size:
+            self.sock.sendall(self.data[sent : sent + CHUNK])
             sent += CHUNK
-        s.recv(1)
-        times.append(time.perf_counter() - t)
-    s.close()
-    p.join(30)
-    return size / statistics.median(times) / 1e9
+        assert self.sock.recv(1) == b"k"
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.join(30)
 
 
 # -- transports --------------------------------------------------------------------
@@ -98,7 +106,7 @@ def _receiver(kind, size, q_out, q_in):
     rx = make_receiver(kind, region, "127.0.0.1", 0)
     q_out.put(rx.endpoint)
     while True:
-        tid = q_in.get(timeout=300)
+        tid = q_in.get(timeout=600)
         if tid is None:
             break
         rx.expect(tid, [(0, size)], time.monotonic() + 120)
@@ -114,37 +122,64 @@ def _receiver(kind, size, q_out, q_in):
     rx.close()
 
 
-def transport(kind: str, size: int, repeat: int) -> float:
-    from braid.engine.transfer import make_sender
+class TransportPair:
+    """A braid sender and a receiver process for one transport; once() times one
+    request of `size` bytes sent as a prefill rank sends it (8 layers of 1 MiB pieces)."""
 
-    ctx = mp.get_context("spawn")
-    q_out, q_in = ctx.Queue(), ctx.Queue()
-    p = ctx.Process(target=_receiver, args=(kind, size, q_out, q_in), daemon=True)
-    p.start()
-    endpoint = q_out.get(timeout=120)
-    region = torch.randint(0, 255, (size,), dtype=torch.uint8)
-    tx = make_sender(kind, region)
-    layers = _pieces(size)
-    times = []
+    def __init__(self, kind: str, size: int):
+        from braid.engine.transfer import make_sender
+
+        ctx = mp.get_context("spawn")
+        self.size = size
+        self.q_out, self.q_in = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_receiver, args=(kind, size, self.q_out, self.q_in), daemon=True)
+        self.proc.start()
+        self.endpoint = self.q_out.get(timeout=120)
+        self.tx = make_sender(kind, torch.randint(0, 255, (size,), dtype=torch.uint8))
+        self.layers = _pieces(size)
+        self.tid = 1000
+        self.once()  # warms up the connection
+
+    def once(self) -> float:
+        self.tid += 1
+        tid = self.tid
+        self.q_in.put(tid)
+        assert self.q_out.get(timeout=120) == ("ready", tid)
+        t = time.perf_counter()
+        for pieces in self.layers:
+            self.tx.send(tid, self.endpoint, pieces, time.monotonic() + 120)
+        self.tx.finish(tid, self.endpoint)
+        self.tx.wait(tid, 120)
+        _, _, ok, t_done = self.q_out.get(timeout=120)
+        assert ok
+        return max(time.perf_counter(), t_done) - t
+
+    def close(self) -> None:
+        self.q_in.put(None)
+        self.tx.close()
+        self.proc.join(60)
+
+
+def measure(size: int, kinds: list[str], repeat: int) -> dict[str, float]:
+    """GB/s of raw loopback and each transport at `size`: all of them set up at once
+    and timed in turn, round after round, so that they share the machine's load
+    (it is shared and its speed drifts); the median time of each."""
+    pairs: dict = {}
     try:
-        for i in range(repeat + 1):  # the first run warms up the connection
-            tid = 1000 + i
-            q_in.put(tid)
-            assert q_out.get(timeout=120) == ("ready", tid)
-            t = time.perf_counter()
-            for pieces in layers:
-                tx.send(tid, endpoint, pieces, time.monotonic() + 120)
-            tx.finish(tid, endpoint)
-            tx.wait(tid, 120)
-            _, _, ok, t_done = q_out.get(timeout=120)
-            assert ok
-            if i:
-                times.append(max(time.perf_counter(), t_done) - t)
+        pairs["raw"] = RawLoopback(size)
+        for k in kinds:
+            try:
+                pairs[k] = TransportPair(k, size)
+            except Exception as e:  # noqa: BLE001 - a transport that cannot run here is reported, not fatal
+                print(f"  {k}: failed at {size >> 20} MB: {type(e).__name__}: {e}", flush=True)
+        times: dict[str, list[float]] = {k: [] for k in pairs}
+        for _ in range(repeat):
+            for k, pair in pairs.items():
+                times[k].append(pair.once())
     finally:
-        q_in.put(None)
-        tx.close()
-        p.join(60)
-    return size / statistics.median(times) / 1e9
+        for pair in pairs.values():
+            pair.close()
+    return {k: size / statistics.median(ts) / 1e9 for k, ts in times.items()}
 
 
 def mooncake_available() -> str | None:
@@ -194,7 +229,7 @@ def overlap(tokens: int, rate_gbps: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 256, 1024])
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--overlap-tokens", type=int, default=16384)
     ap.add_argument("--transports", nargs="+", default=["tcp", "collective", "mooncake"])
     args = ap.parse_args()
@@ -205,15 +240,11 @@ def main() -> None:
         kinds.remove("mooncake")
     rows, ratios = [], {}
     for mb in args.sizes_mb:
-        size = mb << 20
-        raw = raw_loopback(size, args.repeat)
+        rates = measure(mb << 20, kinds, args.repeat)
+        raw = rates["raw"]
         row = [mb, raw]
         for k in kinds:
-            try:
-                gbps = transport(k, size, args.repeat)
-            except Exception as e:  # noqa: BLE001 - a transport that cannot run here is reported, not fatal
-                print(f"  {k}: failed at {mb} MB: {type(e).__name__}: {e}", flush=True)
-                gbps = float("nan")
+            gbps = rates.get(k, float("nan"))
             row += [gbps, gbps / raw]
             ratios.setdefault(k, []).append(gbps / raw)
         rows.append(row)
