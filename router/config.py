@@ -105,6 +105,10 @@ class RouterConfig:
     """Lease on decode-side blocks reserved for a prefill's KV."""
     prefill_retries: int = 1
     """Retries of a failed prefill on another prefill node, within the request's deadline."""
+    capacity_wait_s: float = 30.0
+    """When every decode node says it has no room for a request's KV, how long the
+    request waits (holding its admission slot, asking again with backoff) before it
+    fails with RESOURCE_EXHAUSTED; always within its deadline. 0 = fail at once."""
     local_prefill_max_tokens: int = 0
     """Prompts this short (in tokens) are prefilled on the decode node itself; 0 = never."""
     load_poll_s: float = 0.5
@@ -258,7 +262,7 @@ def validate(cfg: ClusterConfig) -> ClusterConfig:
             raise ConfigError(f"router.{name}: unknown policy {getattr(r, name)!r} (choose from {', '.join(POLICIES)})")
     for name in ("max_inflight", "request_timeout_s", "reserve_lease_s", "load_poll_s", "node_rpc_timeout_s"):
         _positive(f"router.{name}", getattr(r, name))
-    for name in ("max_queued", "prefill_retries", "local_prefill_max_tokens"):
+    for name in ("max_queued", "prefill_retries", "local_prefill_max_tokens", "capacity_wait_s"):
         _positive(f"router.{name}", getattr(r, name), allow_zero=True)
     for role in ("prefill", "decode"):
         n = cfg.node(role)

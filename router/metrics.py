@@ -56,6 +56,7 @@ class RouterMetrics:
         self.inflight = Gauge(f"{PREFIX}_inflight_requests", "Requests holding an admission slot", registry=r)
         self.queued = Gauge(f"{PREFIX}_queued_requests", "Requests waiting for an admission slot", registry=r)
         self.prefill_retries = Counter(f"{PREFIX}_prefill_retries", "Prefill attempts beyond the first", registry=r)
+        self.capacity_waits = Counter(f"{PREFIX}_capacity_waits", "Waits for a decode node with room for the KV", registry=r)
         self.prefill_failures = Counter(f"{PREFIX}_prefill_failures", "Failed prefill attempts by status", ["code"], registry=r)
         self.local_prefill = Counter(f"{PREFIX}_local_prefill", "Requests prefilled on their decode node", registry=r)
         self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Tokens streamed to clients", registry=r)

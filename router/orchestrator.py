@@ -20,7 +20,13 @@
         eligible and the attempt's P is only avoided); ATTEMPT n+1 starts on a
         fresh reservation, up to 1 + prefill_retries attempts within the
         deadline. Then UNAVAILABLE (RESOURCE_EXHAUSTED when every node said it
-        was full) naming each failure. When every prefill node has failed the
+        was full) naming each failure.
+    NO ROOM: D refusing a reservation with RESOURCE_EXHAUSTED (no free KV
+        blocks now) is not a failed attempt: nothing was created on D (no Abort
+        is sent) and the next attempt tries another D. When every D the prompt
+        fits has refused, the request waits, holding its admission slot, and asks
+        again with backoff (50 ms doubling to 1 s) for at most capacity_wait_s
+        within its deadline; then RESOURCE_EXHAUSTED naming the nodes. When every prefill node has failed the
         request it fails: no silent recompute on D. INVALID_ARGUMENT from a node
         goes to the client as is, never retried.
     STREAMING: each DecodeResponse becomes a GenerateResponse (prompt_tokens on
@@ -104,6 +110,41 @@ class _AttemptFailed(Exception):
         self.failure = failure
         self.exclude = exclude
         """Exclude the node from later attempts (else only prefer others)."""
+
+
+class _NoRoom(Exception):
+    """Every decode node the prompt fits has said it has no room for the KV."""
+
+
+def _no_room(failure: _Failure) -> bool:
+    """D refused a reservation for lack of KV blocks: nothing was created there, and
+    it says nothing about the prefill node or D's health."""
+    return failure.call == "Reserve" and failure.code == Code.RESOURCE_EXHAUSTED
+
+
+class _CapacityWait:
+    """Bounded waiting for decode capacity: backoff from INITIAL_S to MAX_S, for at
+    most `budget_s` from the first wait and never past the request's deadline."""
+
+    INITIAL_S = 0.05
+    MAX_S = 1.0
+
+    def __init__(self, budget_s: float, deadline: Deadline):
+        self.budget_s = budget_s
+        self.deadline = deadline
+        self.until: float | None = None
+        self.delay = self.INITIAL_S
+
+    async def wait(self) -> bool:
+        """Sleep before asking again; False when the budget or the deadline is spent."""
+        now = time.monotonic()
+        if self.until is None:
+            self.until = min(now + self.budget_s, self.deadline.at)
+        if now >= self.until:
+            return False
+        await asyncio.sleep(min(self.delay, self.until - now))
+        self.delay = min(2 * self.delay, self.MAX_S)
+        return True
 
 
 class Deadline:
@@ -299,43 +340,62 @@ class Orchestrator:
     # -- attempts ----------------------------------------------------------------
 
     async def _run(self, req: _Request, context) -> None:
-        failures: list[_Failure] = []
+        failures: list[_Failure] = []  # failed attempts: at most 1 + prefill_retries
+        full: dict[str, _Failure] = {}  # decode nodes that had no room for the KV, since the last wait
         bad = {common_pb2.ROLE_PREFILL: set(), common_pb2.ROLE_DECODE: set()}
         avoid: set[str] = set()
         attempt: _Attempt | None = None
+        room = _CapacityWait(self.config.capacity_wait_s, req.deadline)
+        number, retrying = 0, False
         try:
-            for number in range(1, 2 + self.config.prefill_retries):
-                decode, prefill = self._pick(req, bad, avoid, failures)
+            while True:
+                try:
+                    decode, prefill = self._pick(req, bad, avoid, failures, full)
+                except _NoRoom:
+                    if not await room.wait():
+                        raise self._exhausted(failures + list(full.values())) from None
+                    self.metrics.capacity_waits.inc()
+                    full.clear()
+                    continue
+                number += 1
                 if number == 1:
                     self.metrics.overhead.observe(time.monotonic() - req.arrived_s - req.queue_s)
-                else:
+                if retrying:
                     self.metrics.prefill_retries.inc()
+                    retrying = False
                 node_rid = req.request_id if number == 1 else f"{req.request_id}-a{number}"
                 attempt = _Attempt(number, node_rid, decode, prefill)
                 try:
                     await self._start(attempt, req)
                     break
                 except _AttemptFailed as f:
-                    failures.append(f.failure)
-                    self.metrics.prefill_failures.labels(f.failure.code.name).inc()
-                    log.warning("router: request %s attempt %d failed: %s", req.request_id, number, f.failure)
                     self._release(attempt, f"attempt failed: {f.failure}", failed=f.failure)
-                    if f.exclude:
-                        bad[f.failure.node.info.role].add(f.failure.node.node_id)
-                    elif prefill is not None:
-                        avoid.add(prefill.node_id)
+                    if _no_room(f.failure):  # not a failure of the prefill: wait or try another D
+                        log.info("router: request %s: %s", req.request_id, f.failure)
+                        full[f.failure.node.node_id] = f.failure
+                    else:
+                        failures.append(f.failure)
+                        self.metrics.prefill_failures.labels(f.failure.code.name).inc()
+                        log.warning("router: request %s attempt %d failed: %s", req.request_id, number, f.failure)
+                        if f.exclude:
+                            bad[f.failure.node.info.role].add(f.failure.node.node_id)
+                        elif prefill is not None:
+                            avoid.add(prefill.node_id)
+                        if len(failures) > self.config.prefill_retries:
+                            raise self._exhausted(failures) from None
+                        retrying = True
                     if req.deadline.expired():
                         raise RequestError(Code.DEADLINE_EXCEEDED, f"deadline passed after {number} attempt(s); last: {f.failure}") from None
-            else:
-                raise self._exhausted(failures)
             await self._stream(attempt, req, context)
         except BaseException as e:
             if attempt is not None and not attempt.closed:
                 self._release(attempt, _reason(e))
             raise
 
-    def _pick(self, req: _Request, bad: dict, avoid: set[str], failures: list[_Failure]) -> tuple[NodeEntry, NodeEntry | None]:
-        """Choose D, and P (None = local prefill), skipping nodes that failed this request."""
+    def _pick(self, req: _Request, bad: dict, avoid: set[str], failures: list[_Failure],
+              full: dict[str, _Failure]) -> tuple[NodeEntry, NodeEntry | None]:
+        """Choose D, and P (None = local prefill), skipping nodes that failed this
+        request; _NoRoom when every D the prompt fits said it has no room."""
         decodes = self.view.reachable(common_pb2.ROLE_DECODE, exclude=bad[common_pb2.ROLE_DECODE])
         if not decodes:
             if failures:
@@ -347,6 +407,9 @@ class Orchestrator:
         if not fits:
             limit = max(e.max_model_len for e in decodes)
             raise RequestError(Code.INVALID_ARGUMENT, f"prompt has {n} tokens, more than max_model_len {limit}")
+        fits = [e for e in fits if e.node_id not in full]
+        if not fits:
+            raise _NoRoom()
         decode = self._choose(self.decode_policy, fits, req.route)
         if n <= self.config.local_prefill_max_tokens:
             return decode, None
@@ -554,8 +617,9 @@ class Orchestrator:
             attempt.prefill_call.cancel()
             task.cancel()
 
-        def down(node: NodeEntry) -> bool:  # it said UNAVAILABLE itself: nobody to abort there
-            return failed is not None and failed.node is node and failed.code == Code.UNAVAILABLE
+        def down(node: NodeEntry) -> bool:
+            # it said UNAVAILABLE itself, or refused the reservation: nothing to abort there
+            return failed is not None and failed.node is node and (failed.code == Code.UNAVAILABLE or _no_room(failed))
 
         targets = []
         if attempt.decode_called and not down(attempt.decode):

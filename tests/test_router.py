@@ -99,6 +99,13 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
         self.die_after: int | None = None
         """Die (UNAVAILABLE on everything) after streaming this many tokens."""
         self.dead = False
+        self.room: int | None = None
+        """Requests (reserved or streaming) it holds at most; Reserve beyond that
+        answers RESOURCE_EXHAUSTED, as a node with no free KV blocks does."""
+        self.peak = 0
+
+    def held(self) -> int:
+        return len(self.reservations) + len(self.streams)
 
     async def _alive(self, context):
         if self.dead:
@@ -113,6 +120,8 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
         if rid in self.reservations:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{rid} already reserved")
+        if self.room is not None and self.held() >= self.room:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"need 4 KV blocks, 0 free on {self.node_id}")
         loop = asyncio.get_running_loop()
         kv = loop.create_future()
         kv.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
@@ -122,6 +131,7 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
             kv=kv,
             lease=loop.call_later(request.lease_s, self._fail_kv, rid, "lease expired"),
         )
+        self.peak = max(self.peak, self.held())
         return nodes_pb2.ReserveResponse(
             destination=common_pb2.KVDestination(
                 decode_node_id=self.node_id, block_ids=list(range(BLOCKS_PER_RESERVATION)), transfer_id=hash(rid) & 0xFFFF,
@@ -661,6 +671,67 @@ def test_router_deadline_applies_when_the_client_sets_none():
         await eventually(lambda: c.stranded() == {}, what="reservation freed")
 
     run(body, request_timeout_s=0.5)
+
+
+# ---------------------------------------------------------------- decode capacity
+
+
+@pytest.mark.timeout(60)
+def test_requests_wait_for_decode_room_instead_of_failing():
+    """One decode node with room for one request at a time, six concurrent requests:
+    each waits until the node has room, none fails or counts as a prefill retry,
+    and nothing is aborted (a refused reservation leaves nothing to free)."""
+    async def body(c: Cluster):
+        d = c.decoders["d0"]
+        d.room, d.token_delay = 1, 0.01
+        prompts = [[i + 1] + PROMPT for i in range(6)]
+        outs = await asyncio.gather(*(c.client.complete(p, max_tokens=5, temperature=0) for p in prompts))
+        assert [o.token_ids for o in outs] == [tuple(expected(p, 5)) for p in prompts]
+        assert d.peak == 1
+        assert len(c.events("reserve")) > 6  # some were refused and asked again
+        assert c.events("abort") == []
+        assert c.stranded() == {}
+        assert await c.metric("braid_router_capacity_waits_total") >= 1.0
+        assert await c.metric("braid_router_prefill_retries_total") == 0.0
+        assert await c.metric('braid_router_requests_total{code="OK"}') == 6.0
+
+    run(body, n_decode=1)
+
+
+@pytest.mark.timeout(60)
+def test_a_full_decode_node_is_passed_over_for_one_with_room():
+    async def body(c: Cluster):
+        c.decoders["d0"].room = 0
+        for _ in range(3):
+            out = await c.client.complete(PROMPT, max_tokens=3, temperature=0)
+            assert out.token_ids == tuple(expected(PROMPT, 3)) and out.timings.decode_node == "d1"
+        assert await c.metric("braid_router_capacity_waits_total") == 0.0
+        assert c.events("abort") == [] and c.stranded() == {}
+
+    run(body)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("wait_s", [0.0, 0.6])
+def test_no_decode_room_within_capacity_wait_is_resource_exhausted(wait_s):
+    async def body(c: Cluster):
+        for d in c.decoders.values():
+            d.room = 0
+        t0 = time.monotonic()
+        with pytest.raises(ResourceExhausted) as err:
+            await c.client.complete(PROMPT, max_tokens=3, timeout=10)
+        took = time.monotonic() - t0
+        assert wait_s <= took < wait_s + 5
+        assert "d0" in err.value.details and "d1" in err.value.details and "full" in err.value.details
+        assert c.events("prefill") == [] and c.events("abort") == []
+        assert await c.metric('braid_router_requests_total{code="RESOURCE_EXHAUSTED"}') == 1.0
+        # room again: the next request is served
+        c.decoders["d1"].room = None
+        out = await c.client.complete(PROMPT, max_tokens=3, temperature=0)
+        assert out.token_ids == tuple(expected(PROMPT, 3))
+        assert c.stranded() == {}
+
+    run(body, capacity_wait_s=wait_s)
 
 
 # ---------------------------------------------------------------- admission and bad input
