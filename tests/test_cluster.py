@@ -152,3 +152,25 @@ def test_deepseek_v2_through_the_cluster(checkpoints, tmp_path):
             _eventually(lambda: _all_free(cl), 5, "all KV blocks free")
     finally:
         c.close()
+
+
+def test_requests_wait_for_decode_kv_room(checkpoints, tmp_path):
+    """A decode node whose KV pool holds one of these requests at a time (16 blocks of
+    4 tokens x dcp 2 = 128 tokens; each request needs 13 blocks for its 100-token
+    prompt and 14 by its end): three sent at once are served one after another, the
+    router holding each until the node has room, every output still exact."""
+    c = Cluster(str(tmp_path), checkpoints.get(NAME))
+    try:
+        p = c.spawn("prefill")
+        d = c.spawn("decode", sets=["decode.engine.num_kv_blocks=16"])
+        router = c.spawn("router")
+        with Client(router.address, timeout=120) as cl:
+            c.wait_nodes(cl, {"prefill": {p.node_id}, "decode": {d.node_id}})
+            prompts = [prompt_of(100, seed=500 + i) for i in range(3)]
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                results = list(pool.map(lambda pr: cl.complete(pr, max_tokens=8, temperature=0, ignore_eos=True), prompts))
+            for pr, r in zip(prompts, results):
+                assert list(r.token_ids) == checkpoints.greedy(NAME, pr, 8)
+            _eventually(lambda: _all_free(cl), 5, "all KV blocks free")
+    finally:
+        c.close()
