@@ -108,30 +108,32 @@ def test_decode_node_killed_mid_stream(cluster, checkpoints):
     router = cluster.spawn("router")
     with Client(router.address, timeout=60) as c:
         cluster.wait_nodes(c, {"prefill": {p.node_id}, "decode": {d1.node_id, d2.node_id}})
-        outcome = {}
+        outcome, streamed = {}, {0: 0, 1: 0}
+        n_tokens = 600  # still streaming long after the kill: seconds of decode on this box
 
         def long_request(i):
             try:
-                stream = c.generate(prompt_of(20, seed=i), max_tokens=2000, temperature=0, ignore_eos=True)  # under max_model_len 2048
-                n = 0
+                stream = c.generate(prompt_of(20, seed=i), max_tokens=n_tokens, temperature=0, ignore_eos=True, timeout=300)
                 for chunk in stream:
-                    n += len(chunk.token_ids)
-                outcome[i] = ("done", n)
+                    streamed[i] += len(chunk.token_ids)
+                outcome[i] = ("done", streamed[i])
             except Exception as e:  # noqa: BLE001
                 outcome[i] = ("error", e, time.monotonic())
 
         threads = [threading.Thread(target=long_request, args=(i,)) for i in range(2)]  # one per decode node
         for t in threads:
             t.start()
-        time.sleep(3.0)
+        # kill once both streams are under way (not after a fixed sleep: this box may be slow)
+        _eventually(lambda: min(streamed.values()) >= 5 or len(outcome) == 2, 120, "both streams started")
+        assert not outcome, f"a stream ended before the kill: {outcome}"
         killed_at = time.monotonic()
         d2.kill()
         for t in threads:
-            t.join(timeout=120)
+            t.join(timeout=300)
         errors = [o for o in outcome.values() if o[0] == "error"]
-        assert len(errors) == 1 and isinstance(errors[0][1], Unavailable)
+        assert len(errors) == 1 and isinstance(errors[0][1], Unavailable), outcome
         assert errors[0][2] - killed_at < 10  # no hang
-        assert [o for o in outcome.values() if o[0] == "done"][0][1] == 2000
+        assert [o for o in outcome.values() if o[0] == "done"][0][1] == n_tokens
         # later requests succeed on the remaining decode node
         for i in range(3):
             pr = prompt_of(9 + i, seed=30 + i)
