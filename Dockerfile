@@ -36,14 +36,17 @@ RUN if [ -n "${APT_PACKAGES}" ]; then \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client ./client
+COPY cluster ./cluster
 COPY decode_node ./decode_node
 COPY discovery ./discovery
 COPY engine ./engine
 COPY kernels ./kernels
 COPY kv_transfer ./kv_transfer
+COPY node ./node
 COPY prefill_node ./prefill_node
 COPY proto ./proto
 COPY router ./router
+COPY tokenizer ./tokenizer
 RUN python3 -m pip install ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} ".${EXTRAS:+[${EXTRAS}]}" \
     && cd / && rm -rf /src
 

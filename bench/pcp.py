@@ -56,7 +56,7 @@ def breakdown(model: str, length: int) -> list[list]:
     from braid.engine.loader import load_weights
     from braid.engine.models import build_model
     from braid.engine.pcp import split_prefill
-    from braid.engine.topology import ParallelState
+    from braid.engine.parallel_state import ParallelState
     from braid.kernels import ops
     from braid.kernels.reference import VarlenRows
 

@@ -12,13 +12,8 @@ from braid.client.client import (
     DEFAULT_UNARY_TIMEOUT_S,
     AsyncClient,
     AsyncGenerateStream,
-    Chunk,
     Client,
-    Completion,
     GenerateStream,
-    Load,
-    NodeStatus,
-    Timings,
 )
 from braid.client.errors import (
     ERROR_CLASSES,
@@ -43,6 +38,7 @@ from braid.client.errors import (
     error_from_rpc,
 )
 from braid.client.sampling import build_sampling, check_sampling, sampling_kwargs, validate_sampling
+from braid.client.types import Chunk, Completion, Load, NodeStatus, Timings
 
 __all__ = [
     "DEFAULT_GENERATE_TIMEOUT_S",

@@ -16,18 +16,29 @@ A request's life as the client sees it:
 4. `close()` / `aclose()`, leaving a `with` block, or dropping the stream cancels
    the RPC; the router then aborts the request on its nodes. `cancel()` cancels
    too, and a reader still waiting on the stream gets `Cancelled`.
+
+The records the stream and `list_nodes()` yield are in `braid.client.types`.
 """
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
 
 import grpc
 
 from braid.client.errors import Cancelled, Internal, InvalidArgument, error_from_rpc
 from braid.client.sampling import build_sampling
-from braid.proto import common_pb2, router_pb2, router_pb2_grpc
+from braid.client.types import (  # re-exported: these names were always importable from here
+    Assembler,
+    Chunk,
+    Completion,
+    Load,
+    NodeStatus,
+    Timings,
+    chunk_from_proto,
+    node_from_proto,
+)
+from braid.proto import router_pb2, router_pb2_grpc
 
 DEFAULT_GENERATE_TIMEOUT_S = 600.0
 """Deadline of a Generate call when neither the call nor the client names one."""
@@ -35,98 +46,6 @@ DEFAULT_UNARY_TIMEOUT_S = 30.0
 """Deadline of a unary call (ListNodes) when neither the call nor the client names one."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Send and receive limit per message; a 1M-token prompt is about 5 MiB."""
-
-_FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-}
-_ROLES = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode"}
-
-
-# ---------------------------------------------------------------- value types
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where a request's time went, in seconds (mirrors `braid.v1.Timings`)."""
-
-    queue_s: float = 0.0
-    prefill_s: float = 0.0
-    transfer_s: float = 0.0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-    kv_bytes: int = 0
-    prefill_node: str = ""
-    decode_node: str = ""
-    local_prefill: bool = False
-    prefill_attempts: int = 0
-
-    @classmethod
-    def from_proto(cls, pb: common_pb2.Timings) -> Timings:
-        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One streamed piece of a generation."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    """New tokens in this chunk."""
-    text: str
-    """Text delta for these tokens."""
-    finished: bool
-    finish_reason: str | None
-    """"stop", "length" or "abort" on the last chunk, else None."""
-    timings: Timings | None
-    """On the last chunk."""
-    prompt_tokens: int | None
-    """On the first chunk."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole generation, as `complete()` returns it."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None
-    timings: Timings | None
-    prompt_tokens: int | None
-
-
-@dataclass(frozen=True)
-class Load:
-    """A node's reported load (mirrors `braid.v1.Load`)."""
-
-    queued_prefill_tokens: int = 0
-    free_kv_blocks: int = 0
-    total_kv_blocks: int = 0
-    running_seqs: int = 0
-    waiting_seqs: int = 0
-    reserved_blocks: int = 0
-
-    @classmethod
-    def from_proto(cls, pb: common_pb2.Load) -> Load:
-        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """One node as the router sees it."""
-
-    node_id: str
-    role: str
-    """"prefill", "decode" or "unspecified"."""
-    address: str
-    model_id: str
-    reachable: bool
-    load: Load
-    info: common_pb2.NodeInfo
-    """The full registration (layout, capacity, transport, ...)."""
 
 
 # ---------------------------------------------------------------- encoding
@@ -155,62 +74,6 @@ def build_request(
     except (ValueError, TypeError) as e:
         raise InvalidArgument(str(e)) from None
     return req
-
-
-def chunk_from_proto(resp: router_pb2.GenerateResponse) -> Chunk:
-    """Decode one GenerateResponse."""
-    return Chunk(
-        request_id=resp.request_id,
-        token_ids=tuple(resp.token_ids),
-        text=resp.text,
-        finished=resp.finished,
-        finish_reason=_FINISH_REASONS.get(resp.finish_reason),
-        timings=Timings.from_proto(resp.timings) if resp.HasField("timings") else None,
-        prompt_tokens=resp.prompt_tokens or None,
-    )
-
-
-def node_from_proto(pb: router_pb2.NodeStatus) -> NodeStatus:
-    """Decode one NodeStatus."""
-    return NodeStatus(
-        node_id=pb.info.node_id,
-        role=_ROLES.get(pb.info.role, "unspecified"),
-        address=pb.info.address,
-        model_id=pb.info.model_id,
-        reachable=pb.reachable,
-        load=Load.from_proto(pb.load),
-        info=pb.info,
-    )
-
-
-class _Assembler:
-    """Folds chunks into a Completion."""
-
-    def __init__(self):
-        self.request_id = ""
-        self.token_ids: list[int] = []
-        self.text: list[str] = []
-        self.last: Chunk | None = None
-        self.prompt_tokens: int | None = None
-
-    def add(self, chunk: Chunk) -> None:
-        self.request_id = self.request_id or chunk.request_id
-        self.token_ids.extend(chunk.token_ids)
-        self.text.append(chunk.text)
-        if self.prompt_tokens is None:
-            self.prompt_tokens = chunk.prompt_tokens
-        self.last = chunk
-
-    def result(self) -> Completion:
-        last = self.last
-        return Completion(
-            request_id=self.request_id,
-            token_ids=tuple(self.token_ids),
-            text="".join(self.text),
-            finish_reason=last.finish_reason if last else None,
-            timings=last.timings if last else None,
-            prompt_tokens=self.prompt_tokens,
-        )
 
 
 def _channel_options(max_message_bytes: int, options: Iterable[tuple[str, object]]) -> list:
@@ -358,7 +221,7 @@ class Client(_RouterClient):
 
     def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         """Generate and wait for the whole result (same arguments as generate)."""
-        acc = _Assembler()
+        acc = Assembler()
         with self.generate(prompt, **kwargs) as stream:
             for chunk in stream:
                 acc.add(chunk)
@@ -471,7 +334,7 @@ class AsyncClient(_RouterClient):
 
     async def complete(self, prompt: str | Sequence[int], **kwargs) -> Completion:
         """Generate and wait for the whole result (same arguments as generate)."""
-        acc = _Assembler()
+        acc = Assembler()
         async with self.generate(prompt, **kwargs) as stream:
             async for chunk in stream:
                 acc.add(chunk)
@@ -507,4 +370,6 @@ __all__ = [
     "NodeStatus",
     "Timings",
     "build_request",
+    "chunk_from_proto",
+    "node_from_proto",
 ]

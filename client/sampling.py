@@ -10,16 +10,19 @@ Three steps, kept apart so each side uses what it needs:
   `ValueError` with the reason; the router and the nodes call it on every request.
 - `validate_sampling(...)` is both: keyword arguments in, a checked message out.
 
-The rules mirror `braid.engine.SamplingParams`: max_tokens >= 1, temperature a
-finite number >= 0 (0 = greedy), top_k -1, 0 (off) or positive, top_p in (0, 1]
-(an optional field: unset means 1.0, an explicit 0 is refused).
+`check_sampling` and `sampling_kwargs` live in `braid.proto.sampling_rules` (so the
+nodes need not import the client SDK) and are re-exported here. The rules are
+`check_sampling_values` there, the one copy that `braid.engine.SamplingParams`
+applies too: max_tokens >= 1, temperature a finite number >= 0 (0 = greedy),
+top_k -1, 0 (off) or positive, top_p in (0, 1] (an optional field: unset means
+1.0, an explicit 0 is refused).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from braid.proto import common_pb2
+from braid.proto.sampling_rules import check_sampling, sampling_kwargs  # re-exported: part of this API
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -67,18 +70,6 @@ def build_sampling(
     return pb
 
 
-def check_sampling(pb: common_pb2.SamplingParams) -> None:
-    """Raise ValueError with the reason when a received SamplingParams is not acceptable."""
-    if pb.max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {pb.max_tokens}")
-    if not (math.isfinite(pb.temperature) and pb.temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {pb.temperature!r}")
-    if pb.top_k < -1:
-        raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {pb.top_k}")
-    if pb.HasField("top_p") and not 0 < pb.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {pb.top_p!r}")
-
-
 def validate_sampling(**kwargs) -> common_pb2.SamplingParams:
     """Keyword arguments of `build_sampling` in, a checked SamplingParams out (ValueError otherwise)."""
     pb = build_sampling(**kwargs)
@@ -86,15 +77,4 @@ def validate_sampling(**kwargs) -> common_pb2.SamplingParams:
     return pb
 
 
-def sampling_kwargs(pb: common_pb2.SamplingParams) -> dict:
-    """A checked SamplingParams as plain keyword arguments, wire defaults resolved
-    (unset top_p -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
-    return dict(
-        max_tokens=int(pb.max_tokens),
-        temperature=float(pb.temperature),
-        top_k=int(pb.top_k),
-        top_p=float(pb.top_p) if pb.HasField("top_p") else 1.0,
-        seed=int(pb.seed) if pb.HasField("seed") else None,
-        stop_token_ids=tuple(int(t) for t in pb.stop_token_ids),
-        ignore_eos=bool(pb.ignore_eos),
-    )
+__all__ = ["build_sampling", "check_sampling", "sampling_kwargs", "validate_sampling"]

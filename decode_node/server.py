@@ -17,17 +17,13 @@ import time
 
 import grpc
 
-from braid.engine.rpc_errors import sampling_from, status_for
-from braid.engine.serving import NodeRuntime
+from braid.node.errors import sampling_from, status_for
+from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
+from braid.proto.names import FINISH_REASONS_BY_NAME
 
 log = logging.getLogger(__name__)
 
-FINISH = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "length": common_pb2.FINISH_REASON_LENGTH,
-    "abort": common_pb2.FINISH_REASON_ABORT,
-}
 SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
 
 
@@ -104,7 +100,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                 finished = ev.finished
                 msg = nodes_pb2.DecodeResponse(token_ids=tokens, finished=finished)
                 if finished:
-                    msg.finish_reason = FINISH.get(ev.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+                    msg.finish_reason = FINISH_REASONS_BY_NAME.get(ev.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED)
                 if first:
                     msg.kv_ready_s = time.monotonic() - started
                     first = False
@@ -146,13 +142,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
         self._reaper.cancel()
 
 
-async def start_decode_node(cluster, model_path: str, etcd_endpoint: str | None = None) -> tuple[NodeRuntime, DecodeServicer]:
-    rt = NodeRuntime("decode", cluster, model_path=model_path, etcd_endpoint=etcd_endpoint)
-    holder = {}
-
-    def add(server):
-        holder["svc"] = DecodeServicer(rt)
-        nodes_pb2_grpc.add_DecodeNodeServicer_to_server(holder["svc"], server)
-
-    await rt.start(add, SERVICE)
-    return rt, holder["svc"]
+async def start_decode_node(node, model_path: str, discovery) -> tuple[NodeRuntime, DecodeServicer]:
+    """Start a decode node (a NodeConfig, the model, a DiscoveryConfig); returns its runtime and servicer."""
+    return await start_node("decode", node, model_path, discovery, DecodeServicer,
+                            nodes_pb2_grpc.add_DecodeNodeServicer_to_server, SERVICE)

@@ -16,13 +16,15 @@ from braid.discovery.base import (
     role_name,
     validate_node_info,
 )
+from braid.discovery.keys import node_key, nodes_prefix, parse_node_key
 from braid.discovery.static import StaticMembership, StaticRegistration
 
-_ETCD_NAMES = ("EtcdRegistration", "EtcdMembership", "node_key", "nodes_prefix", "parse_node_key")
+_ETCD_NAMES = ("EtcdRegistration", "EtcdMembership")
 
 __all__ = [
     "ROLE_NAMES", "DiscoveryConfig", "DiscoveryError", "Membership", "NodeIdInUse", "Registration", "parse_role",
-    "role_name", "validate_node_info", "StaticMembership", "StaticRegistration", *_ETCD_NAMES,
+    "role_name", "validate_node_info", "StaticMembership", "StaticRegistration", "node_key", "nodes_prefix",
+    "parse_node_key", *_ETCD_NAMES,
 ]
 
 

@@ -28,16 +28,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, fields
 from typing import Callable, Iterable, Mapping
 
 from braid.proto import common_pb2
+from braid.proto.names import ROLE_NAMES, ROLES_BY_NAME  # re-exported: discovery's role names
 
 log = logging.getLogger(__name__)
-
-ROLE_NAMES: Mapping[int, str] = {common_pb2.ROLE_PREFILL: "prefill", common_pb2.ROLE_DECODE: "decode"}
-ROLES_BY_NAME: Mapping[str, int] = {name: role for role, name in ROLE_NAMES.items()}
 
 
 LOST_LEASE_GONE = "lease_gone"
@@ -82,6 +81,26 @@ async def stop_task(task: asyncio.Task | None, timeout: float) -> None:
         log.error("background task %s did not stop within %.1fs", task.get_name(), timeout)
     elif not task.cancelled() and task.exception() is not None:
         log.error("background task %s had failed: %r", task.get_name(), task.exception())
+
+
+class Backoff:
+    """Exponential delays from `initial` to `maximum`, jittered to 50-100%."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum = initial, maximum
+        self._n = 0
+
+    def next(self) -> float:
+        delay = min(self.maximum, self.initial * 2 ** min(self._n, 30))
+        self._n += 1
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self._n = 0
+
+    def log_level(self) -> int:
+        """WARNING for the first failure of a streak and every 10th after, DEBUG otherwise."""
+        return logging.WARNING if self._n % 10 == 1 else logging.DEBUG
 
 
 def parse_role(role: int | str) -> int:

@@ -34,6 +34,7 @@ Life of a membership view (EtcdMembership):
      `healthy`: a watch that stalled silently cannot keep the view stale longer.
 
 Every etcd call runs under a deadline (call_timeout_s); nothing is module-global.
+The key layout is in `braid.discovery.keys`; the retry timing in `base.Backoff`.
 """
 from __future__ import annotations
 
@@ -49,60 +50,20 @@ from braid.discovery.base import (
     LOST_CLOSED,
     LOST_LEASE_GONE,
     LOST_UNREACHABLE,
-    ROLES_BY_NAME,
+    Backoff,
     DiscoveryConfig,
     DiscoveryError,
     Membership,
     NodeIdInUse,
     Registration,
     bounded,
-    check_name,
-    role_name,
     stop_task,
 )
+from braid.discovery.keys import node_key, nodes_prefix, parse_node_key  # re-exported from here too
 from braid.proto import common_pb2
+from braid.proto.names import ROLE_NAMES
 
 log = logging.getLogger(__name__)
-
-
-def nodes_prefix(cluster: str) -> str:
-    check_name("cluster", cluster)
-    return f"/braid/{cluster}/nodes/"
-
-
-def node_key(cluster: str, role: int | str, node_id: str) -> str:
-    check_name("node_id", node_id)
-    return f"{nodes_prefix(cluster)}{role_name(role)}/{node_id}"
-
-
-def parse_node_key(prefix: str, key: str) -> tuple[int, str] | None:
-    """(role, node_id) of a key under `prefix`, or None if it is not a node key."""
-    if not key.startswith(prefix):
-        return None
-    parts = key[len(prefix):].split("/")
-    if len(parts) != 2 or parts[0] not in ROLES_BY_NAME or not parts[1]:
-        return None
-    return ROLES_BY_NAME[parts[0]], parts[1]
-
-
-class _Backoff:
-    """Exponential delays from `initial` to `maximum`, jittered to 50-100%."""
-
-    def __init__(self, initial: float, maximum: float):
-        self.initial, self.maximum = initial, maximum
-        self._n = 0
-
-    def next(self) -> float:
-        delay = min(self.maximum, self.initial * 2 ** min(self._n, 30))
-        self._n += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self._n = 0
-
-    def log_level(self) -> int:
-        """WARNING for the first failure of a streak and every 10th after, DEBUG otherwise."""
-        return logging.WARNING if self._n % 10 == 1 else logging.DEBUG
 
 
 def _new_client(config: DiscoveryConfig) -> aetcd.Client:
@@ -245,7 +206,7 @@ class EtcdRegistration(Registration):
 
     async def _run(self) -> None:
         cfg = self._config
-        backoff = _Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         while not self._closed:  # (and cancellation) ends it
             if not self._registered:
                 try:
@@ -319,7 +280,7 @@ class EtcdRegistration(Registration):
     async def _renew(self) -> None:
         """One renewal: returns once etcd confirmed the lease, or after marking it lost."""
         cfg = self._config
-        retry = _Backoff(cfg.backoff_initial_s, max(cfg.backoff_initial_s, min(cfg.backoff_max_s, self._lease_ttl / 3)))
+        retry = Backoff(cfg.backoff_initial_s, max(cfg.backoff_initial_s, min(cfg.backoff_max_s, self._lease_ttl / 3)))
         while True:
             sent = time.monotonic()
             remaining = self._expires - sent
@@ -403,7 +364,7 @@ class EtcdMembership(Membership):
 
     async def _run(self) -> None:
         cfg = self._config
-        backoff = _Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         while not self._closed:  # (and cancellation) ends it
             try:
                 await self._list_and_watch(backoff)
@@ -420,7 +381,7 @@ class EtcdMembership(Membership):
             self._client = None
             await asyncio.sleep(delay)
 
-    async def _list_and_watch(self, backoff: _Backoff) -> None:
+    async def _list_and_watch(self, backoff: Backoff) -> None:
         """List, watch from the next revision, apply events until resync time (returns)
         or a failure (raises)."""
         cfg = self._config
@@ -474,7 +435,7 @@ class EtcdMembership(Membership):
             return None
         if info.node_id != node_id or info.role != role:
             log.warning("ignoring %r: its NodeInfo says node %r role %s", key, info.node_id,
-                        common_pb2.Role.Name(info.role) if info.role in common_pb2.Role.values() else info.role)
+                        ROLE_NAMES.get(info.role, info.role))
             return None
         return info
 

@@ -1,74 +1,200 @@
-"""Engine configuration: what the user asks for, validated and resolved once on
-rank 0 (before any other process starts), then shipped to the other ranks as JSON."""
+"""Engine configuration: one frozen dataclass per concern (parallel layout, KV
+cache, scheduler, KV transfer), composed into EngineConfig. The cluster config
+(braid.cluster.config) embeds these same classes, so every setting is defined
+once. Each class checks its own fields when built (ValueError starting with
+the field's name); `resolve` then checks what needs the model (head counts,
+cache capacity) on rank 0 before any other process starts, and fills in the
+derived defaults. The resolved config travels to the other ranks as JSON.
+
+Torch-free at import: the scheduler and the cluster config import it.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from braid.engine.kv_layout import ShardLayout
-from braid.engine.model_config import ModelConfig, load_model_config, parse_dtype
-from braid.engine.topology import Topology, validate_for_model
+from braid.engine.topology import Topology
 
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "npu")
+KV_ROLES = (None, "prefill", "decode", "both")
+TRANSPORTS = ("tcp", "collective", "mooncake")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_positive(obj, names: tuple[str, ...], *, optional: bool = False, zero_ok: bool = False) -> None:
+    """Each named field of `obj` a number > 0 (>= 0 with zero_ok; None allowed with optional)."""
+    for name in names:
+        v = getattr(obj, name)
+        if optional and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and not zero_ok):
+            raise ValueError(f"{name}: must be {'>= 0' if zero_ok else '> 0'}, got {v!r}")
+
+
+def check_choice(obj, name: str, choices: tuple, what: str) -> None:
+    v = getattr(obj, name)
+    if v not in choices:
+        shown = ", ".join("null" if c is None else str(c) for c in choices)
+        raise ValueError(f"{name}: unknown {what} {v!r} (choose from {shown})")
+
+
+def check_port(obj, name: str, *, allow_off: bool = False) -> None:
+    """A TCP port, 0 = pick a free one; -1 = off where allow_off."""
+    v, lo = getattr(obj, name), (-1 if allow_off else 0)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 65535:
+        raise ValueError(f"{name}: port {v!r} outside {lo}..65535")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    model_path: str
-    dtype: str = "float32"
-    """Weights and activations: float32, bfloat16 or float16."""
+class ParallelConfig:
+    """How one instance spreads over its ranks (world = tp * pcp processes)."""
+
+    tensor_parallel_size: int = 1
+    """Ranks that split heads and hidden dimensions."""
+    prefill_context_parallel_size: int = 1
+    """Ranks that split a prompt's tokens during prefill (PCP)."""
+    decode_context_parallel_size: int = 1
+    """TP ranks that shard the KV cache along tokens instead of holding copies (DCP); divides tp."""
     device: str = "cpu"
     """cpu, cuda or npu; the collective backend follows (gloo, nccl, hccl)."""
-    tensor_parallel_size: int = 1
-    prefill_context_parallel_size: int = 1
-    decode_context_parallel_size: int = 1
-    cp_kv_cache_interleave_size: int | None = None
-    """Tokens stored together on one KV shard; defaults to block_size (required for P/D transfer)."""
-    block_size: int = 16
-    """Tokens per physical KV block on each rank."""
-    num_kv_blocks: int | None = None
-    """Physical KV blocks per rank; None sizes the cache from kv_cache_bytes."""
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    """Per-rank KV memory when num_kv_blocks is None."""
-    max_model_len: int | None = None
-    """Longest sequence served; defaults to min(max_position_embeddings, KV capacity)."""
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    seed: int = 0
     threads_per_rank: int | None = None
     """torch intra-op threads in each rank process; None splits the host's cores."""
     collective_timeout_s: float = 120.0
     """Deadline for any collective and for the ranks to start."""
-    kv_role: str | None = None
-    """KV transfer role: None (colocated), "prefill" (sends KV), "decode" (receives), "both"."""
-    kv_transport: str = "tcp"
-    """tcp, collective or mooncake."""
-    kv_host: str = "127.0.0.1"
-    """Address decode ranks bind their KV receivers to."""
-    kv_port: int = 0
-    """First KV receiver port (rank r uses kv_port + r); 0 picks free ports."""
-    kv_advertise_host: str | None = None
-    """Host put in the receivers' endpoints (defaults to kv_host)."""
+
+    def __post_init__(self):
+        check_positive(self, ("tensor_parallel_size", "prefill_context_parallel_size", "decode_context_parallel_size",
+                              "collective_timeout_s"))
+        check_positive(self, ("threads_per_rank",), optional=True)
+        check_choice(self, "device", DEVICES, "device")
+        Topology(tp=self.tensor_parallel_size, pcp=self.prefill_context_parallel_size,
+                 dcp=self.decode_context_parallel_size)
 
     @property
     def topology(self) -> Topology:
-        return Topology(
-            tp=self.tensor_parallel_size,
-            pcp=self.prefill_context_parallel_size,
-            dcp=self.decode_context_parallel_size,
-        )
+        return Topology(tp=self.tensor_parallel_size, pcp=self.prefill_context_parallel_size,
+                        dcp=self.decode_context_parallel_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """The paged KV cache of each rank."""
+
+    block_size: int = 16
+    """Tokens per physical KV block on each rank; the same on every instance that exchanges KV."""
+    cp_kv_cache_interleave_size: int | None = None
+    """Tokens stored together on one KV shard; defaults to block_size (required for P/D transfer)."""
+    num_kv_blocks: int | None = None
+    """Physical KV blocks per rank; None sizes the cache from kv_cache_bytes."""
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    """Per-rank KV memory when num_kv_blocks is None."""
+
+    def __post_init__(self):
+        check_positive(self, ("block_size", "kv_cache_bytes"))
+        check_positive(self, ("num_kv_blocks", "cp_kv_cache_interleave_size"), optional=True)
+        ShardLayout(self.block_size, 1, self.cp_kv_cache_interleave_size)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output) served; None = min(max_position_embeddings, KV capacity)."""
+    max_num_seqs: int = 64
+    """Sequences in one batch at most."""
+    max_num_batched_tokens: int = 8192
+    """Prompt tokens in one prefill batch at most (a longer prompt runs alone)."""
+
+    def __post_init__(self):
+        check_positive(self, ("max_num_seqs", "max_num_batched_tokens"))
+        check_positive(self, ("max_model_len",), optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVTransferConfig:
+    """Moving KV between instances (the KV connector)."""
+
+    role: str | None = None
+    """None (colocated), "prefill" (sends KV), "decode" (receives) or "both"; a node sets it from its kind."""
+    transport: str = "tcp"
+    """tcp, collective (gloo/nccl/hccl) or mooncake (RDMA)."""
+    host: str = "127.0.0.1"
+    """Address decode ranks bind their KV receivers to; a node sets it from its host."""
+    port: int = 0
+    """First KV receiver port (rank r uses port + r); 0 picks free ports."""
+    advertise_host: str | None = None
+    """Host put in the receivers' endpoints (defaults to host); a node sets it."""
+    timeout_s: float = 60.0
+    """Deadline of one request's KV transfer on the prefill side."""
+
+    def __post_init__(self):
+        check_choice(self, "role", KV_ROLES, "KV role")
+        check_choice(self, "transport", TRANSPORTS, "transport")
+        check_port(self, "port")
+        check_positive(self, ("timeout_s",))
+
+
+SECTIONS = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+            "transfer": KVTransferConfig}
+_FLAT_ALIASES = {"kv_role": "role", "kv_transport": "transport", "kv_host": "host", "kv_port": "port",
+                 "kv_advertise_host": "advertise_host", "kv_timeout_s": "timeout_s"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Everything one engine instance needs."""
+
+    model_path: str
+    dtype: str = "float32"
+    """Weights, activations and KV cache: float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed of the sampler for requests without their own."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+
+    def __post_init__(self):
+        check_choice(self, "dtype", DTYPES, "dtype")
+        if self.transfer.role is not None and self.cache.cp_kv_cache_interleave_size not in (None, self.cache.block_size):
+            raise ValueError(
+                f"cache.cp_kv_cache_interleave_size: {self.cache.cp_kv_cache_interleave_size} must equal "
+                f"block_size {self.cache.block_size} when KV moves between instances (transfer.role={self.transfer.role})"
+            )
+
+    @classmethod
+    def build(cls, model_path: str, **flat) -> "EngineConfig":
+        """From flat keyword arguments (`tensor_parallel_size=2, block_size=16, kv_role="decode"`):
+        each name goes to the section that defines it."""
+        top = {k: flat.pop(k) for k in ("dtype", "seed") if k in flat}
+        parts: dict[str, dict] = {name: {} for name in SECTIONS}
+        for key, value in flat.items():
+            name = _FLAT_ALIASES.get(key, key)
+            section = next((s for s, c in SECTIONS.items() if name in {f.name for f in dataclasses.fields(c)}
+                            and (s == "transfer") == (key in _FLAT_ALIASES)), None)
+            if section is None:
+                raise TypeError(f"unknown engine setting {key!r}")
+            parts[section][name] = value
+        return cls(model_path=model_path, **top, **{s: SECTIONS[s](**kw) for s, kw in parts.items()})
+
+    @property
+    def topology(self) -> Topology:
+        return self.parallel.topology
 
     @property
     def layout(self) -> ShardLayout:
-        topo = self.topology
-        return ShardLayout(self.block_size, topo.cp_size, self.cp_kv_cache_interleave_size)
+        return ShardLayout(self.cache.block_size, self.topology.cp_size, self.cache.cp_kv_cache_interleave_size)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        from braid.engine.model_config import parse_dtype
+
         return parse_dtype(self.dtype)
 
     def to_json(self) -> str:
@@ -76,46 +202,35 @@ class EngineConfig:
 
     @staticmethod
     def from_json(text: str) -> "EngineConfig":
-        return EngineConfig(**json.loads(text))
+        data = json.loads(text)
+        return EngineConfig(**{k: SECTIONS[k](**v) if k in SECTIONS else v for k, v in data.items()})
 
 
-def local_kv_heads(model: ModelConfig, tp: int) -> int:
+def local_kv_heads(model, tp: int) -> int:
     return 1 if model.is_mla else max(1, model.num_kv_heads // tp)
 
 
-def kv_bytes_per_block(model: ModelConfig, cfg: EngineConfig) -> int:
+def kv_bytes_per_block(model, cfg: EngineConfig) -> int:
     """Bytes of one physical block, all layers, on one rank."""
-    item = torch.tensor([], dtype=cfg.torch_dtype).element_size()
-    heads = local_kv_heads(model, cfg.tensor_parallel_size)
-    return model.num_layers * model.cache_components * heads * cfg.block_size * model.cache_head_dim * item
+    heads = local_kv_heads(model, cfg.parallel.tensor_parallel_size)
+    return (model.num_layers * model.cache_components * heads * cfg.cache.block_size * model.cache_head_dim
+            * DTYPE_BYTES[cfg.dtype])
 
 
-def resolve(cfg: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
-    """Validate everything that can be checked without starting a rank and fill
-    in the derived defaults. Raises ValueError naming the setting to change."""
+def resolve(cfg: EngineConfig):
+    """Validate what needs the model and fill in the derived defaults; returns
+    (EngineConfig, ModelConfig). Raises ValueError naming the setting to change."""
+    from braid.engine.model_config import load_model_config
+    from braid.engine.topology import validate_for_model
+
     model = load_model_config(cfg.model_path)
-    parse_dtype(cfg.dtype)
-    if cfg.kv_role not in (None, "prefill", "decode", "both"):
-        raise ValueError(f"kv_role must be None, prefill, decode or both, got {cfg.kv_role!r}")
-    if cfg.kv_role is not None and cfg.kv_transport not in ("tcp", "collective", "mooncake"):
-        raise ValueError(f"kv_transport must be tcp, collective or mooncake, got {cfg.kv_transport!r}")
-    if cfg.kv_role is not None and cfg.cp_kv_cache_interleave_size not in (None, cfg.block_size):
-        raise ValueError(
-            f"cp_kv_cache_interleave_size {cfg.cp_kv_cache_interleave_size} must equal block_size {cfg.block_size} "
-            f"when KV moves between instances (kv_role={cfg.kv_role})"
-        )
-    if cfg.device not in ("cpu", "cuda", "npu"):
-        raise ValueError(f"device must be cpu, cuda or npu, got {cfg.device!r}")
-    topo = cfg.topology
-    validate_for_model(topo, model)
-    layout = cfg.layout  # validates block and interleave sizes
-    num_blocks = cfg.num_kv_blocks
+    validate_for_model(cfg.topology, model)
+    layout = cfg.layout
+    num_blocks = cfg.cache.num_kv_blocks
     if num_blocks is None:
-        num_blocks = max(1, cfg.kv_cache_bytes // kv_bytes_per_block(model, cfg))
-    if num_blocks < 1:
-        raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")
+        num_blocks = max(1, cfg.cache.kv_cache_bytes // kv_bytes_per_block(model, cfg))
     capacity = num_blocks * layout.virtual_block_size
-    max_len = cfg.max_model_len
+    max_len = cfg.scheduler.max_model_len
     if max_len is None:
         max_len = min(model.max_position_embeddings, capacity)
     elif max_len > capacity:
@@ -123,7 +238,10 @@ def resolve(cfg: EngineConfig) -> tuple[EngineConfig, ModelConfig]:
             f"max_model_len {max_len} exceeds the KV cache capacity of {capacity} tokens "
             f"({num_blocks} blocks x {layout.virtual_block_size} tokens); raise num_kv_blocks or lower max_model_len"
         )
-    if max_len < 1:
-        raise ValueError(f"max_model_len must be >= 1, got {max_len}")
-    threads = cfg.threads_per_rank or max(1, (os.cpu_count() or 1) // topo.world)
-    return dataclasses.replace(cfg, num_kv_blocks=num_blocks, max_model_len=max_len, threads_per_rank=threads), model
+    threads = cfg.parallel.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.topology.world)
+    return dataclasses.replace(
+        cfg,
+        parallel=dataclasses.replace(cfg.parallel, threads_per_rank=threads),
+        cache=dataclasses.replace(cfg.cache, num_kv_blocks=num_blocks),
+        scheduler=dataclasses.replace(cfg.scheduler, max_model_len=max_len),
+    ), model

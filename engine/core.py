@@ -33,10 +33,10 @@ from braid.engine.block_manager import BlockManager
 from braid.engine.config import EngineConfig, resolve
 from braid.engine.executor import Executor
 from braid.engine.sampling import Sampler, SamplingParams
-from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig
+from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
 from braid.engine.step_plan import SeqPlan, StepPlan, TransferPlan
-from braid.engine.tokenizer import Tokenizer
+from braid.tokenizer import Tokenizer
 from braid.engine.transfer import DONE, FAILED
 from braid.engine.worker import INCOMING, OUTGOING
 
@@ -75,9 +75,9 @@ class EngineCore:
             self.tokenizer: Tokenizer | None = Tokenizer(cfg.model_path)
         except FileNotFoundError:
             self.tokenizer = None
-        self.blocks = BlockManager(cfg.num_kv_blocks, cfg.layout.virtual_block_size)
+        self.blocks = BlockManager(cfg.cache.num_kv_blocks, cfg.layout.virtual_block_size)
         self.scheduler = Scheduler(
-            SchedulerConfig(cfg.max_model_len, cfg.max_num_seqs, cfg.max_num_batched_tokens),
+            cfg.scheduler,
             self.blocks,
             self.model_config.eos_token_ids,
         )
@@ -144,7 +144,7 @@ class EngineCore:
         """Blocks for the prompt's KV, held for `lease_s`; returns the KVDestination."""
         from braid.proto import common_pb2
 
-        if self.config.kv_role not in ("decode", "both"):
+        if self.config.transfer.role not in ("decode", "both"):
             raise RuntimeError("this engine does not receive KV (kv_role is not decode)")
         seq = self.new_sequence(prompt, params, request_id)
         self.scheduler.check(seq.num_prompt_tokens)
@@ -165,7 +165,7 @@ class EngineCore:
             layout=self.kv_layout,
             block_ids=seq.block_table,
             transfer_id=tid,
-            transport=self.config.kv_transport,
+            transport=self.config.transfer.transport,
             lease_deadline_unix=time.time() + lease_s,
             num_tokens=seq.num_prompt_tokens,
         )
@@ -175,7 +175,7 @@ class EngineCore:
         """Prefill `prompt` and push its KV into `destination` (a KVDestination)."""
         from braid.kv_transfer.layout import check_compatible
 
-        if self.config.kv_role not in ("prefill", "both"):
+        if self.config.transfer.role not in ("prefill", "both"):
             raise RuntimeError("this engine does not send KV (kv_role is not prefill)")
         check_compatible(self.kv_layout, destination.layout)
         seq = self.new_sequence(prompt, dataclasses.replace(params, max_tokens=1), request_id)

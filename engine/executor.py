@@ -56,7 +56,7 @@ class Executor:
             # rank 0 hosts the rendezvous store for the whole life of the engine
             self.store = store = dist.TCPStore(
                 "127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
-                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
+                timeout=datetime.timedelta(seconds=cfg.parallel.collective_timeout_s),
             )
             self._spawn(store.port)
         try:

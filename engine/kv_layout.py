@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -85,4 +88,4 @@ class ShardLayout:
         local = (off // (i * n)) * i + off % i
         block = block_table_rows.long().gather(1, vb[:, None])[:, 0]
         slots = block * b + local
-        return torch.where(owner == shard, slots, torch.full_like(slots, -1))
+        return slots.masked_fill(owner != shard, -1)

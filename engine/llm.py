@@ -24,30 +24,10 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        tensor_parallel_size: int = 1,
-        prefill_context_parallel_size: int = 1,
-        decode_context_parallel_size: int = 1,
-        cp_kv_cache_interleave_size: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        dtype: str = "float32",
-        **kwargs,
-    ):
-        cfg = EngineConfig(
-            model_path=model_path,
-            tensor_parallel_size=tensor_parallel_size,
-            prefill_context_parallel_size=prefill_context_parallel_size,
-            decode_context_parallel_size=decode_context_parallel_size,
-            cp_kv_cache_interleave_size=cp_kv_cache_interleave_size,
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            dtype=dtype,
-            **kwargs,
-        )
+    def __init__(self, model_path: str, **settings):
+        """`settings` are EngineConfig's fields by name, flat (`tensor_parallel_size=2,
+        block_size=16, dtype="bfloat16"`): see braid.engine.config."""
+        cfg = EngineConfig.build(model_path, **settings)
         self.engine = EngineCore(cfg)
 
     @property

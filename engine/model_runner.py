@@ -12,7 +12,7 @@ from braid.engine.kv_layout import ShardLayout
 from braid.engine.layers.attention import AttentionMetadata
 from braid.engine.pcp import split_prefill
 from braid.engine.step_plan import StepPlan
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 from braid.kernels.reference import VarlenRows
 
 

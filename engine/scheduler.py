@@ -18,26 +18,12 @@ from collections import deque
 from dataclasses import dataclass
 
 from braid.engine.block_manager import BlockManager
+from braid.engine.config import SchedulerConfig
 from braid.engine.sequence import Sequence, SeqStatus
 
 
 class RequestRejected(ValueError):
     """The request can never run on this engine (e.g. longer than max_model_len)."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_model_len: int
-    """Longest sequence (prompt + output) the engine serves."""
-    max_num_seqs: int = 64
-    """Sequences in one batch at most."""
-    max_num_batched_tokens: int = 8192
-    """Prompt tokens in one prefill batch at most (a longer prompt runs alone)."""
-
-    def __post_init__(self):
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

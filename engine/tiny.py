@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-from safetensors.torch import save_file
 
 CORPUS = """
 A serving system for large language models spends its life moving numbers.
@@ -80,6 +78,9 @@ DEFAULT_CONFIG = dict(
 
 def write_tiny_llama(path: str, seed: int = 0, **overrides) -> str:
     """Write a random LlamaForCausalLM checkpoint with a tokenizer to `path`."""
+    import torch  # only when writing: the router process finds the model without torch
+    from safetensors.torch import save_file
+
     ids = save_tokenizer(path)
     cfg = dict(DEFAULT_CONFIG, **overrides)
     cfg.update(

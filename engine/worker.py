@@ -24,7 +24,7 @@ from braid.engine.model_config import load_model_config
 from braid.engine.model_runner import ModelRunner
 from braid.engine.models import build_model
 from braid.engine.step_plan import StepPlan
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 from braid.engine.transfer import SendSpec, TransferWorker
 
 CMD_SHUTDOWN = 0
@@ -42,10 +42,10 @@ def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
     """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
     return torch.zeros(
         model_cfg.num_layers,
-        cfg.num_kv_blocks,
+        cfg.cache.num_kv_blocks,
         model_cfg.cache_components,
-        local_kv_heads(model_cfg, cfg.tensor_parallel_size),
-        cfg.block_size,
+        local_kv_heads(model_cfg, cfg.parallel.tensor_parallel_size),
+        cfg.cache.block_size,
         model_cfg.cache_head_dim,
         dtype=cfg.torch_dtype,
         device=device,
@@ -53,22 +53,22 @@ def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
 
 
 def _device_for(cfg: EngineConfig, rank: int) -> torch.device:
-    if cfg.device == "cpu":
+    if cfg.parallel.device == "cpu":
         return torch.device("cpu")
-    if cfg.device == "npu":
+    if cfg.parallel.device == "npu":
         import torch_npu  # noqa: F401  (registers the npu device and hccl)
-    return torch.device(cfg.device, rank % max(1, getattr(torch, cfg.device).device_count()))
+    return torch.device(cfg.parallel.device, rank % max(1, getattr(torch, cfg.parallel.device).device_count()))
 
 
 class Worker:
     def __init__(self, cfg: EngineConfig, rank: int, store=None):
         self.cfg = cfg
-        torch.set_num_threads(cfg.threads_per_rank or 1)
+        torch.set_num_threads(cfg.parallel.threads_per_rank or 1)
         torch.manual_seed(cfg.seed)
         self.model_cfg = load_model_config(cfg.model_path)
         device = _device_for(cfg, rank)
         topo = cfg.topology.for_rank(rank)
-        self.par = ParallelState.initialize(topo, device, store, cfg.collective_timeout_s)
+        self.par = ParallelState.initialize(topo, device, store, cfg.parallel.collective_timeout_s)
         dtype = cfg.torch_dtype
         with torch.device(device):
             self.model = build_model(self.model_cfg, self.par, dtype)
@@ -80,7 +80,7 @@ class Worker:
             attn.layer_idx = layer
         self.runner = ModelRunner(self.model, self.par, cfg.layout)
         self.transfer: TransferWorker | None = None
-        if cfg.kv_role is not None:
+        if cfg.transfer.role is not None:
             self._start_transfer()
 
     def _start_transfer(self) -> None:
@@ -89,7 +89,7 @@ class Worker:
 
         cfg = self.cfg
         self.transfer = TransferWorker(
-            cfg.kv_transport, self.rank, self.kv_cache, cfg.kv_role, cfg.kv_host, cfg.kv_port, cfg.kv_advertise_host
+            cfg.transfer.transport, self.rank, self.kv_cache, cfg.transfer.role, cfg.transfer.host, cfg.transfer.port, cfg.transfer.advertise_host
         )
         mine = torch.zeros(ENDPOINT_BYTES, dtype=torch.uint8)
         raw = self.transfer.endpoint.encode()
@@ -98,7 +98,7 @@ class Worker:
         mine[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
         everyone = self.par.world.all_gather(mine)  # [world, ENDPOINT_BYTES]
         endpoints = [bytes(row.tolist()).rstrip(b"\0").decode() for row in everyone]
-        self.transfer.layout = describe_engine(cfg, self.model_cfg, endpoints if cfg.kv_role != "prefill" else None)
+        self.transfer.layout = describe_engine(cfg, self.model_cfg, endpoints if cfg.transfer.role != "prefill" else None)
 
     @property
     def rank(self) -> int:
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     try:
         store = dist.TCPStore(
             host, int(port), cfg.topology.world, is_master=False,
-            timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
+            timeout=datetime.timedelta(seconds=cfg.parallel.collective_timeout_s),
         )
         worker = Worker(cfg, args.rank, store)
         follow(worker)

@@ -8,6 +8,7 @@ transfer, success or a typed error.
 Lifecycle of one transfer (ids are chosen by the decode side at reservation):
 
   receiver.expect(tid, ranges, deadline, want_trailer)   decode rank, before any byte is sent
+                                                         (deadline None: the caller cancels)
   sender.send(tid, endpoint, pieces, deadline)           prefill rank, once per layer (non-blocking)
   sender.finish(tid, endpoint, trailer)                  after its last piece to that endpoint
   sender.wait(tid, timeout)  or  sender.poll()           once every endpoint acknowledged (wait and
@@ -73,10 +74,12 @@ class KVReceiver(abc.ABC):
         """Address a sender connects to (e.g. "127.0.0.1:40123")."""
 
     @abc.abstractmethod
-    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float, want_trailer: bool = False) -> None:
+    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool = False) -> None:
         """Accept frames of `transfer_id` into these (offset, length) byte ranges
-        until `deadline` (time.monotonic()). Complete once they are all written
-        (and a trailer arrived, when `want_trailer`)."""
+        until `deadline` (time.monotonic()), when it fails "timeout". A deadline of
+        None sets no timer here: the reservation's owner keeps the one lease timer and
+        cancels the transfer when it runs out. Complete once the ranges are all
+        written (and a trailer arrived, when `want_trailer`)."""
 
     @abc.abstractmethod
     def poll(self) -> dict[int, TransferError | None]:

@@ -69,11 +69,13 @@ def kv_heads_of(fmt: str, num_kv_heads: int, tp: int, tp_rank: int) -> range:
     return range(head, head + 1)
 
 
-def _check_parallel(fmt: str, num_kv_heads: int, tp: int, pcp: int, dcp: int) -> None:
-    """The engine's constraints (braid.engine.topology.validate_for_model)."""
-    for name, value in (("tp", tp), ("pcp", pcp), ("dcp", dcp)):
+def check_parallel(fmt: str, num_kv_heads: int, tp: int, pcp: int, dcp: int) -> None:
+    """The parallel layouts a KV cache can have (the engine refuses the same
+    ones before starting a rank): raises InvalidLayout naming the setting."""
+    for name, value in (("tensor_parallel_size", tp), ("prefill_context_parallel_size", pcp),
+                        ("decode_context_parallel_size", dcp)):
         if value < 1:
-            raise InvalidLayout(f"{name} size must be >= 1, got {value}")
+            raise InvalidLayout(f"{name} must be >= 1, got {value}")
     if tp % dcp:
         raise InvalidLayout(f"decode_context_parallel_size {dcp} must divide tensor_parallel_size {tp}")
     if fmt == "mla":
@@ -87,11 +89,12 @@ def _check_parallel(fmt: str, num_kv_heads: int, tp: int, pcp: int, dcp: int) ->
         raise InvalidLayout(f"tensor_parallel_size {tp} must divide num_key_value_heads {h}")
     if tp > h and tp % h:
         raise InvalidLayout(f"tensor_parallel_size {tp} must be a multiple of num_key_value_heads {h}")
-    replicas = tp // h
+    replicas = tp // h  # TP ranks holding a copy of each KV head
     if dcp > 1 and (replicas < dcp or replicas % dcp):
         raise InvalidLayout(
-            f"DCP with GQA needs (tp // num_kv_heads) to be a multiple of dcp: tp={tp}, "
-            f"num_kv_heads={h}, dcp={dcp}; use tp a multiple of {h * dcp} or lower dcp"
+            f"DCP with GQA needs (tensor_parallel_size // num_key_value_heads) % decode_context_parallel_size == 0 "
+            f"and >= decode_context_parallel_size: tp={tp} // kv_heads={h} = {replicas} cannot host dcp={dcp}; "
+            f"raise tensor_parallel_size to a multiple of {h * dcp} or lower decode_context_parallel_size"
         )
 
 
@@ -124,7 +127,7 @@ def describe(
         raise InvalidLayout(
             f"cp_kv_cache_interleave_size {interleave_size} must divide block_size {block_size}"
         )
-    _check_parallel(fmt, num_kv_heads, tp, pcp, dcp)
+    check_parallel(fmt, num_kv_heads, tp, pcp, dcp)
     world = tp * pcp
     if endpoints is not None and len(endpoints) != world:
         raise InvalidLayout(f"need one endpoint per rank: {len(endpoints)} endpoints for {world} ranks")
@@ -166,10 +169,11 @@ def describe_engine(
     """The layout of an engine from its resolved EngineConfig (num_kv_blocks
     set) and its ModelConfig. `model_id` defaults to the model's architecture."""
     cfg, model = engine_config, model_config
-    if cfg.num_kv_blocks is None:
+    cache, par = cfg.cache, cfg.parallel
+    if cache.num_kv_blocks is None:
         raise InvalidLayout("engine config is not resolved: num_kv_blocks is None (call braid.engine.config.resolve first)")
-    block = cfg.block_size
-    interleave = block if cfg.cp_kv_cache_interleave_size is None else cfg.cp_kv_cache_interleave_size
+    block = cache.block_size
+    interleave = block if cache.cp_kv_cache_interleave_size is None else cache.cp_kv_cache_interleave_size
     return describe(
         fmt="mla" if model.is_mla else "gqa",
         num_layers=model.num_layers,
@@ -178,10 +182,10 @@ def describe_engine(
         dtype=cfg.dtype,
         block_size=block,
         interleave_size=interleave,
-        tp=cfg.tensor_parallel_size,
-        pcp=cfg.prefill_context_parallel_size,
-        dcp=cfg.decode_context_parallel_size,
-        num_blocks=cfg.num_kv_blocks,
+        tp=par.tensor_parallel_size,
+        pcp=par.prefill_context_parallel_size,
+        dcp=par.decode_context_parallel_size,
+        num_blocks=cache.num_kv_blocks,
         endpoints=endpoints,
         model_id=model.architecture if model_id is None else model_id,
     )

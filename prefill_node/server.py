@@ -14,8 +14,8 @@ import time
 
 import grpc
 
-from braid.engine.rpc_errors import sampling_from, status_for
-from braid.engine.serving import NodeRuntime
+from braid.node.errors import sampling_from, status_for
+from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
 
 SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
@@ -98,13 +98,7 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
         return self.rt.load()
 
 
-async def start_prefill_node(cluster, model_path: str, etcd_endpoint: str | None = None) -> tuple[NodeRuntime, PrefillServicer]:
-    rt = NodeRuntime("prefill", cluster, model_path=model_path, etcd_endpoint=etcd_endpoint)
-    holder = {}
-
-    def add(server):
-        holder["svc"] = PrefillServicer(rt)
-        nodes_pb2_grpc.add_PrefillNodeServicer_to_server(holder["svc"], server)
-
-    await rt.start(add, SERVICE)
-    return rt, holder["svc"]
+async def start_prefill_node(node, model_path: str, discovery) -> tuple[NodeRuntime, PrefillServicer]:
+    """Start a prefill node (a NodeConfig, the model, a DiscoveryConfig); returns its runtime and servicer."""
+    return await start_node("prefill", node, model_path, discovery, PrefillServicer,
+                            nodes_pb2_grpc.add_PrefillNodeServicer_to_server, SERVICE)

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from braid.discovery.base import ROLE_NAMES
+from braid.proto.names import ROLE_NAMES
 from braid.proto import common_pb2, nodes_pb2_grpc, router_pb2
-from braid.router.policies import DECODE, PREFILL, Candidate, NodeLoad, Policy
+from braid.router.policies import Candidate, NodeLoad, Policy
 
 log = logging.getLogger(__name__)
 
-ROLE_POLICY_NAMES = {common_pb2.ROLE_PREFILL: PREFILL, common_pb2.ROLE_DECODE: DECODE}
 NODE_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Send/receive limit on node channels: prompts travel to the nodes as token ids."""
 CLOSE_GRACE_S = 60.0
@@ -59,7 +58,7 @@ class NodeEntry:
 
     @property
     def role(self) -> str:
-        return ROLE_POLICY_NAMES[self.info.role]
+        return ROLE_NAMES[self.info.role]
 
     @property
     def max_model_len(self) -> int:

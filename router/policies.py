@@ -27,8 +27,13 @@ from abc import ABC, abstractmethod
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import MappingProxyType
+
+from braid.client.types import Load
+
+NodeLoad = Load
+"""A node's latest reported load: the client's `Load` record (one definition for both)."""
 
 PREFILL = "prefill"
 DECODE = "decode"
@@ -41,31 +46,6 @@ class NoNodes(Exception):
 
 
 # ---------------------------------------------------------------- value types
-
-
-@dataclass(frozen=True)
-class NodeLoad:
-    """A node's latest reported load (mirrors `braid.v1.Load`)."""
-
-    queued_prefill_tokens: int = 0
-    free_kv_blocks: int = 0
-    total_kv_blocks: int = 0
-    running_seqs: int = 0
-    waiting_seqs: int = 0
-    reserved_blocks: int = 0
-    """Blocks held by reservations awaiting KV; assumed already excluded from free_kv_blocks."""
-
-    @classmethod
-    def from_proto(cls, pb) -> NodeLoad:
-        """From a `common_pb2.Load` (or anything with the same attributes)."""
-        return cls(**{f.name: int(getattr(pb, f.name)) for f in fields(cls)})
-
-    @property
-    def used_kv_fraction(self) -> float:
-        """Share of the KV pool in use, 0 for a node that reports no pool."""
-        if self.total_kv_blocks <= 0:
-            return 0.0
-        return (self.total_kv_blocks - self.free_kv_blocks) / self.total_kv_blocks
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The Router gRPC service: Generate (server streaming) and ListNodes.
 
-    handle = await start_router(config, membership, tokenizer)   # membership already started
+    handle = await start_router(config.router, membership, tokenizer)   # membership already started
     handle.address            # "host:port" actually bound (port 0 = a free port)
     handle.metrics_address    # "host:port" of /metrics, or None when metrics_port = -1
     await handle.stop(grace=5.0)
@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from braid.proto import router_pb2, router_pb2_grpc
 from braid.router.admission import AdmissionControl
-from braid.router.config import ClusterConfig
+from braid.router.config import RouterConfig
 from braid.router.metrics import RouterMetrics
 from braid.router.nodes import NodeView
 from braid.router.orchestrator import Orchestrator
@@ -79,16 +79,15 @@ class RouterHandle:
 
 def _load_tokenizer(tokenizer):
     if isinstance(tokenizer, str):
-        from braid.engine.tokenizer import Tokenizer
+        from braid.tokenizer import Tokenizer
 
         return Tokenizer(tokenizer)
     return tokenizer
 
 
-async def start_router(config: ClusterConfig, membership, tokenizer=None) -> RouterHandle:
-    """Start the router on config.router.host:port; `tokenizer` (a braid Tokenizer or a
+async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHandle:
+    """Start the router on rc.host:rc.port; `tokenizer` (a braid Tokenizer or a
     model directory) enables text prompts and text deltas."""
-    rc = config.router
     metrics = RouterMetrics()
     policies = {PREFILL: make_policy(rc.prefill_policy), DECODE: make_policy(rc.decode_policy)}
     admission = AdmissionControl(rc.max_inflight, rc.max_queued)

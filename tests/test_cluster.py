@@ -62,7 +62,7 @@ def test_sixteen_concurrent_requests_equal_transformers(cluster, checkpoints):
 
 
 def test_text_prompt_streams_text(cluster, checkpoints):
-    from braid.engine.tokenizer import Tokenizer
+    from braid.tokenizer import Tokenizer
 
     tok = Tokenizer(checkpoints.get(NAME))
     text = "The quick brown fox"
@@ -162,7 +162,7 @@ def test_requests_wait_for_decode_kv_room(checkpoints, tmp_path):
     c = Cluster(str(tmp_path), checkpoints.get(NAME))
     try:
         p = c.spawn("prefill")
-        d = c.spawn("decode", sets=["decode.engine.num_kv_blocks=16"])
+        d = c.spawn("decode", sets=["decode.cache.num_kv_blocks=16"])
         router = c.spawn("router")
         with Client(router.address, timeout=120) as cl:
             c.wait_nodes(cl, {"prefill": {p.node_id}, "decode": {d.node_id}})

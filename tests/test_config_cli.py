@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from braid.router.config import (
+from braid.cluster.config import (
     DEFAULT_DECODE_PORT,
     ClusterConfig,
     ConfigError,
@@ -16,17 +16,17 @@ from braid.router.config import (
     to_dict,
 )
 
-BRAID = [sys.executable, "-m", "braid.router.cli"]
+BRAID = [sys.executable, "-m", "braid.cluster.cli"]
 
 
 def test_defaults_and_nested_overrides_keep_their_siblings():
-    cfg = load_config(data={"decode": {"engine": {"block_size": 32}}, "prefill": {"engine": {"block_size": 32}}})
-    assert cfg.decode.engine.block_size == 32
-    assert (cfg.decode.engine.tensor_parallel_size, cfg.decode.engine.decode_context_parallel_size) == (2, 2)
-    assert cfg.prefill.engine.prefill_context_parallel_size == 2
+    cfg = load_config(data={"decode": {"cache": {"block_size": 32}}, "prefill": {"cache": {"block_size": 32}}})
+    assert cfg.decode.cache.block_size == 32
+    assert (cfg.decode.parallel.tensor_parallel_size, cfg.decode.parallel.decode_context_parallel_size) == (2, 2)
+    assert cfg.prefill.parallel.prefill_context_parallel_size == 2
     assert cfg.decode.port == DEFAULT_DECODE_PORT
-    cfg = load_config(overrides=["router.port=1234", "etcd.endpoints=[a:1, b:2]", "decode.engine.max_model_len=null"])
-    assert cfg.router.port == 1234 and cfg.etcd.endpoints == ("a:1", "b:2") and cfg.decode.engine.max_model_len is None
+    cfg = load_config(overrides=["router.port=1234", "etcd.endpoints=[a:1, b:2]", "decode.scheduler.max_model_len=null"])
+    assert cfg.router.port == 1234 and cfg.etcd.endpoints == ("a:1", "b:2") and cfg.decode.scheduler.max_model_len is None
     assert load_config(data=to_dict(cfg)) == cfg  # a dumped config loads back the same
 
 
@@ -34,13 +34,13 @@ def test_defaults_and_nested_overrides_keep_their_siblings():
     "data,field,reason",
     [
         ({"router": {"prot": 1}}, "router.prot", "unknown field"),
-        ({"decode": {"engine": {"block_size": "x"}}}, "decode.engine.block_size", "expected an integer"),
+        ({"decode": {"cache": {"block_size": "x"}}}, "decode.cache.block_size", "expected an integer"),
         ({"router": {"prefill_policy": "random"}}, "router.prefill_policy", "unknown policy"),
-        ({"decode": {"engine": {"block_size": 8}}}, "decode.engine.block_size", "prefill.engine.block_size"),
+        ({"decode": {"cache": {"block_size": 8}}}, "decode.cache.block_size", "prefill.cache.block_size"),
         ({"decode": {"transfer": {"transport": "udp"}}}, "decode.transfer.transport", "unknown transport"),
         ({"router": {"port": 70000}}, "router.port", "outside"),
         ({"etcd": {"endpoints": ["nohost"]}}, "etcd.endpoints[0]", "host:port"),
-        ({"prefill": {"engine": {"cp_kv_cache_interleave_size": 1}}}, "prefill.engine.cp_kv_cache_interleave_size", "block_size"),
+        ({"prefill": {"cache": {"cp_kv_cache_interleave_size": 1}}}, "prefill.cache.cp_kv_cache_interleave_size", "block_size"),
         ({"model": "/does/not/exist"}, "model", "not a directory"),
         ({"cluster": "a/b"}, "cluster", "without '/'"),
         ({"decode": []}, "decode", "mapping"),
@@ -74,10 +74,10 @@ def test_every_command_has_help(args):
 
 def test_serve_with_a_bad_config_fails_at_start(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"decode": {"engine": {"tensor_parallel_size": 0}}}))
+    path.write_text(yaml.safe_dump({"decode": {"parallel": {"tensor_parallel_size": 0}}}))
     out = subprocess.run(BRAID + ["decode", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "decode.engine.tensor_parallel_size: must be > 0" in out.stderr
+    assert "decode.parallel.tensor_parallel_size: must be > 0" in out.stderr
 
 
 @pytest.mark.timeout(300)

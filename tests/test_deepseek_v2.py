@@ -15,7 +15,7 @@ from braid.engine.layers.moe import select_experts
 from braid.engine.layers.rotary import RotaryEmbedding
 from braid.engine.model_config import CheckpointError, load_model_config
 from braid.engine.tiny import save_tokenizer
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 from braid.kernels.reference import VarlenRows
 from conftest import VOCAB, prompt_of
 

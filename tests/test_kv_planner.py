@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from braid.engine.config import EngineConfig
 from braid.engine.kv_layout import ShardLayout
 from braid.engine.layers.linear import QKVParallelLinear
-from braid.engine.topology import GroupComm, Topology
+from braid.engine.parallel_state import GroupComm
+from braid.engine.topology import Topology
 from braid.engine.worker import allocate_kv_cache
 from braid.kv_transfer import layout as kvl
 from braid.kv_transfer.layout import LayoutMismatch, check_compatible, describe, describe_engine

@@ -3,7 +3,7 @@
 Every overlay is rendered (with `kustomize build` or `kubectl kustomize` when
 on PATH, else with manifests/render.py), every rendered resource is validated
 against the Kubernetes OpenAPI schemas (kubernetes-validate, strict), and what
-the manifests say is checked against the code: the ports in braid.router.config,
+the manifests say is checked against the code: the ports in braid.cluster.config,
 the cluster config each overlay ships (loaded with load_config), the parallel
 sizes against the model they name (validate_for_model and the engine's own
 resolve), and the pod settings the processes rely on (probes, drain time,
@@ -26,11 +26,11 @@ import pytest
 import yaml
 from kubernetes_validate.utils import latest_version
 
-from braid.engine.config import EngineConfig, resolve
+from braid.engine.config import resolve
 from braid.engine.model_config import load_model_config
 from braid.engine.tiny import write_tiny_llama
 from braid.engine.topology import Topology, validate_for_model
-from braid.router.config import (
+from braid.cluster.config import (
     DEFAULT_DECODE_METRICS_PORT,
     DEFAULT_DECODE_PORT,
     DEFAULT_PREFILL_METRICS_PORT,
@@ -39,7 +39,6 @@ from braid.router.config import (
     DEFAULT_ROUTER_PORT,
     DEFAULT_TRANSFER_PORT,
     NodeConfig,
-    engine_kwargs,
     load_config,
 )
 
@@ -48,7 +47,7 @@ MANIFESTS = ROOT / "manifests"
 OVERLAYS = ("cpu", "cuda", "npu")
 CONFIG_PATH = "/etc/braid/cluster.yaml"
 ROLES = ("router", "prefill", "decode")
-PORTS = {  # role -> (gRPC port, metrics port), the defaults of braid.router.config
+PORTS = {  # role -> (gRPC port, metrics port), the defaults of braid.cluster.config
     "router": (DEFAULT_ROUTER_PORT, DEFAULT_ROUTER_METRICS_PORT),
     "prefill": (DEFAULT_PREFILL_PORT, DEFAULT_PREFILL_METRICS_PORT),
     "decode": (DEFAULT_DECODE_PORT, DEFAULT_DECODE_METRICS_PORT),
@@ -217,8 +216,8 @@ def load_overlay_config(overlay):
 
 
 def world(cfg, role) -> int:
-    e = cfg.node(role).engine
-    return e.tensor_parallel_size * e.prefill_context_parallel_size
+    p = cfg.node(role).parallel
+    return p.tensor_parallel_size * p.prefill_context_parallel_size
 
 
 def env_of(c) -> dict:
@@ -357,25 +356,23 @@ def test_parallel_sizes_fit_the_model(overlay, tmp_path_factory):
     model_cfg = load_model_config(model_dir)
     for role in ("prefill", "decode"):
         node = cfg.node(role)
-        e = node.engine
-        assert (e.tensor_parallel_size, e.prefill_context_parallel_size, e.decode_context_parallel_size) == exp[role]
-        assert e.device == exp["device"]
-        assert e.cp_kv_cache_interleave_size == e.block_size, "KV crosses instances: interleave = block size"
+        p, c = node.parallel, node.cache
+        assert (p.tensor_parallel_size, p.prefill_context_parallel_size, p.decode_context_parallel_size) == exp[role]
+        assert p.device == exp["device"]
+        assert c.cp_kv_cache_interleave_size == c.block_size, "KV crosses instances: interleave = block size"
         validate_for_model(
-            Topology(tp=e.tensor_parallel_size, pcp=e.prefill_context_parallel_size, dcp=e.decode_context_parallel_size),
+            Topology(tp=p.tensor_parallel_size, pcp=p.prefill_context_parallel_size, dcp=p.decode_context_parallel_size),
             model_cfg,
         )
         # The engine's own start-up checks: KV capacity for max_model_len, sizes, transport.
-        resolved, _ = resolve(EngineConfig(
-            model_path=model_dir, kv_role=role, kv_transport=node.transfer.transport, **engine_kwargs(e)
-        ))
-        assert resolved.max_model_len <= model_cfg.max_position_embeddings
+        resolved, _ = resolve(node.engine_config(role, model_dir))
+        assert resolved.scheduler.max_model_len <= model_cfg.max_position_embeddings
         # os.cpu_count() in a container is the host's: the thread count must be explicit.
-        assert e.threads_per_rank is not None, f"{overlay}: set {role}.engine.threads_per_rank"
-    assert cfg.prefill.engine.block_size == cfg.decode.engine.block_size
+        assert p.threads_per_rank is not None, f"{overlay}: set {role}.parallel.threads_per_rank"
+    assert cfg.prefill.cache.block_size == cfg.decode.cache.block_size
     if overlay == "npu":  # the seed's example: DeepSeek-V2-Lite, MLA, block = interleave = 128
         assert model_cfg.is_mla and model_cfg.num_heads == 16
-        assert cfg.decode.engine.block_size == 128
+        assert cfg.decode.cache.block_size == 128
 
 
 # -- pods against the config -------------------------------------------------------------------------------
@@ -477,12 +474,12 @@ def test_accelerators_match_the_world_size(overlay):
             continue
         n = world(cfg, role)
         assert res["limits"][resource] == n and res["requests"][resource] == n, f"{role}: one device per rank"
-        assert cfg.node(role).engine.threads_per_rank * n <= cpu_cores(res["requests"]["cpu"])
+        assert cfg.node(role).parallel.threads_per_rank * n <= cpu_cores(res["requests"]["cpu"])
         env = env_of(container(docs, role))
         if overlay == "npu":
             assert env["HCCL_IF_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             for name in ("HCCL_CONNECT_TIMEOUT", "HCCL_EXEC_TIMEOUT"):
-                assert int(env[name]["value"]) >= cfg.node(role).engine.collective_timeout_s
+                assert int(env[name]["value"]) >= cfg.node(role).parallel.collective_timeout_s
         else:
             assert any(name.startswith("NCCL_") for name in env)
     if resource is not None:  # the router does not compute

@@ -33,9 +33,9 @@ from braid.client import (
 from braid.client.sampling import check_sampling
 from braid.discovery.static import StaticMembership
 from braid.engine.tiny import save_tokenizer
-from braid.engine.tokenizer import Tokenizer
+from braid.tokenizer import Tokenizer
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc, router_pb2, router_pb2_grpc
-from braid.router.config import ClusterConfig, RouterConfig
+from braid.router.config import RouterConfig
 from braid.router.orchestrator import MAX_REQUEST_BYTES
 from braid.router.server import MAX_MESSAGE_BYTES, start_router
 
@@ -318,7 +318,7 @@ class Cluster:
             load_poll_s=0.1, node_rpc_timeout_s=2.0, request_timeout_s=30.0,
         )
         opts.update(router_opts)
-        self.router = await start_router(ClusterConfig(router=RouterConfig(**opts)), self.membership, tokenizer)
+        self.router = await start_router(RouterConfig(**opts), self.membership, tokenizer)
         self.client = AsyncClient(self.router.address, timeout=20)
         return self
 

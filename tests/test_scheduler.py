@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from braid.engine.block_manager import BlockManager, OutOfBlocks
 from braid.engine.sampling import SamplingParams
-from braid.engine.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from braid.engine.config import SchedulerConfig
+from braid.engine.scheduler import RequestRejected, Scheduler
 from braid.engine.sequence import Sequence, SeqStatus
 
 EOS = 1

@@ -26,7 +26,7 @@ from torch import nn
 
 from braid.kernels import ops
 from braid.kernels.reference import VarlenRows, merge_attn_states
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from braid.engine.topology import GroupComm
+from braid.engine.parallel_state import GroupComm
 
 
 class VocabParallelEmbedding(nn.Module):

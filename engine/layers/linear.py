@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from braid.engine.topology import GroupComm
+from braid.engine.parallel_state import GroupComm
 
 
 def _attach(param: nn.Parameter, loader) -> nn.Parameter:

@@ -33,7 +33,7 @@ from braid.engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, R
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.layers.rotary import RotaryEmbedding, yarn_softmax_scale
 from braid.engine.model_config import ModelConfig
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 from braid.kernels import ops
 from braid.kernels.mla import latent_views
 

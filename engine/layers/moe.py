@@ -18,7 +18,7 @@ from torch import nn
 
 from braid.engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from braid.engine.model_config import MLAConfig, ModelConfig
-from braid.engine.topology import GroupComm, ParallelState
+from braid.engine.parallel_state import GroupComm, ParallelState
 
 
 class GatedMLP(nn.Module):

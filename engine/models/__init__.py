@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from braid.engine.model_config import ModelConfig
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 
 
 def build_model(cfg: ModelConfig, par: ParallelState, dtype: torch.dtype) -> torch.nn.Module:

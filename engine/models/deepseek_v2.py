@@ -17,7 +17,7 @@ from braid.engine.layers.moe import GatedMLP, MoE
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.model_config import ModelConfig
 from braid.engine.models.base import CausalLM
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 
 
 class DecoderLayer(nn.Module):

@@ -16,7 +16,7 @@ from braid.engine.layers.norm import RMSNorm
 from braid.engine.layers.rotary import RotaryEmbedding
 from braid.engine.model_config import ModelConfig
 from braid.engine.models.base import CausalLM
-from braid.engine.topology import ParallelState
+from braid.engine.parallel_state import ParallelState
 
 
 class MLP(nn.Module):

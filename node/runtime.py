@@ -1,6 +1,7 @@
-"""What a prefill or decode node needs around its engine: the gRPC server
-(health, reflection, message limits, graceful stop), etcd registration, the
-Prometheus endpoint, and draining on shutdown.
+"""The node runtime: the engine on its own thread (braid.engine.async_engine)
+bridged to asyncio, the gRPC server (health, reflection, message limits,
+graceful stop), registration with discovery, the Prometheus endpoint, load
+reports and draining on shutdown.
 
 A node's life:
   start   engine ranks up -> gRPC server listening (health NOT_SERVING) ->
@@ -16,75 +17,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
 
+from braid.discovery.base import DiscoveryConfig
 from braid.engine.async_engine import AsyncEngine
-from braid.engine.config import EngineConfig
+from braid.node.config import NodeConfig
+from braid.node.metrics import NodeMetrics
 from braid.proto import common_pb2
+from braid.proto.names import ROLES_BY_NAME
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def advertise_host(bind_host: str, configured: str | None) -> str:
-    """The address others use to reach a server bound to `bind_host`."""
-    if configured:
-        return configured
-    env = os.environ.get("BRAID_ADVERTISE_HOST") or os.environ.get("POD_IP")
-    if bind_host in ("0.0.0.0", "::", ""):
-        return env or socket.gethostbyname(socket.gethostname())
-    return bind_host
-
-
-def engine_config_for(role: str, cluster, node, model_path: str) -> EngineConfig:
-    from braid.router.config import engine_kwargs
-
-    return EngineConfig(
-        model_path=model_path,
-        kv_role=role,
-        kv_transport=node.transfer.transport,
-        kv_host=node.host,
-        kv_advertise_host=advertise_host(node.host, node.advertise_host),
-        kv_port=node.transfer.port,
-        **engine_kwargs(node.engine),
-    )
-
-
-class NodeMetrics:
-    def __init__(self, role: str):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("braid_node_requests", "Requests handled, by RPC and status", ["rpc", "status"], registry=r)
-        self.free_blocks = Gauge("braid_node_free_kv_blocks", "Free KV blocks (per rank)", registry=r)
-        self.reserved_blocks = Gauge("braid_node_reserved_kv_blocks", "KV blocks reserved for incoming KV", registry=r)
-        self.running = Gauge("braid_node_running_seqs", "Sequences being decoded", registry=r)
-        self.waiting = Gauge("braid_node_waiting_seqs", "Sequences waiting (queued or for KV)", registry=r)
-        self.prefill_s = Histogram("braid_node_prefill_seconds", "Prefill time including KV transfer", registry=r,
-                                   buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.kv_bytes = Counter("braid_node_kv_bytes", "KV bytes sent (prefill) or reserved for (decode)", registry=r)
-        self.transfer_failures = Counter("braid_node_transfer_failures", "KV transfers that failed", registry=r)
-
-    def observe_load(self, load) -> None:
-        self.free_blocks.set(load.free_kv_blocks)
-        self.reserved_blocks.set(load.reserved_blocks)
-        self.running.set(load.running_seqs)
-        self.waiting.set(load.waiting_seqs)
-
-
 class NodeRuntime:
-    def __init__(self, role: str, cluster, *, model_path: str, etcd_endpoint: str | None = None):
+    def __init__(self, role: str, node: NodeConfig, *, model_path: str, discovery: DiscoveryConfig):
         self.role = role
-        self.cluster = cluster
-        self.node = cluster.node(role)
+        self.node = node
         self.model_path = model_path
-        self.etcd_endpoint = etcd_endpoint or cluster.etcd.endpoints[0]
+        self.discovery = discovery
         self.metrics = NodeMetrics(role)
         self.engine: AsyncEngine | None = None
         self.server: grpc.aio.Server | None = None
@@ -102,7 +59,7 @@ class NodeRuntime:
     # -- start -----------------------------------------------------------------
     async def start(self, add_servicer, service_name: str) -> None:
         loop = asyncio.get_running_loop()
-        cfg = engine_config_for(self.role, self.cluster, self.node, self.model_path)
+        cfg = self.node.engine_config(self.role, self.model_path)
         self.engine = await loop.run_in_executor(None, lambda: AsyncEngine(cfg, loop))
         opts = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -118,7 +75,7 @@ class NodeRuntime:
         if port == 0:
             raise OSError(f"cannot bind {self.node.host}:{self.node.port}")
         await self.server.start()
-        host = advertise_host(self.node.host, self.node.advertise_host)
+        host = self.node.advertised_host()
         self.address = f"{host}:{port}"
         self.node_id = self.node.node_id or os.environ.get("BRAID_NODE_ID") or f"{self.role}-{host}-{port}"
         await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -139,33 +96,26 @@ class NodeRuntime:
         cfg = core.config
         return common_pb2.NodeInfo(
             node_id=self.node_id,
-            role=common_pb2.ROLE_PREFILL if self.role == "prefill" else common_pb2.ROLE_DECODE,
+            role=ROLES_BY_NAME[self.role],
             address=self.address,
             model_id=os.path.basename(os.path.normpath(self.model_path)),
             layout=core.kv_layout,
             capacity=common_pb2.Capacity(
-                num_kv_blocks=cfg.num_kv_blocks,
+                num_kv_blocks=cfg.cache.num_kv_blocks,
                 tokens_per_block=cfg.layout.virtual_block_size,
-                max_num_seqs=cfg.max_num_seqs,
-                max_model_len=cfg.max_model_len,
+                max_num_seqs=cfg.scheduler.max_num_seqs,
+                max_model_len=cfg.scheduler.max_model_len,
             ),
-            cluster=self.cluster.cluster,
-            transport=cfg.kv_transport,
+            cluster=self.discovery.cluster,
+            transport=cfg.transfer.transport,
             started_at_ms=int(time.time() * 1000),
             metrics_address=self.metrics_address,
         )
 
     async def _register(self) -> None:
-        from braid.discovery.base import DiscoveryConfig
         from braid.discovery.etcd import EtcdRegistration
 
-        dcfg = DiscoveryConfig(
-            endpoint=self.etcd_endpoint,
-            cluster=self.cluster.cluster,
-            lease_ttl_s=max(1, int(round(self.cluster.etcd.lease_ttl_s))),
-            call_timeout_s=self.cluster.etcd.timeout_s,
-        )
-        self.registration = EtcdRegistration(dcfg, self.node_info())
+        self.registration = EtcdRegistration(self.discovery, self.node_info())
         self.registration.add_listener(self._on_registered)
         await self.registration.start()
 
@@ -220,3 +170,17 @@ class NodeRuntime:
         if self.engine is not None:
             await self.engine.stop()
             self.engine = None
+
+
+async def start_node(role: str, node: NodeConfig, model_path: str, discovery: DiscoveryConfig,
+                     make_servicer, add_servicer, service_name: str):
+    """Start a node of `role` serving `make_servicer(runtime)`; returns (runtime, servicer)."""
+    rt = NodeRuntime(role, node, model_path=model_path, discovery=discovery)
+    holder = {}
+
+    def add(server):
+        holder["svc"] = make_servicer(rt)
+        add_servicer(holder["svc"], server)
+
+    await rt.start(add, service_name)
+    return rt, holder["svc"]

@@ -1,4 +1,6 @@
-"""Text <-> token ids through the `tokenizers` library (tokenizer.json)."""
+"""Torch-free text handling shared by the engine and the router: text <-> token ids
+through the `tokenizers` library (tokenizer.json) and incremental detokenization
+(text deltas for a growing list of ids)."""
 from __future__ import annotations
 
 import os

@@ -2,7 +2,8 @@
 
     braid up [--model PATH] [--config YAML] [--port N] [--demo PROMPT]
                                    a whole local cluster: etcd, router, one prefill
-                                   node (pcp 2) and one decode node (tp 2, dcp 2)
+                                   node (pcp 2) and one decode node (tp 2, dcp 2),
+                                   layouts fitted to the model
     braid router serve  --config YAML [--set FIELD=VALUE ...]
     braid prefill serve --config YAML [--set ...]
     braid decode serve  --config YAML [--set ...]
@@ -18,10 +19,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 
 log = logging.getLogger("braid")
 
@@ -30,7 +28,7 @@ log = logging.getLogger("braid")
 
 
 def _load(args):
-    from braid.router.config import load_config
+    from braid.cluster.config import load_config
 
     overrides = list(args.set or [])
     if getattr(args, "port", None) is not None:
@@ -73,7 +71,7 @@ async def _serve_node(args) -> None:
         from braid.prefill_node.server import start_prefill_node as start
     else:
         from braid.decode_node.server import start_decode_node as start
-    rt, svc = await start(cfg, model)
+    rt, svc = await start(cfg.node(args.role), model, cfg.discovery())
     _write_ready(args.ready_file, {"role": args.role, "node_id": rt.node_id, "address": rt.address, "metrics": rt.metrics_address})
     try:
         await _wait_for_signal()
@@ -84,26 +82,18 @@ async def _serve_node(args) -> None:
 
 
 async def _serve_router(args) -> None:
-    from braid.discovery.base import DiscoveryConfig
     from braid.discovery.etcd import EtcdMembership
-    from braid.engine.tokenizer import Tokenizer
     from braid.router.server import start_router
+    from braid.tokenizer import Tokenizer
 
     cfg = _load(args)
     try:
         tokenizer = Tokenizer(_model_path(cfg))
     except FileNotFoundError:
         tokenizer = None
-    membership = EtcdMembership(
-        DiscoveryConfig(
-            endpoint=cfg.etcd.endpoints[0],
-            cluster=cfg.cluster,
-            lease_ttl_s=max(1, int(round(cfg.etcd.lease_ttl_s))),
-            call_timeout_s=cfg.etcd.timeout_s,
-        )
-    )
+    membership = EtcdMembership(cfg.discovery())
     await membership.start()
-    handle = await start_router(cfg, membership, tokenizer)
+    handle = await start_router(cfg.router, membership, tokenizer)
     _write_ready(args.ready_file, {"role": "router", "address": handle.address, "metrics": handle.metrics_address})
     try:
         await _wait_for_signal()
@@ -121,136 +111,10 @@ def _serve(args) -> int:
 # -- braid up -------------------------------------------------------------------------
 
 
-class LocalCluster:
-    """etcd + router + nodes, each its own process, on loopback with free ports.
-    `nodes` lists (role, [FIELD=VALUE overrides]); by default one prefill node
-    and one decode node with the config's sizes (prefill pcp 2, decode tp 2 dcp 2)."""
-
-    def __init__(
-        self,
-        config_path: str | None,
-        model: str | None,
-        port: int,
-        overrides: list[str],
-        workdir: str,
-        nodes: list[tuple[str, list[str]]] | None = None,
-    ):
-        from braid.router.config import load_config, to_dict
-
-        self.workdir = workdir
-        cfg = load_config(config_path, overrides)
-        self.base = to_dict(cfg)
-        if model:
-            self.base["model"] = model
-        self.port = port
-        self.nodes = nodes if nodes is not None else [("prefill", []), ("decode", [])]
-        self.procs: list[subprocess.Popen] = []
-        self.etcd = None
-
-    def _spawn(self, role: str, cfg_path: str, sets: list[str] = (), tag: str | None = None) -> tuple[subprocess.Popen, str]:
-        tag = tag or role
-        ready = os.path.join(self.workdir, f"{tag}.ready.json")
-        cmd = [sys.executable, "-m", "braid.router.cli", role, "serve", "--config", cfg_path, "--ready-file", ready]
-        for item in sets:
-            cmd += ["--set", item]
-        log_file = open(os.path.join(self.workdir, f"{tag}.log"), "w")
-        p = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(p)
-        return p, ready
-
-    def _wait_ready(self, proc, path: str, what: str, deadline: float) -> dict:
-        while time.monotonic() < deadline:
-            if os.path.exists(path):
-                with open(path) as f:
-                    return json.load(f)
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with code {proc.returncode}; see {self.workdir}/{what}.log")
-            time.sleep(0.1)
-        raise TimeoutError(f"{what} did not become ready in time; see {self.workdir}/{what}.log")
-
-    def start(self, timeout_s: float = 300.0) -> str:
-        from braid.discovery.etcd_server import EtcdServer
-
-        deadline = time.monotonic() + timeout_s
-        self.etcd = EtcdServer(data_dir=os.path.join(self.workdir, "etcd"))
-        self.etcd.start()
-        cfg = json.loads(json.dumps(self.base))
-        cfg["etcd"]["endpoints"] = [self.etcd.endpoint]
-        cfg["router"].update(host="127.0.0.1", port=self.port, metrics_port=0)
-        for role in ("prefill", "decode"):
-            cfg[role].update(host="127.0.0.1", port=0, metrics_port=0)
-            cfg[role]["transfer"]["port"] = 0
-        path = os.path.join(self.workdir, "cluster.yaml")
-        import yaml
-
-        with open(path, "w") as f:
-            yaml.safe_dump(cfg, f)
-        started = []
-        for i, (role, sets) in enumerate(self.nodes):
-            tag = f"{role}-{i}"
-            started.append((tag, self._spawn(role, path, sets, tag)))
-        router = self._spawn("router", path)
-        info = self._wait_ready(*router, "router", deadline)
-        ids = {}
-        for tag, (p, ready) in started:
-            ids[tag] = self._wait_ready(p, ready, tag, deadline)["node_id"]
-        self.address = info["address"]
-        self._wait_routable(set(ids.values()), deadline)
-        return self.address
-
-    def _wait_routable(self, node_ids: set[str], deadline: float) -> None:
-        from braid.client import Client
-
-        with Client(self.address) as c:
-            while time.monotonic() < deadline:
-                try:
-                    if node_ids <= {n.node_id for n in c.list_nodes(timeout=5) if n.reachable}:
-                        return
-                except Exception:  # noqa: BLE001 - router still starting
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError("the router did not see every node in time")
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(self.procs):
-            try:
-                p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-        if self.etcd is not None:
-            self.etcd.stop()
-
-
 def _up(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with tempfile.TemporaryDirectory(prefix="braid-up-") as workdir:
-        cluster = LocalCluster(args.config, args.model, args.port, args.set or [], workdir)
-        interrupted = []
+    from braid.cluster.up import run_up
 
-        def on_signal(signum, frame):
-            interrupted.append(signum)
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, on_signal)
-        try:
-            address = cluster.start()
-            print(f"braid: cluster up; router at {address}", flush=True)
-            if args.demo is not None:
-                _stream(address, args.demo, args.max_tokens, args.temperature)
-            else:
-                print("braid: Ctrl-C to stop", flush=True)
-                while True:
-                    time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            print("braid: shutting down", flush=True)
-            cluster.stop()
-    return 0
+    return run_up(args, _stream)
 
 
 # -- client commands ----------------------------------------------------------------------

@@ -21,8 +21,7 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def sampling_from(pb):
     """engine SamplingParams from the wire message (ValueError with the reason)."""
-    from braid.client.sampling import check_sampling, sampling_kwargs
     from braid.engine.sampling import SamplingParams
+    from braid.proto.sampling_rules import sampling_kwargs
 
-    check_sampling(pb)
     return SamplingParams(**sampling_kwargs(pb))

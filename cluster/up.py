@@ -1,0 +1,73 @@
+"""`braid up`: a whole local cluster in one command (braid.cluster.launcher),
+with parallel layouts fitted to the model before any process starts
+(braid.cluster.layouts). A component that fails to start leaves its log in
+the work folder, which is kept and named; a clean shutdown removes it."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from braid.cluster.config import load_config, read_data, to_dict
+from braid.cluster.launcher import ComponentFailed, LocalCluster
+
+
+def up_config(args):
+    """The cluster config `braid up` runs and the model path, layouts fitted to the model."""
+    from braid.cluster.layouts import fit_layouts
+    from braid.engine.model_config import load_model_config
+    from braid.engine.tiny import ensure_default_model
+
+    data = read_data(args.config, args.set or [])
+    if args.model:
+        data["model"] = args.model
+    cfg = load_config(data=data)
+    model = cfg.model or ensure_default_model()
+    explicit = {role for role in ("prefill", "decode") if "parallel" in (data.get(role) or {})}
+    cfg, notes = fit_layouts(cfg, load_model_config(model), explicit, os.cpu_count() or 1)
+    for note in notes:
+        print(f"braid: {note}", flush=True)
+    return cfg, model
+
+
+def _serve_until_interrupted(cluster: LocalCluster, args, stream) -> None:
+    address = cluster.start()
+    print(f"braid: cluster up; router at {address}", flush=True)
+    if args.demo is not None:
+        stream(address, args.demo, args.max_tokens, args.temperature)
+        return
+    print("braid: Ctrl-C to stop", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def run_up(args, stream) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg, model = up_config(args)
+    workdir = tempfile.mkdtemp(prefix="braid-up-")
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster = None
+    keep = False
+    try:
+        cluster = LocalCluster(workdir, data=to_dict(cfg), model=model, router_port=args.port)
+        _serve_until_interrupted(cluster, args, stream)
+    except KeyboardInterrupt:
+        pass
+    except ComponentFailed as e:
+        keep = True
+        print(f"braid: error: {e}\nbraid: logs kept in {workdir}", file=sys.stderr, flush=True)
+    finally:
+        print("braid: shutting down", flush=True)
+        if cluster is not None:
+            cluster.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if keep else 0

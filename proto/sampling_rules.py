@@ -1,0 +1,73 @@
+"""The one statement of which sampling settings a request may carry.
+
+A request's sampling settings are checked where they enter each process: the
+router checks the `SamplingParams` message of every Generate call (so a bad
+request is refused before any node is touched), the nodes check it again when
+they build the engine's `SamplingParams`, and the offline `LLM` checks what its
+caller passed. All of them call `check_sampling_values`, so the router can
+never accept what the engine would refuse, nor the other way round.
+
+`check_sampling(pb)` and `sampling_kwargs(pb)` read a `braid.v1.SamplingParams`
+message (wire defaults resolved: unset top_p is 1.0, unset seed is None), so the
+router and the nodes check and convert it without importing the client SDK.
+
+Plain Python (no torch, and no protobuf import: the message is read through its
+attributes): it lives beside the wire definitions because it is part of the wire
+contract, and proto is the one package below both the client side and the engine.
+"""
+from __future__ import annotations
+
+import math
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass, but True tokens or a top_k of False is a caller's mistake
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_sampling_values(*, max_tokens, temperature, top_k, top_p) -> None:
+    """Raise ValueError naming the field when a setting is out of its range.
+
+    max_tokens: an integer >= 1. temperature: a finite number >= 0 (0 = greedy).
+    top_k: -1 or 0 (both: off) or a positive integer. top_p: in (0, 1]; a wire
+    message that leaves it unset means 1.0, and the caller resolves that first.
+    """
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _is_int(top_k) or top_k < -1:
+        raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {top_k!r}")
+    if not (_is_number(top_p) and 0 < top_p <= 1):  # also refuses NaN
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_sampling(pb) -> None:
+    """Raise ValueError with the reason when a received SamplingParams message is not acceptable."""
+    check_sampling_values(
+        max_tokens=pb.max_tokens,
+        temperature=pb.temperature,
+        top_k=pb.top_k,
+        top_p=pb.top_p if pb.HasField("top_p") else 1.0,  # unset is 1.0; an explicit 0 is refused
+    )
+
+
+def sampling_kwargs(pb) -> dict:
+    """A checked SamplingParams message as plain keyword arguments, wire defaults resolved
+    (unset top_p -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
+    return dict(
+        max_tokens=int(pb.max_tokens),
+        temperature=float(pb.temperature),
+        top_k=int(pb.top_k),
+        top_p=float(pb.top_p) if pb.HasField("top_p") else 1.0,
+        seed=int(pb.seed) if pb.HasField("seed") else None,
+        stop_token_ids=tuple(int(t) for t in pb.stop_token_ids),
+        ignore_eos=bool(pb.ignore_eos),
+    )
+
+
+__all__ = ["check_sampling", "check_sampling_values", "sampling_kwargs"]

@@ -1,0 +1,315 @@
+"""One attempt of a request: one try on a chosen (prefill P, decode D) pair.
+
+Where it sits in a request's life (see braid.router.orchestrator): the retry book
+(braid.router.retry_book) chose the pair; the attempt then runs
+
+    remote prefill: D.Reserve -> D.Decode stream opened (read by a task into a
+        queue) -> P.Prefill(destination), concurrently with the stream;
+    local prefill:  D.Decode(local_prefill=True, prompt, sampling);
+
+and succeeds when D's first message (the first token) arrives, whether or not P's
+reply is in yet (it is collected when D finishes, for the timings). It fails with
+AttemptFailed (a Failure for the retry book) when P's call fails, D refuses the
+reservation, or D's stream ends before the first token; with RequestError when a
+node says the request itself is invalid (never retried). The orchestrator then
+streams D's messages (`next_message`) and ends the attempt with `collect_prefill`
+or `release`.
+
+`release` stops everything of the attempt at once and sends Abort to every node it
+called, except one that answered UNAVAILABLE itself or refused the reservation
+(nothing to free there), from a task of its own so that it completes although the
+request's handler is being cancelled. Abort is idempotent on the nodes, so an extra
+one is harmless. Every outgoing call has a deadline: Reserve min(remaining,
+node_rpc_timeout_s), Abort min(2 s, node_rpc_timeout_s), Prefill and Decode the
+time remaining.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from braid.proto import common_pb2, nodes_pb2
+from braid.router.nodes import NodeEntry, NodeView
+from braid.router.retry_book import Deadline, Failure
+
+log = logging.getLogger(__name__)
+
+Code = grpc.StatusCode
+ABORT_TIMEOUT_S = 2.0
+"""Deadline of an Abort call (capped by node_rpc_timeout_s)."""
+PREFILL_REPLY_GRACE_S = 2.0
+"""After D finished streaming, how long to wait for P's reply (its timings)."""
+EOF = object()
+"""D's stream ended without an error."""
+
+
+class RequestError(Exception):
+    """Ends a request with a gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class AttemptFailed(Exception):
+    """A node failed the attempt; the retry book decides what follows."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class RequestInput:
+    """What an attempt sends to the nodes."""
+
+    request_id: str
+    """Client-facing id (attempts use their own node_request_id on the nodes)."""
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams
+    deadline: Deadline
+
+
+class Aborts:
+    """Abort calls sent in the background, one task per batch; one per router."""
+
+    def __init__(self, node_rpc_timeout_s: float):
+        self.timeout = min(ABORT_TIMEOUT_S, node_rpc_timeout_s)
+        self._background: set[asyncio.Task] = set()
+
+    def spawn(self, targets: list[tuple[NodeEntry, str]], reason: str) -> None:
+        # A task of its own: it runs to the end even when the request's handler is being cancelled.
+        task = asyncio.create_task(self._abort_all(targets, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort_all(self, targets: list[tuple[NodeEntry, str]], reason: str) -> None:
+        async def abort(node: NodeEntry, request_id: str) -> None:
+            try:
+                await node.stub.Abort(common_pb2.AbortRequest(request_id=request_id, reason=reason), timeout=self.timeout)
+            except grpc.RpcError as e:
+                log.info("router: abort of %s on %s failed: %s", request_id, node.node_id, e.code().name)
+            except Exception as e:  # a closed channel, for one
+                log.info("router: abort of %s on %s failed: %r", request_id, node.node_id, e)
+
+        await asyncio.gather(*(abort(n, rid) for n, rid in targets))
+
+    async def close(self, timeout: float = ABORT_TIMEOUT_S) -> None:
+        """Wait (bounded) for aborts still being sent."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
+
+@dataclass(frozen=True)
+class NodeCalls:
+    """What every attempt of one router shares: the node view and the call settings."""
+
+    view: NodeView
+    aborts: Aborts
+    reserve_lease_s: float
+    node_rpc_timeout_s: float
+
+
+class DecodeReader:
+    """Reads D's Decode stream in a task into a queue: DecodeResponses, then EOF or the RpcError."""
+
+    def __init__(self, call):
+        self.call = call
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for msg in self.call:
+                self.queue.put_nowait(msg)
+            self.queue.put_nowait(EOF)
+        except grpc.RpcError as e:
+            self.queue.put_nowait(e)
+
+    async def get(self):
+        return await self.queue.get()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self.task.cancel()
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One try of a request on (prefill, decode); its state as it goes."""
+
+    number: int
+    node_request_id: str
+    decode: NodeEntry
+    prefill: NodeEntry | None
+    """None: local prefill on the decode node."""
+    calls: NodeCalls
+    decode_called: bool = False
+    reader: DecodeReader | None = None
+    prefill_call: object = None
+    """The grpc.aio call of P.Prefill; prefill_task awaits it."""
+    prefill_task: asyncio.Future | None = None
+    pending: list[asyncio.Task] = field(default_factory=list)
+    first: nodes_pb2.DecodeResponse | None = None
+    prefill_resp: nodes_pb2.PrefillResponse | None = None
+    closed: bool = False
+
+    # -- until the first token -------------------------------------------------------
+
+    async def start(self, req: RequestInput) -> None:
+        """Run the attempt until D's first message; AttemptFailed when a node fails it."""
+        self.decode_called = True
+        if self.prefill is None:
+            await self._start_local(req)
+            return
+        reserved = await self._reserve(req)
+        self.reader = DecodeReader(
+            self.decode.stub.Decode(nodes_pb2.DecodeRequest(request_id=self.node_request_id),
+                                    timeout=req.deadline.remaining())
+        )
+        self.prefill_call = self.prefill.stub.Prefill(
+            nodes_pb2.PrefillRequest(
+                request_id=self.node_request_id, token_ids=req.prompt,
+                sampling=req.sampling, destination=reserved.destination,
+            ),
+            timeout=req.deadline.remaining(),
+        )
+        self.prefill_task = asyncio.ensure_future(self.prefill_call)
+        self.prefill_task.add_done_callback(_retrieve)  # it may end after the attempt was given up
+        first = asyncio.create_task(self.reader.get())
+        self.pending.append(first)
+        await asyncio.wait((self.prefill_task, first), return_when=asyncio.FIRST_COMPLETED)
+        if not first.done():
+            await self._await_first_after_prefill(first, req.deadline)
+        self.first = self._first(first.result())
+
+    async def _start_local(self, req: RequestInput) -> None:
+        call = self.decode.stub.Decode(
+            nodes_pb2.DecodeRequest(
+                request_id=self.node_request_id, local_prefill=True,
+                prompt_token_ids=req.prompt, sampling=req.sampling,
+            ),
+            timeout=req.deadline.remaining(),
+        )
+        self.reader = DecodeReader(call)
+        self.first = self._first(await self.reader.get())
+
+    async def _reserve(self, req: RequestInput) -> nodes_pb2.ReserveResponse:
+        try:
+            return await self.decode.stub.Reserve(
+                nodes_pb2.ReserveRequest(
+                    request_id=self.node_request_id, prompt_token_ids=req.prompt,
+                    sampling=req.sampling, lease_s=self.calls.reserve_lease_s,
+                ),
+                timeout=req.deadline.rpc_timeout(self.calls.node_rpc_timeout_s),
+            )
+        except grpc.RpcError as e:
+            raise self._node_failed(self.decode, "Reserve", e) from None
+
+    async def _await_first_after_prefill(self, first: asyncio.Task, deadline: Deadline) -> None:
+        """P replied before D's first message: take P's reply, then wait for D."""
+        exc = self.prefill_task.exception()
+        if exc is not None:
+            raise self._node_failed(self.prefill, "Prefill", exc) from None
+        self.prefill_resp = self.prefill_task.result()
+        # P returns once D has all the KV, so D's first message is due now.
+        done, _ = await asyncio.wait((first,), timeout=deadline.rpc_timeout(self.calls.node_rpc_timeout_s))
+        if not done:
+            raise AttemptFailed(Failure(self.decode, "Decode", "DEADLINE_EXCEEDED",
+                                        "no first token after the prefill completed"))
+
+    def _first(self, item) -> nodes_pb2.DecodeResponse:
+        """D's first stream item as a message, or the attempt's failure."""
+        if isinstance(item, nodes_pb2.DecodeResponse):
+            return item
+        if item is EOF:
+            raise AttemptFailed(Failure(self.decode, "Decode", "UNKNOWN", "stream ended before the first token"))
+        if item.code() == Code.ABORTED:
+            # KV transfer failed or the lease expired: D itself is fine; try another P if there is one.
+            raise AttemptFailed(Failure(self.decode, "Decode", "ABORTED", item.details() or "", exclude=False))
+        raise self._node_failed(self.decode, "Decode", item)
+
+    def _node_failed(self, node: NodeEntry, call: str, exc: BaseException) -> Exception:
+        """A node call's error: RequestError for the client's own fault, else AttemptFailed."""
+        if isinstance(exc, grpc.RpcError):
+            code, details = exc.code(), exc.details() or ""
+        else:
+            code, details = Code.UNKNOWN, repr(exc)
+        if code == Code.INVALID_ARGUMENT:
+            return RequestError(code, details)
+        if code == Code.UNAVAILABLE:
+            self.calls.view.mark_unreachable(node, f"{call}: {details}")
+        return AttemptFailed(Failure(node, call, code.name, details))
+
+    # -- streaming and the end ---------------------------------------------------------
+
+    async def next_message(self, req: RequestInput, num_tokens: int) -> nodes_pb2.DecodeResponse:
+        """D's next message; RequestError (the attempt released) when D fails or ends
+        the stream without finishing."""
+        item = await self.reader.get()
+        if isinstance(item, nodes_pb2.DecodeResponse):
+            return item
+        node = self.decode
+        if item is EOF:
+            why = "ended the stream without finishing"
+        else:
+            why = f"{item.code().name}: {item.details()}"
+            if item.code() == Code.UNAVAILABLE:
+                self.calls.view.mark_unreachable(node, f"Decode: {item.details()}")
+            if item.code() == Code.DEADLINE_EXCEEDED and req.deadline.expired():
+                self.release("deadline")
+                raise RequestError(Code.DEADLINE_EXCEEDED, f"deadline passed after {num_tokens} tokens")
+        self.release(f"decode node failed: {why}")
+        raise RequestError(Code.UNAVAILABLE, f"decode node {node.node_id} failed after {num_tokens} tokens: {why}")
+
+    async def collect_prefill(self, req: RequestInput) -> None:
+        """D finished: wait briefly for P's reply (its timings), then close the attempt;
+        a reply still missing is cancelled and P told to abort."""
+        task = self.prefill_task
+        if task is not None and self.prefill_resp is None:
+            done, _ = await asyncio.wait((task,), timeout=min(PREFILL_REPLY_GRACE_S, req.deadline.remaining()))
+            if done and task.exception() is None:
+                self.prefill_resp = task.result()
+            elif done:
+                log.warning("router: request %s: prefill reply failed after decode finished: %r",
+                            req.request_id, task.exception())
+            else:
+                self.prefill_call.cancel()
+                task.cancel()
+                self.calls.aborts.spawn([(self.prefill, self.node_request_id)], "prefill reply late")
+        self.closed = True
+
+    def release(self, reason: str, failed: Failure | None = None) -> None:
+        """Stop everything of the attempt now and abort it on its nodes in the background (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        for t in self.pending:
+            t.cancel()
+        if self.reader is not None:
+            self.reader.cancel()
+        task = self.prefill_task
+        if task is not None and not task.done():
+            self.prefill_call.cancel()
+            task.cancel()
+
+        def down(node: NodeEntry) -> bool:
+            # it said UNAVAILABLE itself, or refused the reservation: nothing to abort there
+            return failed is not None and failed.node is node and (failed.code == "UNAVAILABLE" or failed.no_room)
+
+        targets = []
+        if self.decode_called and not down(self.decode):
+            targets.append((self.decode, self.node_request_id))
+        if task is not None and not down(self.prefill):
+            targets.append((self.prefill, self.node_request_id))
+        if targets:
+            self.calls.aborts.spawn(targets, reason)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
