@@ -147,10 +147,10 @@ _FLAT_ALIASES = {"kv_role": "role", "kv_transport": "transport", "kv_host": "hos
 
 
 @dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """Everything one engine instance needs."""
+class EngineSettings:
+    """What an engine runs with besides its model: the dtype, the sampler's seed and
+    one section per concern. A node's config (braid.node.config.NodeConfig) extends it."""
 
-    model_path: str
     dtype: str = "float32"
     """Weights, activations and KV cache: float32, bfloat16 or float16."""
     seed: int = 0
@@ -162,6 +162,20 @@ class EngineConfig:
 
     def __post_init__(self):
         check_choice(self, "dtype", DTYPES, "dtype")
+
+    def settings(self) -> dict:
+        """The EngineSettings fields of this object, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineSettings)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig(EngineSettings):
+    """Everything one engine instance needs."""
+
+    model_path: str
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.transfer.role is not None and self.cache.cp_kv_cache_interleave_size not in (None, self.cache.block_size):
             raise ValueError(
                 f"cache.cp_kv_cache_interleave_size: {self.cache.cp_kv_cache_interleave_size} must equal "

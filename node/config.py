@@ -6,25 +6,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from braid.engine.config import (
-    DTYPES,
-    CacheConfig,
-    check_choice,
-    check_port,
-    check_positive,
-    EngineConfig,
-    KVTransferConfig,
-    ParallelConfig,
-    SchedulerConfig,
-)
+from braid.engine.config import EngineConfig, EngineSettings, check_port, check_positive
 
 ROLES = ("prefill", "decode")
 
 
 @dataclass(frozen=True, kw_only=True)
-class NodeConfig:
+class NodeConfig(EngineSettings):
+    """A node: its servers, plus the engine settings (dtype, seed, parallel, cache,
+    scheduler, transfer) it starts its engine with."""
+
     host: str = "127.0.0.1"
     """Address the node's servers bind to (0.0.0.0 inside a container)."""
     advertise_host: str | None = None
@@ -37,20 +30,12 @@ class NodeConfig:
     """Unique id in discovery; default: <role>-<host>-<port>."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: stop taking work, finish in-flight requests for up to this long."""
-    dtype: str = "float32"
-    """Weights, activations and KV cache: float32, bfloat16 or float16."""
-    seed: int = 0
-    """Seed of the sampler for requests without their own."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         check_port(self, "port")
         check_port(self, "metrics_port", allow_off=True)
         check_positive(self, ("drain_timeout_s",), zero_ok=True)
-        check_choice(self, "dtype", DTYPES, "dtype")
 
     def advertised_host(self) -> str:
         return advertise_host(self.host, self.advertise_host)
@@ -60,8 +45,7 @@ class NodeConfig:
         transfer = dataclasses.replace(
             self.transfer, role=role, host=self.host, advertise_host=self.advertised_host()
         )
-        return EngineConfig(model_path=model_path, dtype=self.dtype, seed=self.seed, parallel=self.parallel,
-                            cache=self.cache, scheduler=self.scheduler, transfer=transfer)
+        return EngineConfig(model_path=model_path, **dict(self.settings(), transfer=transfer))
 
 
 def advertise_host(bind_host: str, configured: str | None) -> str:

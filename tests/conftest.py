@@ -43,6 +43,9 @@ CHECKPOINTS = {
     # for DCP/PCP: one and two KV heads, four query heads
     "kv1": ("llama", dict(num_attention_heads=4, num_key_value_heads=1), {}),
     "kv2": ("llama", dict(num_attention_heads=4, num_key_value_heads=2), {}),
+    # SmolLM2-135M's head shape (9 query heads, 3 KV heads): tp 2 cannot split it
+    "smol-shape": ("llama", dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=72, head_dim=8,
+                                 intermediate_size=144), {}),
 }
 
 BASE = dict(

@@ -5,8 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from braid.engine.layers.embedding import ParallelLMHead
+from braid.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from braid.engine.layers.norm import RMSNorm
 from braid.engine.model_config import ModelConfig
+
+
+class DecoderModel(nn.Module):
+    """Embedding -> decoder layers -> final norm; `layers` are the model's own blocks."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[nn.Module], tp_comm, dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_comm, dtype)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, meta)
+        return self.norm(x)
 
 
 class CausalLM(nn.Module):

@@ -7,16 +7,14 @@ layers and MoE after. Attention is `braid.engine.layers.mla`, the MoE
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from braid.engine.layers.attention import AttentionMetadata
-from braid.engine.layers.embedding import VocabParallelEmbedding
 from braid.engine.layers.mla import MLAAttention
 from braid.engine.layers.moe import GatedMLP, MoE
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.model_config import ModelConfig
-from braid.engine.models.base import CausalLM
+from braid.engine.models.base import CausalLM, DecoderModel
 from braid.engine.parallel_state import ParallelState
 
 
@@ -36,20 +34,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV2Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp, dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, par, dtype) for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-
-    def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
-
-
 class DeepseekV2ForCausalLM(CausalLM):
     """Checkpoint names are transformers' (and DeepSeek's): gate/up_proj of
     the dense MLPs, shared experts and each routed expert `mlp.experts.{e}`
@@ -67,7 +51,8 @@ class DeepseekV2ForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
         if cfg.mla is None:
             raise ValueError(f"{cfg.architecture} needs an MLA configuration")
-        super().__init__(cfg, DeepseekV2Model(cfg, par, dtype), dtype)
+        layers = [DecoderLayer(cfg, i, par, dtype) for i in range(cfg.num_layers)]
+        super().__init__(cfg, DecoderModel(cfg, layers, par.tp, dtype), dtype)
 
     def attention_layers(self) -> list[MLAAttention]:
         return [layer.self_attn for layer in self.model.layers]

@@ -6,16 +6,14 @@ to the activations' dtype.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from braid.engine.layers.attention import Attention, AttentionMetadata
-from braid.engine.layers.embedding import VocabParallelEmbedding
 from braid.engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.layers.rotary import RotaryEmbedding
 from braid.engine.model_config import ModelConfig
-from braid.engine.models.base import CausalLM
+from braid.engine.models.base import CausalLM, DecoderModel
 from braid.engine.parallel_state import ParallelState
 
 
@@ -71,20 +69,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, par.tp, dtype)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, par, dtype) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-
-    def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x, meta)
-        return self.norm(x)
-
-
 class LlamaForCausalLM(CausalLM):
     """Checkpoint names map onto fused parameters: q/k/v_proj -> qkv_proj,
     gate/up_proj -> gate_up_proj."""
@@ -98,7 +82,8 @@ class LlamaForCausalLM(CausalLM):
     }
 
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
-        super().__init__(cfg, LlamaModel(cfg, par, dtype), dtype)
+        layers = [DecoderLayer(cfg, par, dtype) for _ in range(cfg.num_layers)]
+        super().__init__(cfg, DecoderModel(cfg, layers, par.tp, dtype), dtype)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
