@@ -1,4 +1,8 @@
-"""The gRPC client SDK: blocking and asyncio clients, streaming, deadlines, cancellation, typed errors.
+"""The gRPC client SDK (braid.client), torch-free, importing only braid.proto:
+blocking and asyncio clients, streaming, deadlines, cancellation, typed errors.
+In a request's life it is the first and the last step: it encodes the prompt
+and sampling settings, and turns the router's stream into Chunks (and a
+closed iterator into a cancel).
 
     from braid.client import Client
 

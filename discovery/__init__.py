@@ -1,5 +1,9 @@
 """Node registration and membership through etcd leases; a static discovery for tests.
 
+In a request's life it comes before the request: each node registers its
+NodeInfo (address, KV layout, capacity) under a lease it renews; the router
+lists and watches the nodes of its cluster and routes only to those it sees.
+
     from braid.discovery import DiscoveryConfig, EtcdRegistration, EtcdMembership
     from braid.discovery import StaticMembership, StaticRegistration
 

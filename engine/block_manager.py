@@ -15,6 +15,12 @@ class OutOfBlocks(RuntimeError):
 
 
 class BlockManager:
+    """The instance's pool of KV block ids (the same ids on every rank; with
+    PCP/DCP one id covers `tokens_per_block` = block_size x shards tokens, one
+    block_size slice on each shard). Plain integers, no torch: the scheduler
+    allocates a sequence's blocks as it grows and frees them when it ends or is
+    preempted; the KV connector holds blocks while KV is in flight."""
+
     def __init__(self, num_blocks: int, tokens_per_block: int):
         if num_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_blocks}")

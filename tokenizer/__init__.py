@@ -1,6 +1,10 @@
-"""Torch-free text handling shared by the engine and the router: text <-> token ids
-through the `tokenizers` library (tokenizer.json) and incremental detokenization
-(text deltas for a growing list of ids)."""
+"""Torch-free text handling shared by the engine and the router (braid.tokenizer):
+text <-> token ids through the `tokenizers` library (tokenizer.json) and
+incremental detokenization (text deltas for a growing list of ids).
+
+In a request's life: the router (or the offline engine) encodes a text prompt
+into ids before anything else, and turns each chunk of generated ids back into
+a text delta on its way to the client."""
 from __future__ import annotations
 
 import os
