@@ -1,6 +1,6 @@
 """The top of the stack (braid.cluster): the one cluster config tree (config),
 the local launcher used by `braid up`, the tests and the benchmarks
-(launcher, up, layouts), and the `braid` command line (cli).
+(launcher, up, parallel_fit), and the `braid` command line (cli).
 
 A cluster's life from here: load and validate the YAML (every field named on
 error) -> fit parallel layouts to the model -> start etcd, the nodes and the

@@ -1,6 +1,6 @@
 """`braid up`: a whole local cluster in one command (braid.cluster.launcher),
 with parallel layouts fitted to the model before any process starts
-(braid.cluster.layouts). A component that fails to start leaves its log in
+(braid.cluster.parallel_fit). A component that fails to start leaves its log in
 the work folder, which is kept and named; a clean shutdown removes it."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from braid.cluster.launcher import ComponentFailed, LocalCluster
 
 def up_config(args):
     """The cluster config `braid up` runs and the model path, layouts fitted to the model."""
-    from braid.cluster.layouts import fit_layouts
+    from braid.cluster.parallel_fit import fit_parallel
     from braid.engine.model_config import load_model_config
     from braid.engine.tiny import ensure_default_model
 
@@ -28,7 +28,7 @@ def up_config(args):
     cfg = load_config(data=data)
     model = cfg.model or ensure_default_model()
     explicit = {role for role in ("prefill", "decode") if "parallel" in (data.get(role) or {})}
-    cfg, notes = fit_layouts(cfg, load_model_config(model), explicit, os.cpu_count() or 1)
+    cfg, notes = fit_parallel(cfg, load_model_config(model), explicit, os.cpu_count() or 1)
     for note in notes:
         print(f"braid: {note}", flush=True)
     return cfg, model

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from braid.cluster.config import ConfigError, load_config
-from braid.cluster.layouts import fit_layouts, valid_layouts
+from braid.cluster.parallel_fit import fit_parallel, valid_parallel
 from braid.engine.model_config import load_model_config
 from braid.engine.topology import Topology, validate_for_model
 from braid.tokenizer import Tokenizer
@@ -35,27 +35,27 @@ def _brute_force_decode(model, max_ranks):
 
 @pytest.mark.parametrize("name", ["smol-shape", "kv1", "kv2", "llama-gqa4", "qwen3-gqa4"])
 @pytest.mark.parametrize("max_ranks", [2, 4, 8])
-def test_valid_layouts_are_exactly_the_ones_the_engine_accepts(checkpoints, name, max_ranks):
+def test_valid_parallel_are_exactly_the_ones_the_engine_accepts(checkpoints, name, max_ranks):
     model = load_model_config(checkpoints.get(name))
     got = {(p.tensor_parallel_size, p.prefill_context_parallel_size, p.decode_context_parallel_size)
-           for p in valid_layouts(model, "decode", max_ranks)}
+           for p in valid_parallel(model, "decode", max_ranks)}
     assert got == _brute_force_decode(model, max_ranks)
-    for p in valid_layouts(model, "prefill", max_ranks):
+    for p in valid_parallel(model, "prefill", max_ranks):
         validate_for_model(p.topology, model)  # raises if the engine would refuse it
         assert p.topology.world <= max_ranks and p.decode_context_parallel_size == 1
 
 
 def test_fit_keeps_what_fits_replaces_defaults_and_refuses_explicit(checkpoints):
     smol = load_model_config(checkpoints.get("smol-shape"))
-    cfg, notes = fit_layouts(load_config(), smol, explicit=set(), cores=2)
+    cfg, notes = fit_parallel(load_config(), smol, explicit=set(), cores=2)
     assert cfg.prefill.parallel.topology == Topology(pcp=2)  # pcp 2 needs nothing of the heads: kept
     assert cfg.decode.parallel.topology == Topology(tp=1, dcp=1)  # tp 2 cannot split 9 heads
     assert len(notes) == 1 and notes[0].startswith("decode: tp 2 pcp 1 dcp 2 does not fit")
     kv1 = load_model_config(checkpoints.get("kv1"))
-    assert fit_layouts(load_config(), kv1, explicit=set(), cores=2) == (load_config(), [])
+    assert fit_parallel(load_config(), kv1, explicit=set(), cores=2) == (load_config(), [])
     with pytest.raises(ConfigError, match=r"decode\.parallel: tensor_parallel_size 2 must divide num_attention_heads 9"
                                           r".*tp 1 pcp 1 dcp 1"):
-        fit_layouts(load_config(), smol, explicit={"decode"}, cores=2)
+        fit_parallel(load_config(), smol, explicit={"decode"}, cores=2)
 
 
 def test_up_fits_the_layout_and_serves_exactly(checkpoints, tmp_path):

@@ -2,7 +2,7 @@
 
 The cluster's default layouts (prefill pcp 2; decode tp 2, dcp 2) suit the
 embedded tiny model, not every checkpoint: SmolLM2-135M has 9 query heads
-and 3 KV heads, so tp 2 cannot split it. `fit_layouts` keeps a node's layout
+and 3 KV heads, so tp 2 cannot split it. `fit_parallel` keeps a node's layout
 when the model can run it, replaces a default one that it cannot by the
 largest layout that fits within the host's cores, and refuses a layout the
 user asked for explicitly, naming the constraint and the layouts that would
@@ -28,7 +28,7 @@ def _fits(model, par: ParallelConfig) -> str | None:
     return None
 
 
-def valid_layouts(model, role: str, max_ranks: int) -> list[ParallelConfig]:
+def valid_parallel(model, role: str, max_ranks: int) -> list[ParallelConfig]:
     """Every layout of `role` with at most `max_ranks` ranks that the model can run, largest first."""
     out = []
     for tp in range(min(MAX_TP, max_ranks), 0, -1):
@@ -49,7 +49,7 @@ def describe(par: ParallelConfig) -> str:
     return f"tp {t.tp} pcp {t.pcp} dcp {t.dcp}"
 
 
-def fit_layouts(cfg: ClusterConfig, model, explicit: set[str], cores: int) -> tuple[ClusterConfig, list[str]]:
+def fit_parallel(cfg: ClusterConfig, model, explicit: set[str], cores: int) -> tuple[ClusterConfig, list[str]]:
     """`cfg` with each node's parallel layout fitted to `model` (a ModelConfig).
     `explicit` names the roles whose layout the user set; those are checked, not
     changed. Returns the config and one note per change."""
@@ -60,7 +60,7 @@ def fit_layouts(cfg: ClusterConfig, model, explicit: set[str], cores: int) -> tu
         why = _fits(model, node.parallel)
         if why is None:
             continue
-        choices = valid_layouts(model, role, max_ranks)
+        choices = valid_parallel(model, role, max_ranks)
         if role in explicit or not choices:
             shown = "; ".join(describe(p) for p in choices[:8]) or "none"
             raise ConfigError(f"{role}.parallel: {why}. Layouts this model can run on up to {max_ranks} ranks: {shown}")
