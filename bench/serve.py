@@ -42,19 +42,19 @@ from common import bench_model, table  # noqa: E402
 # (name, description, nodes as (role, overrides)) with 4 ranks in total
 CONFIGS = {
     "colocated": ("one engine, tp 4, prefill and decode", [
-        ("decode", ["decode.engine.tensor_parallel_size=4", "decode.engine.decode_context_parallel_size=1"])]),
+        ("decode", ["decode.parallel.tensor_parallel_size=4", "decode.parallel.decode_context_parallel_size=1"])]),
     "pd": ("prefill tp2 -> decode tp2", [
-        ("prefill", ["prefill.engine.tensor_parallel_size=2", "prefill.engine.prefill_context_parallel_size=1"]),
-        ("decode", ["decode.engine.tensor_parallel_size=2", "decode.engine.decode_context_parallel_size=1"])]),
+        ("prefill", ["prefill.parallel.tensor_parallel_size=2", "prefill.parallel.prefill_context_parallel_size=1"]),
+        ("decode", ["decode.parallel.tensor_parallel_size=2", "decode.parallel.decode_context_parallel_size=1"])]),
     "pd_pcp": ("prefill pcp2 -> decode tp2", [
-        ("prefill", ["prefill.engine.tensor_parallel_size=1", "prefill.engine.prefill_context_parallel_size=2"]),
-        ("decode", ["decode.engine.tensor_parallel_size=2", "decode.engine.decode_context_parallel_size=1"])]),
+        ("prefill", ["prefill.parallel.tensor_parallel_size=1", "prefill.parallel.prefill_context_parallel_size=2"]),
+        ("decode", ["decode.parallel.tensor_parallel_size=2", "decode.parallel.decode_context_parallel_size=1"])]),
     "pd_dcp": ("prefill tp2 -> decode tp2 dcp2", [
-        ("prefill", ["prefill.engine.tensor_parallel_size=2", "prefill.engine.prefill_context_parallel_size=1"]),
-        ("decode", ["decode.engine.tensor_parallel_size=2", "decode.engine.decode_context_parallel_size=2"])]),
+        ("prefill", ["prefill.parallel.tensor_parallel_size=2", "prefill.parallel.prefill_context_parallel_size=1"]),
+        ("decode", ["decode.parallel.tensor_parallel_size=2", "decode.parallel.decode_context_parallel_size=2"])]),
     "pd_pcp_dcp": ("prefill pcp2 -> decode tp2 dcp2", [
-        ("prefill", ["prefill.engine.tensor_parallel_size=1", "prefill.engine.prefill_context_parallel_size=2"]),
-        ("decode", ["decode.engine.tensor_parallel_size=2", "decode.engine.decode_context_parallel_size=2"])]),
+        ("prefill", ["prefill.parallel.tensor_parallel_size=1", "prefill.parallel.prefill_context_parallel_size=2"]),
+        ("decode", ["decode.parallel.tensor_parallel_size=2", "decode.parallel.decode_context_parallel_size=2"])]),
 }
 
 
@@ -166,20 +166,20 @@ def summarize(records: list[Record], wall: float, max_tokens: int) -> dict:
 
 
 def start_cluster(name: str, model: str, workdir: str, block_size: int):
-    from braid.router.cli import LocalCluster
+    from braid.cluster.launcher import LocalCluster
 
     sets = [
-        f"prefill.engine.block_size={block_size}",
-        f"decode.engine.block_size={block_size}",
-        "prefill.engine.threads_per_rank=1",
-        "decode.engine.threads_per_rank=1",
-        "prefill.engine.max_num_batched_tokens=65536",
-        "decode.engine.max_num_batched_tokens=65536",
+        f"prefill.cache.block_size={block_size}",
+        f"decode.cache.block_size={block_size}",
+        "prefill.parallel.threads_per_rank=1",
+        "decode.parallel.threads_per_rank=1",
+        "prefill.scheduler.max_num_batched_tokens=65536",
+        "decode.scheduler.max_num_batched_tokens=65536",
         "router.prefill_policy=round_robin",
         "router.decode_policy=round_robin",
     ]
-    cluster = LocalCluster(None, model, 0, sets, workdir, nodes=CONFIGS[name][1])
-    cluster.start(timeout_s=300)
+    cluster = LocalCluster(workdir, model=model, overrides=sets)
+    cluster.start(CONFIGS[name][1], timeout_s=300)
     return cluster
 
 
@@ -208,7 +208,7 @@ def plot(results: dict, path: str, loads: list) -> bool:
     return True
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--router", help="load this running cluster instead of starting the configurations")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -235,47 +235,42 @@ def main() -> None:
         args.rates, args.concurrency = [4.0], None
         args.requests, args.warmup, args.max_tokens = 4, 1, 8
         args.short, args.long, args.long_fraction = [8, 64], [200, 400], 0.25
-    model = args.model or bench_model()
-    loads = args.concurrency or args.rates
+    return args
+
+
+def run_config(name: str, args, model: str, loads: list, warm: list, point_prompts: list, t_all: float) -> list[dict]:
+    """Start configuration `name` (or use --router), warm it up, then measure each load point."""
     unit = "concurrency" if args.concurrency else "req/s"
-    os.makedirs(args.out, exist_ok=True)
-    rng = random.Random(args.seed)
-    warm = make_prompts(args.warmup, rng, tuple(args.short), tuple(args.short), 0.0)
-    point_prompts = [make_prompts(args.requests, rng, tuple(args.short), tuple(args.long), args.long_fraction) for _ in loads]
-    names = ["external"] if args.router else args.configs
-    results: dict[str, list] = {}
-    t_all = time.perf_counter()
-    for name in names:
-        print(f"[{name}] {CONFIGS[name][0] if name in CONFIGS else args.router}", flush=True)
-        with tempfile.TemporaryDirectory(prefix=f"braid-serve-{name}-") as workdir:
-            cluster = None
-            try:
-                if args.router:
-                    address = args.router
-                else:
-                    t0 = time.perf_counter()
-                    cluster = start_cluster(name, model, workdir, args.block_size)
-                    address = cluster.address
-                    print(f"  cluster up in {time.perf_counter() - t0:.0f} s at {address}", flush=True)
-                asyncio.run(run_load(address, warm, args.max_tokens, None, len(warm) or 1, args.seed))
-                points = []
-                for i, load in enumerate(loads):
-                    rate = None if args.concurrency else load
-                    conc = load if args.concurrency else None
-                    records, wall = asyncio.run(run_load(address, point_prompts[i], args.max_tokens, rate, conc, args.seed + i))
-                    s = summarize(records, wall, args.max_tokens)
-                    s["offered"] = load
-                    s["records"] = [asdict(r) for r in records]
-                    points.append(s)
-                    print(f"  {unit} {load}: {s['completed']}/{s['requests']} ok, TTFT p50 {s['ttft_p50']:.2f} s, "
-                          f"TPOT p50 {s['tpot_p50'] * 1000:.1f} ms, {s['tokens_per_s']:.1f} tok/s "
-                          f"({time.perf_counter() - t_all:.0f} s elapsed)", flush=True)
-                results[name] = points
-            finally:
-                if cluster is not None:
-                    cluster.stop()
-    headers = ["config", unit, "done", "fail", "TTFT p50/p90/p99 s", "TTFT short/long p50 s", "TPOT p50/p90/p99 ms",
-               "E2E p50/p90/p99 s", "tok/s", "queue s", "prefill s", "transfer s", "decode s"]
+    with tempfile.TemporaryDirectory(prefix=f"braid-serve-{name}-") as workdir:
+        cluster = None
+        try:
+            if args.router:
+                address = args.router
+            else:
+                t0 = time.perf_counter()
+                cluster = start_cluster(name, model, workdir, args.block_size)
+                address = cluster.address
+                print(f"  cluster up in {time.perf_counter() - t0:.0f} s at {address}", flush=True)
+            asyncio.run(run_load(address, warm, args.max_tokens, None, len(warm) or 1, args.seed))
+            points = []
+            for i, load in enumerate(loads):
+                rate = None if args.concurrency else load
+                conc = load if args.concurrency else None
+                records, wall = asyncio.run(run_load(address, point_prompts[i], args.max_tokens, rate, conc, args.seed + i))
+                s = summarize(records, wall, args.max_tokens)
+                s["offered"] = load
+                s["records"] = [asdict(r) for r in records]
+                points.append(s)
+                print(f"  {unit} {load}: {s['completed']}/{s['requests']} ok, TTFT p50 {s['ttft_p50']:.2f} s, "
+                      f"TPOT p50 {s['tpot_p50'] * 1000:.1f} ms, {s['tokens_per_s']:.1f} tok/s "
+                      f"({time.perf_counter() - t_all:.0f} s elapsed)", flush=True)
+            return points
+        finally:
+            if cluster is not None:
+                cluster.close()
+
+
+def table_rows(results: dict) -> list[list]:
     rows = []
     for name, points in results.items():
         for s in points:
@@ -288,6 +283,15 @@ def main() -> None:
                 f"{s['tokens_per_s']:.1f}", f"{s['queue_mean']:.3f}", f"{s['prefill_mean']:.3f}",
                 f"{s['transfer_mean']:.3f}", f"{s['decode_mean']:.3f}",
             ])
+    return rows
+
+
+def report(results: dict, args, model: str, loads: list, t_all: float) -> None:
+    """The table, serve.json, serve.png and the RESULT line."""
+    unit = "concurrency" if args.concurrency else "req/s"
+    headers = ["config", unit, "done", "fail", "TTFT p50/p90/p99 s", "TTFT short/long p50 s", "TPOT p50/p90/p99 ms",
+               "E2E p50/p90/p99 s", "tok/s", "queue s", "prefill s", "transfer s", "decode s"]
+    rows = table_rows(results)
     print(f"\nServing benchmark: model {model}, {args.requests} requests per point, "
           f"{int(args.long_fraction * 100)}% long ({args.long[0]}-{args.long[1]} tokens), "
           f"short {args.short[0]}-{args.short[1]}, {args.max_tokens} output tokens, {os.cpu_count()} cores")
@@ -306,6 +310,23 @@ def main() -> None:
         parts += [f"{name}_ttft_p50={top['ttft_p50']:.4f}", f"{name}_tpot_p50={top['tpot_p50']:.5f}",
                   f"{name}_tok_s={top['tokens_per_s']:.2f}", f"{name}_failed={sum(p['failed'] for p in points)}"]
     print("RESULT " + " ".join(parts))
+
+
+def main() -> None:
+    args = parse_args()
+    model = args.model or bench_model()
+    loads = args.concurrency or args.rates
+    os.makedirs(args.out, exist_ok=True)
+    rng = random.Random(args.seed)
+    warm = make_prompts(args.warmup, rng, tuple(args.short), tuple(args.short), 0.0)
+    point_prompts = [make_prompts(args.requests, rng, tuple(args.short), tuple(args.long), args.long_fraction) for _ in loads]
+    names = ["external"] if args.router else args.configs
+    results: dict[str, list] = {}
+    t_all = time.perf_counter()
+    for name in names:
+        print(f"[{name}] {CONFIGS[name][0] if name in CONFIGS else args.router}", flush=True)
+        results[name] = run_config(name, args, model, loads, warm, point_prompts, t_all)
+    report(results, args, model, loads, t_all)
 
 
 if __name__ == "__main__":

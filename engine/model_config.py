@@ -164,7 +164,8 @@ def _eos_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def load_model_config(model_path: str) -> ModelConfig:
+def _read_config_json(model_path: str) -> tuple[str, dict, str]:
+    """(path of config.json, its contents, the supported architecture it names)."""
     path = os.path.join(model_path, "config.json")
     if not os.path.isdir(model_path):
         raise CheckpointError(f"{model_path}: not a directory")
@@ -183,6 +184,22 @@ def load_model_config(model_path: str) -> ModelConfig:
         raise CheckpointError(
             f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return path, cfg, arch
+
+
+def _checkpoint_eos_ids(model_path: str, cfg: dict) -> tuple[int, ...]:
+    """EOS ids of generation_config.json first (what generation stops on), then config.json's."""
+    gen_path = os.path.join(model_path, "generation_config.json")
+    eos = _eos_ids(cfg.get("eos_token_id"))
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            gen = json.load(f)
+        eos = tuple(dict.fromkeys(_eos_ids(gen.get("eos_token_id")) + eos))
+    return eos
+
+
+def load_model_config(model_path: str) -> ModelConfig:
+    path, cfg, arch = _read_config_json(model_path)
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -192,12 +209,7 @@ def load_model_config(model_path: str) -> ModelConfig:
     theta, scaling = _rope_settings(cfg)
     dtype_str = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     max_pos = int(cfg.get("max_position_embeddings", 4096))
-    gen_path = os.path.join(model_path, "generation_config.json")
-    eos = _eos_ids(cfg.get("eos_token_id"))
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            gen = json.load(f)
-        eos = tuple(dict.fromkeys(_eos_ids(gen.get("eos_token_id")) + eos))
+    eos = _checkpoint_eos_ids(model_path, cfg)
     common = dict(
         architecture=arch,
         vocab_size=int(_require(cfg, "vocab_size", path)),
