@@ -16,14 +16,15 @@ import os
 from dataclasses import dataclass, field
 
 from braid.engine.kv_layout import ShardLayout
+from braid.kv_transfer.layout import ELEMENT_SIZES
 from braid.engine.topology import Topology
 
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
-DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda", "npu")
 KV_ROLES = (None, "prefill", "decode", "both")
 TRANSPORTS = ("tcp", "collective", "mooncake")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = tuple(ELEMENT_SIZES)
+"""float32, bfloat16, float16: the names kv_transfer.layout knows (one table for every layer)."""
 
 
 def check_positive(obj, names: tuple[str, ...], *, optional: bool = False, zero_ok: bool = False) -> None:
@@ -228,7 +229,7 @@ def kv_bytes_per_block(model, cfg: EngineConfig) -> int:
     """Bytes of one physical block, all layers, on one rank."""
     heads = local_kv_heads(model, cfg.parallel.tensor_parallel_size)
     return (model.num_layers * model.cache_components * heads * cfg.cache.block_size * model.cache_head_dim
-            * DTYPE_BYTES[cfg.dtype])
+            * ELEMENT_SIZES[cfg.dtype])
 
 
 def resolve(cfg: EngineConfig):

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from braid.kv_transfer.layout import InvalidLayout, canonical_dtype
+
 
 class CheckpointError(ValueError):
     """The checkpoint directory is unusable; the message names the file and field."""
@@ -22,31 +24,15 @@ GQA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
 SUPPORTED_ARCHITECTURES = GQA_ARCHITECTURES + MLA_ARCHITECTURES
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name not in _DTYPES.values():
-            raise ValueError(f"unsupported dtype {name}; use float32, bfloat16 or float16")
-        return name
+    """A torch dtype for any spelling braid accepts (the names are kv_transfer.layout's)."""
     try:
-        return _DTYPES[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; use float32, bfloat16 or float16") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+        return _TORCH_DTYPES[canonical_dtype(str(name))]
+    except InvalidLayout as e:
+        raise ValueError(str(e).replace("KV dtype", "dtype")) from None
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,9 @@ A granted write that neither reports DONE within `cancel_grace` nor dies with it
 process is waited out by closing the control connection, but bytes already submitted to
 Mooncake may still land until Mooncake's own transfer timeout.
 
-The receiver and sender bookkeeping (RxLedger, TxLedger) is ledger.py's; the control
-channel's sockets and threads are the tcp transport's (SocketReceiver, SocketSender).
+The transfers' state is kept in the receiver's and sender's books (receiver_book.py,
+sender_book.py); the control channel's sockets and threads are sockets.py's
+(SocketReceiver, SocketSender), shared with the tcp transport.
 """
 from __future__ import annotations
 
@@ -48,15 +49,15 @@ import logging
 import socket
 import struct
 import threading
-import time
 from typing import Sequence
 
 import torch
 
 from .base import Piece, TransferError
-from .collective import MAX_PIECES, MAX_TRAILER, flat_bytes, merge_runs
-from .ledger import CODE_KIND, KIND_CODE, ConnFail, Expected, RxLedger, TxLedger, parse_endpoint
-from .tcp import Corrupt, Lost, SocketRConn, SocketReceiver, SocketSConn, SocketSender
+from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_TRAILER, ConnFail, flat_bytes, merge_runs, parse_endpoint
+from .receiver_book import Expected, ReceiverBook
+from .sender_book import SenderBook
+from .sockets import Corrupt, SocketRConn, SocketReceiver, SocketSConn, SocketSender, recv_exact, recv_header
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _start_engine(host: str, protocol: str, device_name: str):
+def _start_engine(region: torch.Tensor, host: str, protocol: str, device_name: str) -> tuple[object, int, int]:
+    """A Mooncake engine started on `host` with `region` registered in it, so that
+    peers may write into it or it may write from it: (engine, address, size)."""
+    flat = flat_bytes(region)
+    addr, nbytes = flat.data_ptr(), flat.numel()
     engine = _load_engine_class()()
     rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
     if rc != 0:
         raise MooncakeUnavailable(f"Mooncake transfer engine failed to start on {host} with protocol {protocol!r} (rc {rc})")
-    return engine
+    if engine.register_memory(addr, nbytes) != 0:
+        raise RuntimeError(f"Mooncake could not register the {nbytes}-byte region")
+    return engine, addr, nbytes
 
 
 def parse_mooncake_endpoint(endpoint: str) -> tuple[str, int, int, tuple[str, int]]:
@@ -134,30 +141,24 @@ def _pack(ftype: int, tid: int, flags: int = 0, seq: int = 0, n: int = 0, payloa
     return _HDR.pack(MAGIC, VERSION, ftype, flags, tid, seq, n, len(payload)) + payload
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_bytes(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise Lost("connection closed")
-        got += k
+    recv_exact(sock, memoryview(buf))
     return bytes(buf)
 
 
 def _read_frame(sock: socket.socket) -> tuple[int, int, int, int, int, bytes] | None:
     """-> (type, flags, tid, seq, n, payload), None on EOF between frames."""
-    first = sock.recv(HEADER_SIZE)
-    if not first:
+    hdr = bytearray(HEADER_SIZE)
+    if not recv_header(sock, memoryview(hdr)):
         return None
-    hdr = first + _recv_exact(sock, HEADER_SIZE - len(first)) if len(first) < HEADER_SIZE else first
     magic, version, ftype, flags, tid, seq, n, plen = _HDR.unpack(hdr)
     if magic != MAGIC or version != VERSION:
         raise Corrupt(f"bad magic/version {magic:#x}/{version}")
     limit = {WRITE: 16 * MAX_PIECES, FINISH: MAX_TRAILER}.get(ftype, MAX_DETAIL)
     if not WRITE <= ftype <= ERROR or plen > limit or (ftype == WRITE and (not 0 < n <= MAX_PIECES or plen != 16 * n)):
         raise Corrupt(f"malformed control frame (type {ftype}, {n} pieces, {plen} bytes)")
-    return ftype, flags, tid, seq, n, _recv_exact(sock, plen) if plen else b""
+    return ftype, flags, tid, seq, n, _recv_bytes(sock, plen) if plen else b""
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,14 +190,9 @@ class MooncakeReceiver(SocketReceiver):
         reply_timeout: float = 5.0,
     ) -> None:
         self._region = region
-        flat = flat_bytes(region)
-        self._nbytes = flat.numel()
-        self._addr = flat.data_ptr()
-        self._engine = _start_engine(host, protocol, device_name)
-        if self._engine.register_memory(self._addr, self._nbytes) != 0:
-            raise RuntimeError(f"Mooncake could not register the {self._nbytes}-byte region")
+        self._engine, self._addr, self._nbytes = _start_engine(region, host, protocol, device_name)
         self._reply_timeout = reply_timeout
-        self._book = RxLedger(self._nbytes, cancel_grace, f"braid-mooncake-{self._engine.get_rpc_port()}-timer")
+        self._book = ReceiverBook(self._nbytes, cancel_grace, f"braid-mooncake-{self._engine.get_rpc_port()}-timer")
         self._listener = socket.create_server((host, port), backlog=64)
         self._endpoint = f"{host}:{self._engine.get_rpc_port()}#{self._addr:#x}:{self._nbytes}#{self._listener.getsockname()[1]}"
         self._start_accepting("braid-mooncake-accept", "braid-mooncake-ctrl")
@@ -314,6 +310,7 @@ class MooncakeSender(SocketSender):
     """Writes byte ranges of `region` (a contiguous tensor: the rank's KV cache) into
     MooncakeReceivers through a Mooncake transfer engine started on `host`."""
 
+    _sconn = _SConn
     _thread_names = ("braid-mooncake-write", "braid-mooncake-reply")
 
     def __init__(
@@ -328,16 +325,12 @@ class MooncakeSender(SocketSender):
         min_wait: float = 0.2,
     ) -> None:
         self._region = region
-        flat = flat_bytes(region)
-        self._addr = flat.data_ptr()
-        self._engine = _start_engine(host, protocol, device_name)
-        if self._engine.register_memory(self._addr, flat.numel()) != 0:
-            raise RuntimeError(f"Mooncake could not register the {flat.numel()}-byte region")
+        self._engine, self._addr, nbytes = _start_engine(region, host, protocol, device_name)
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout
         self._sndtimeo = stall_timeout
         self._min_wait = min_wait  # a frame whose deadline is (nearly) due still gets this long
-        self._book = TxLedger(flat.numel(), self._new_conn, MAX_TRAILER)
+        self._book = SenderBook(nbytes, self._new_conn, MAX_TRAILER)
         self._threads: list[threading.Thread] = []
 
     # ---- KVSender --------------------------------------------------------------
@@ -361,30 +354,17 @@ class MooncakeSender(SocketSender):
 
     # ---- connection threads --------------------------------------------------------
 
-    def _new_conn(self, endpoint: str) -> _SConn:
-        return self._start_conn(_SConn(endpoint, self._book.lock))
+    def _write_finish(self, c: _SConn, tid: int, seq: int, trailer: bytes | None, deadline: float | None) -> None:
+        c.send(_pack(FINISH, tid, 0 if trailer is None else FLAG_TRAILER, seq, payload=trailer or b""))
 
-    def _budget(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self._stall_timeout
-        return max(deadline - time.monotonic(), self._min_wait)
-
-    def _write(self, c: _SConn, what: str, tid: int, payload, deadline: float | None) -> None:
-        if what == "data":
-            self._write_data(c, tid, payload, deadline)
-        elif what == "finish":
-            flags = 0 if payload is None else FLAG_TRAILER
-            c.send(_pack(FINISH, tid, flags, c.seq.pop(tid, 0), payload=payload or b""))
-        elif what == "abort":
-            c.seq.pop(tid, None)
-            c.send(_pack(ERROR, tid, KIND_CODE[payload[0]], payload=payload[1].encode()[:MAX_DETAIL]))
+    def _write_abort(self, c: _SConn, tid: int, kind: str, detail: str) -> None:
+        c.send(_pack(ERROR, tid, KIND_CODE[kind], payload=detail.encode()[:MAX_DETAIL]))
 
     def _write_data(self, c: _SConn, tid: int, pieces: list[Piece], deadline: float) -> None:
         runs = merge_runs(pieces)
         for k in range(0, len(runs), MAX_PIECES):
             frame = runs[k : k + MAX_PIECES]
-            seq = c.seq.get(tid, 0)
-            c.seq[tid] = seq + 1
+            seq = c.next_seq(tid)
             grant = c.await_grant(tid, seq)
             table = struct.pack(f"<{2 * len(frame)}Q", *[x for _, d, n in frame for x in (d, n)])
             c.send(_pack(WRITE, tid, 0, seq, len(frame), table))

@@ -56,17 +56,17 @@ buffer. The receiver writes a transfer's bytes only while it is live; cancel and
 failure wait (briefly) for a recv that is landing its bytes, and shut that connection
 down if it does not end, before they return or report.
 
-The receiver and sender bookkeeping (RxLedger, TxLedger) is ledger.py's, shared with
+The receiver's and sender's books (receiver_book.py, sender_book.py) are shared with
 the collective and mooncake transports; what is tcp's own: transfer ids are u64
 (checked where they are given, on both sides), a transfer counts its bytes with
 LazyCoverage (a recvmsg_into lands up to _IOV_MAX spans), and closing a sender shuts its
 connections at once (there is no CLOSE frame). The socket side of connections
-(SocketReceiver: accepting, a thread per connection; SocketSender: connecting, a
-reader thread for replies) is shared with the mooncake transport's control channel.
+(sockets.py: SocketReceiver accepting, a thread per connection; SocketSender
+connecting, a reader thread for replies) is shared with the mooncake transport's
+control channel.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import struct
@@ -78,9 +78,10 @@ import numpy as np
 import torch
 
 from .base import Piece, TransferError, region_bytes
-from .ledger import CODE_KIND, KIND_CODE, U64_IDS, ConnFail, Expected, LazyCoverage, LedgerReceiver, LedgerSender, RxConn, RxLedger, TxConn, TxLedger, parse_endpoint
-
-log = logging.getLogger(__name__)
+from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_TRAILER, U64_IDS, ConnFail, merge_runs, parse_endpoint
+from .receiver_book import Expected, LazyCoverage, ReceiverBook
+from .sender_book import SenderBook
+from .sockets import Corrupt, Lost, SocketRConn, SocketReceiver, SocketSConn, SocketSender, recv_exact, recv_header
 
 MAGIC = int.from_bytes(b"BRKV", "little")
 VERSION = 1
@@ -91,240 +92,11 @@ _BODY = struct.Struct("<IBBHQIIQI")  # the header up to header_crc
 _U32 = struct.Struct("<I")
 HEADER_SIZE = _BODY.size + 4  # 40
 PIECE_SIZE = 16
-MAX_PIECES = 4096  # piece table <= 64 KiB
-MAX_TRAILER = 1 << 20
 MAX_DETAIL = 4096
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _RECV_CHUNK = 8 << 20  # bytes per recvmsg_into: bounds how long cancel waits for a landing recv
 _SCRATCH = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------
-# connections over TCP sockets: this transport's, and the mooncake transport's control
-# channel (frames are each transport's own)
-
-
-class Corrupt(Exception):
-    """The byte stream of a connection cannot be trusted any more."""
-
-
-class Lost(Exception):
-    """The peer went away (EOF inside a frame, reset)."""
-
-
-def set_sndtimeo(sock: socket.socket, seconds: float) -> None:
-    """Kernel send timeout on a blocking socket: a stalled send returns (partial count
-    or EAGAIN) instead of blocking for ever, while full-speed sends stay in C."""
-    sec = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
-
-
-def connect(addr: tuple[str, int], endpoint: str, timeout: float, deadline: float | None, sndtimeo: float) -> socket.socket:
-    """A blocking TCP_NODELAY connection to `addr`, made within `timeout` and the
-    frame's `deadline` (but given 50 ms at least), whose sends wake every `sndtimeo`;
-    ConnFail (timeout, refused, peer_lost) if it cannot be made."""
-    limit = timeout
-    if deadline is not None:
-        limit = max(0.05, min(limit, deadline - time.monotonic()))
-    try:
-        sock = socket.create_connection(addr, timeout=limit)
-    except socket.timeout:
-        raise ConnFail("timeout", f"connect to {endpoint} timed out") from None
-    except ConnectionRefusedError:
-        raise ConnFail("refused", f"connection to {endpoint} refused") from None
-    except OSError as e:
-        raise ConnFail("peer_lost", f"connect to {endpoint}: {e}") from None
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    set_sndtimeo(sock, sndtimeo)
-    return sock
-
-
-class SocketRConn(RxConn):
-    """An accepted connection; its thread is the only one reading from it or replying."""
-
-    def __init__(self, sock: socket.socket, name: str) -> None:
-        super().__init__(name)
-        self.sock = sock
-        self.thread: threading.Thread | None = None
-        self._sock_lock = threading.Lock()  # shutdown (any thread) vs close (its thread)
-        self._closed = False
-
-    def shut(self) -> None:
-        with self._sock_lock:
-            if not self._closed:
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        with self._sock_lock:
-            if not self._closed:
-                self._closed = True
-                self.sock.close()
-
-
-class SocketReceiver(LedgerReceiver):
-    """A receiver that takes sender connections (`_rconn`, a SocketRConn class) on a
-    TCP listener, with a thread each that hands the connection's frames to `_handle(c)`
-    (False: a clean end between frames) until it ends; then the transfers with frames
-    open on it fail. Replies (ACK, ERROR, ...) that the sender does not read within
-    `_reply_timeout` end the connection."""
-
-    _rconn: type[SocketRConn]
-    _listener: socket.socket
-    _endpoint: str
-    _reply_timeout: float
-
-    def _start_accepting(self, name: str, conn_name: str) -> None:
-        """Start the accept thread `name`; connection threads are `conn_name`-<peer port>."""
-        self._conns: set[SocketRConn] = set()
-        self._closed = False
-        self._listener.settimeout(0.2)  # the accept loop notices close within this
-        self._acceptor = threading.Thread(target=self._accept_loop, args=(conn_name,), name=name, daemon=True)
-        self._acceptor.start()
-
-    def close(self) -> None:
-        with self._book.lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._book.close()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once on Linux
-        except OSError:
-            pass
-        self._acceptor.join(timeout=2.0)  # else it notices `_closed` within its 0.2 s timeout
-        self._listener.close()
-        with self._book.lock:
-            conns = list(self._conns)
-        for c in conns:
-            c.shut()
-        for c in conns:
-            if c.thread is not None:
-                c.thread.join(timeout=2.0)
-            c.close()
-
-    def _accept_loop(self, conn_name: str) -> None:
-        while not self._closed:
-            try:
-                sock, addr = self._listener.accept()
-            except (socket.timeout, BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return
-            sock.setblocking(True)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_sndtimeo(sock, self._reply_timeout)  # a peer that never reads replies cannot block the connection's thread
-            c = self._rconn(sock, f"{addr[0]}:{addr[1]}->{self._endpoint}")
-            c.thread = threading.Thread(target=self._serve, args=(c,), name=f"{conn_name}-{addr[1]}", daemon=True)
-            with self._book.lock:
-                if self._closed:
-                    c.close()
-                    return
-                self._conns.add(c)
-            c.thread.start()
-
-    def _serve(self, c: SocketRConn) -> None:
-        kind, detail = "peer_lost", f"sender connection {c.name} closed"
-        try:
-            while self._handle(c):
-                pass
-        except Corrupt as e:
-            kind, detail = "corrupt", f"{e} on {c.name}"
-        except (Lost, OSError) as e:
-            detail = f"{e or type(e).__name__} on {c.name}"
-        finally:
-            with self._book.lock:
-                self._conns.discard(c)
-            self._release(c)
-            c.shut()
-            c.close()
-            self._book.drop_conn(c, kind, detail)
-
-    def _handle(self, c: SocketRConn) -> bool:
-        raise NotImplementedError
-
-    def _release(self, c: SocketRConn) -> None:
-        """The connection `c` ended: give back what it holds, before its transfers fail."""
-
-
-class SocketSConn(TxConn):
-    """A sender's connection to `addr`: made by its writer thread on the first item,
-    with a reader thread for the receiver's replies; threads are named after `label`."""
-
-    def __init__(self, endpoint: str, lock: threading.Lock, addr: tuple[str, int], label: str) -> None:
-        super().__init__(endpoint, lock)
-        self.addr = addr
-        self.label = label
-        self.sock: socket.socket | None = None
-        self.seq: dict[int, int] = {}  # tid -> data frames written (writer thread only)
-        self.reader: threading.Thread | None = None
-        self.sock_lock = threading.Lock()  # shutdown (any thread) vs close (writer)
-
-    @property
-    def connected(self) -> bool:
-        return self.sock is not None
-
-    def shut(self) -> None:
-        with self.sock_lock:
-            if self.sock is not None and self.sock.fileno() >= 0:
-                try:
-                    self.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
-class SocketSender(LedgerSender):
-    """A sender whose connections are SocketSConns: the writer thread (LedgerSender)
-    connects, and starts a reader thread that hands the receiver's replies to
-    `_read_reply(c)` (False: the receiver closed the connection between frames).
-    Whatever ends either thread kills the connection, failing the transfers it
-    carries. Sends wake every `_sndtimeo` to check their deadline; threads are named
-    `_thread_names` (writer, reader) prefixes."""
-
-    _connect_timeout: float
-    _sndtimeo: float
-    _thread_names: tuple[str, str]
-
-    def _start_conn(self, c: SocketSConn) -> SocketSConn:
-        return self._start_writer(c, f"{self._thread_names[0]}-{c.label}")
-
-    def _writer_done(self, c: SocketSConn) -> None:
-        c.shut()  # also when it was killed while connecting, before it had a socket
-        if c.reader is not None:
-            c.reader.join(timeout=2.0)
-        with c.sock_lock:
-            if c.sock is not None:
-                c.sock.close()
-
-    def _connect(self, c: SocketSConn, deadline: float | None) -> None:
-        sock = connect(c.addr, c.endpoint, self._connect_timeout, deadline, self._sndtimeo)
-        with c.sock_lock:
-            c.sock = sock
-        c.reader = threading.Thread(target=self._read_loop, args=(c,), name=f"{self._thread_names[1]}-{c.label}", daemon=True)
-        c.reader.start()
-        if c.dead:  # killed while connecting
-            raise ConnFail("aborted", "connection closed while connecting")
-
-    def _read_loop(self, c: SocketSConn) -> None:
-        kind, detail = "peer_lost", "receiver closed the connection"
-        try:
-            while self._read_reply(c):
-                pass
-        except Corrupt as e:
-            kind, detail = "corrupt", str(e)
-        except (Lost, OSError) as e:
-            detail = f"{e or type(e).__name__}"
-        self._book.kill(c, kind, f"{detail} ({c.endpoint})")
-
-    def _write(self, c: SocketSConn, what: str, tid: int, payload, deadline: float | None) -> None:
-        raise NotImplementedError
-
-    def _read_reply(self, c: SocketSConn) -> bool:
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,23 +122,9 @@ def _parse_header(buf) -> tuple[int, int, int, int, int, int, int]:
     return ftype, flags, tid, seq, n, plen, tcrc
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
-    got, n = 0, view.nbytes
-    while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-        if k == 0:
-            raise Lost("connection closed inside a frame")
-        got += k
-
-
 def _read_header(sock: socket.socket, hdr: memoryview) -> tuple[int, int, int, int, int, int, int] | None:
     """The next frame's header, read into `hdr` and parsed; None on a clean EOF between frames."""
-    k = sock.recv_into(hdr, HEADER_SIZE, socket.MSG_WAITALL)
-    if k == 0:
-        return None
-    if k < HEADER_SIZE:
-        _recv_exact(sock, hdr[k:])
-    return _parse_header(hdr)
+    return _parse_header(hdr) if recv_header(sock, hdr) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,7 +153,7 @@ class TcpReceiver(SocketReceiver):
         self._listener = socket.create_server((host, port), backlog=64)
         h, p = self._listener.getsockname()[:2]
         self._endpoint = f"{h}:{p}"
-        self._book = RxLedger(self._mv.nbytes, cancel_grace, f"braid-tcp-timer-{p}", tids=U64_IDS, coverage=LazyCoverage)
+        self._book = ReceiverBook(self._mv.nbytes, cancel_grace, f"braid-tcp-timer-{p}", tids=U64_IDS, coverage=LazyCoverage)
         self._start_accepting(f"braid-tcp-accept-{p}", "braid-tcp-read")
 
     @property
@@ -412,7 +170,7 @@ class TcpReceiver(SocketReceiver):
         ftype, flags, tid, seq, n, plen, tcrc = header
         if ftype == DATA:
             table = c.table[: n * PIECE_SIZE]
-            _recv_exact(c.sock, table)
+            recv_exact(c.sock, table)
             if zlib.crc32(table) != tcrc:
                 raise Corrupt("piece table CRC mismatch")
             self._on_data(c, tid, seq, np.frombuffer(table, dtype="<u8").tolist(), plen)
@@ -420,13 +178,13 @@ class TcpReceiver(SocketReceiver):
             if plen > MAX_TRAILER:
                 raise Corrupt(f"trailer of {plen} bytes")
             buf = bytearray(plen)
-            _recv_exact(c.sock, memoryview(buf))
+            recv_exact(c.sock, memoryview(buf))
             self._reply(c, tid, self._book.on_finish(c, tid, seq, bytes(buf) if flags & FLAG_TRAILER else None))
         elif ftype == ERROR:
             if plen > MAX_DETAIL or flags not in CODE_KIND:
                 raise Corrupt("malformed error frame")
             buf = bytearray(plen)
-            _recv_exact(c.sock, memoryview(buf))
+            recv_exact(c.sock, memoryview(buf))
             self._book.on_abort(c, tid, CODE_KIND[flags], buf.decode("utf-8", "replace"))
         else:
             raise Corrupt("ACK frame from a sender")
@@ -520,6 +278,7 @@ class TcpSender(SocketSender):
     """Sends byte ranges of `region` (a contiguous CPU tensor, the rank's KV cache) to
     TcpReceivers over one persistent connection per endpoint."""
 
+    _sconn = _SConn
     _thread_names = ("braid-tcp-write", "braid-tcp-ack")
 
     def __init__(self, region: torch.Tensor, *, connect_timeout: float = 5.0, stall_timeout: float = 10.0, poll_interval: float = 0.2) -> None:
@@ -528,7 +287,7 @@ class TcpSender(SocketSender):
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout  # for frames without a deadline (finish, error)
         self._sndtimeo = poll_interval  # a blocked send wakes this often to check its deadline
-        self._book = TxLedger(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=U64_IDS)
+        self._book = SenderBook(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=U64_IDS)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -549,39 +308,18 @@ class TcpSender(SocketSender):
 
     # ---- connection threads --------------------------------------------------------
 
-    def _new_conn(self, endpoint: str) -> _SConn:
-        return self._start_conn(_SConn(endpoint, self._book.lock))
+    def _write_finish(self, c: _SConn, tid: int, seq: int, trailer: bytes | None, deadline: float | None) -> None:
+        body = trailer or b""
+        _pack_header(c.hdr, FINISH, FLAG_TRAILER if trailer is not None else 0, tid, seq, 0, len(body), 0)
+        self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(body)], deadline)
 
-    def _write(self, c: _SConn, what: str, tid: int, payload, deadline: float | None) -> None:
-        if what == "data":
-            self._write_data(c, tid, payload, deadline)
-        elif what == "finish":
-            flags = FLAG_TRAILER if payload is not None else 0
-            body = payload or b""
-            _pack_header(c.hdr, FINISH, flags, tid, c.seq.pop(tid, 0), 0, len(body), 0)
-            self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(body)], deadline)
-        elif what == "abort":
-            body = payload[1].encode()[:MAX_DETAIL]
-            c.seq.pop(tid, None)
-            _pack_header(c.hdr, ERROR, KIND_CODE[payload[0]], tid, 0, 0, len(body), 0)
-            self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(body)], None)
+    def _write_abort(self, c: _SConn, tid: int, kind: str, detail: str) -> None:
+        body = detail.encode()[:MAX_DETAIL]
+        _pack_header(c.hdr, ERROR, KIND_CODE[kind], tid, 0, 0, len(body), 0)
+        self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(body)], None)
 
     def _write_data(self, c: _SConn, tid: int, pieces: list[Piece], deadline: float) -> None:
-        # (src, dst, length), contiguous pieces merged; unlike collective.merge_runs, an
-        # empty piece ends a run (this transport's frames are as they always were)
-        runs: list[tuple[int, int, int]] = []
-        rs = rd = -1
-        rl = 0
-        for p in pieces:
-            s, d, ln = p.src_offset, p.dst_offset, p.length
-            if s == rs + rl and d == rd + rl:
-                rl += ln
-                continue
-            if rl:
-                runs.append((rs, rd, rl))
-            rs, rd, rl = s, d, ln
-        if rl:
-            runs.append((rs, rd, rl))
+        runs = merge_runs(pieces)
         mv = self._mv
         for k in range(0, len(runs), MAX_PIECES):
             frame = runs[k : k + MAX_PIECES]
@@ -589,8 +327,7 @@ class TcpSender(SocketSender):
             table = [x for _, d, ln in frame for x in (d, ln)]
             struct.pack_into(f"<{2 * n}Q", c.hdr, HEADER_SIZE, *table)
             end = HEADER_SIZE + n * PIECE_SIZE
-            seq = c.seq.get(tid, 0)
-            c.seq[tid] = seq + 1
+            seq = c.next_seq(tid)
             _pack_header(c.hdr, DATA, 0, tid, seq, n, sum(table[1::2]), zlib.crc32(c.hdr_mv[HEADER_SIZE:end]))
             self._sendv(c, [c.hdr_mv[:end]] + [mv[s : s + ln] for s, _, ln in frame], deadline)
 
@@ -630,7 +367,7 @@ class TcpSender(SocketSender):
             self._book.acked(c, tid, None)
         elif ftype == ERROR and plen <= MAX_DETAIL and flags in CODE_KIND:
             buf = bytearray(plen)
-            _recv_exact(c.sock, memoryview(buf))
+            recv_exact(c.sock, memoryview(buf))
             self._book.acked(c, tid, TransferError(tid, CODE_KIND[flags], buf.decode("utf-8", "replace")))
         else:
             raise Corrupt(f"unexpected frame type {ftype} from a receiver")

@@ -230,8 +230,8 @@ def test_describe_matches_engine(data):
 
 @pytest.mark.parametrize("fmt,kv_heads,tp,dcp", [("gqa", 2, 4, 2), ("gqa", 8, 2, 1), ("gqa", 1, 4, 4), ("mla", 1, 4, 2)])
 def test_describe_engine_matches_allocated_cache(fmt, kv_heads, tp, dcp):
-    cfg = EngineConfig(model_path="unused", dtype="bfloat16", tensor_parallel_size=tp, prefill_context_parallel_size=2,
-                       decode_context_parallel_size=dcp, block_size=8, num_kv_blocks=5)
+    cfg = EngineConfig.build("unused", dtype="bfloat16", tensor_parallel_size=tp, prefill_context_parallel_size=2,
+                             decode_context_parallel_size=dcp, block_size=8, num_kv_blocks=5)
     model = SimpleNamespace(is_mla=fmt == "mla", num_layers=3, num_kv_heads=kv_heads, cache_head_dim=12,
                             cache_components=1 if fmt == "mla" else 2, architecture="LlamaForCausalLM")
     lay = describe_engine(cfg, model)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from braid.kv_transfer.base import Piece, TransferError
-from braid.kv_transfer.collective import CollectiveReceiver, CollectiveSender, Coverage, plan_messages
+from braid.kv_transfer.collective import CollectiveReceiver, CollectiveSender, plan_messages
+from braid.kv_transfer.receiver_book import Coverage
 
 REGION = 4 << 20  # bytes per region
 BLOCK = 32 << 10
