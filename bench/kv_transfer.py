@@ -100,7 +100,7 @@ class RawLoopback:
 
 
 def _receiver(kind, size, q_out, q_in):
-    from braid.engine.transfer import make_receiver
+    from braid.engine.kv_connector.transports import make_receiver
 
     region = torch.zeros(size, dtype=torch.uint8)
     rx = make_receiver(kind, region, "127.0.0.1", 0)
@@ -127,7 +127,7 @@ class TransportPair:
     request of `size` bytes sent as a prefill rank sends it (8 layers of 1 MiB pieces)."""
 
     def __init__(self, kind: str, size: int):
-        from braid.engine.transfer import make_sender
+        from braid.engine.kv_connector.transports import make_sender
 
         ctx = mp.get_context("spawn")
         self.size = size
@@ -196,20 +196,22 @@ def mooncake_available() -> str | None:
 def overlap(tokens: int, rate_gbps: float) -> dict:
     from braid.engine.config import EngineConfig
     from braid.engine.core import EngineCore
+    from braid.engine.kv_connector.types import TransferTarget
     from braid.engine.sampling import SamplingParams
 
     model = bench_model(num_hidden_layers=16, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                         num_key_value_heads=4, head_dim=64)
-    common = dict(model_path=model, block_size=16, max_model_len=tokens + 16, max_num_batched_tokens=tokens,
+    common = dict(block_size=16, max_model_len=tokens + 16, max_num_batched_tokens=tokens,
                   kv_transport="tcp", threads_per_rank=1)
     blocks = tokens // 16 + 8
-    P = EngineCore(EngineConfig(kv_role="prefill", num_kv_blocks=blocks, **common))
-    D = EngineCore(EngineConfig(kv_role="decode", num_kv_blocks=blocks, **common))
+    P = EngineCore(EngineConfig.build(model, kv_role="prefill", num_kv_blocks=blocks, **common))
+    D = EngineCore(EngineConfig.build(model, kv_role="decode", num_kv_blocks=blocks, **common))
     try:
         prompt = [(i * 7919) % 380 + 2 for i in range(tokens)]
         params = SamplingParams(max_tokens=1, temperature=0)
-        dest = D.reserve("o", prompt, params, 600)
-        P.add_transfer_request("o", prompt, params, dest, 600)
+        reservation = D.reserve("o", prompt, params, 600)
+        D.claim("o")
+        P.add_transfer_request("o", prompt, params, TransferTarget.of(reservation, D.kv_layout), 600)
         ev = None
         while ev is None:
             for e in P.step():

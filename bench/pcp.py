@@ -61,7 +61,7 @@ def breakdown(model: str, length: int) -> list[list]:
     from braid.kernels.reference import VarlenRows
 
     torch.set_num_threads(1)
-    cfg, mcfg = resolve(EngineConfig(model_path=model, num_kv_blocks=1))
+    cfg, mcfg = resolve(EngineConfig.build(model, num_kv_blocks=1))
     par = ParallelState.single()
     m = build_model(mcfg, par, torch.float32)
     load_weights(m, model, torch.float32)

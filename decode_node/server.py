@@ -1,17 +1,20 @@
 """The DecodeNode service: reservations with leases, the decode stream, abort, load.
 
 A remotely prefilled request:
-  Reserve   blocks for the prompt under a lease; every rank expects its bytes
-  Decode    the stream opens at once and yields nothing until the KV and the
-            first token have arrived, then streams tokens as they are decoded
+  Reserve   blocks for the prompt under a lease; every rank expects its bytes;
+            the reply's KVDestination is built here from the engine's
+            Reservation and the instance's KV layout
+  Decode    claims the reservation in the engine (an unknown one: NOT_FOUND);
+            the stream yields nothing until the KV and the first token have
+            arrived, then streams tokens as they are decoded
   Abort     at any point: cancels the receivers, then frees the blocks
-If the KV does not arrive before the lease ends, or the transfer fails, the
-stream ends with ABORTED (the router may retry with another prefill node). A
-reservation that no Decode stream claims within the lease is aborted too.
+The engine keeps the lease's one timer: if the reservation is not claimed and
+its KV arrived before the lease ends, or the transfer fails, the engine frees
+the blocks and the stream ends with ABORTED (the router may retry with another
+prefill node).
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -30,8 +33,6 @@ SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
 class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
     def __init__(self, runtime: NodeRuntime):
         self.rt = runtime
-        self.unclaimed: dict[str, float] = {}  # request id -> claim deadline (monotonic)
-        self._reaper = asyncio.create_task(self._reap_unclaimed())
 
     @property
     def engine(self):
@@ -49,17 +50,26 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
             if not rid:
                 raise ValueError("request_id is empty")
             lease = request.lease_s if request.lease_s > 0 else 60.0
-            self.engine.subscribe(rid)
-            dest = await self.engine.call(lambda c: c.reserve(rid, list(request.prompt_token_ids), params, lease))
+            res = await self.engine.call(lambda c: c.reserve(rid, list(request.prompt_token_ids), params, lease))
         except Exception as e:  # noqa: BLE001 - mapped to a status
-            self.engine.unsubscribe(rid)
             code, msg = status_for(e)
             self.rt.metrics.requests.labels("Reserve", code.name).inc()
             await context.abort(code, msg)
-        dest.decode_node_id = self.rt.node_id
-        self.unclaimed[rid] = time.monotonic() + lease
         self.rt.metrics.requests.labels("Reserve", "OK").inc()
-        return nodes_pb2.ReserveResponse(destination=dest)
+        return nodes_pb2.ReserveResponse(destination=self._destination(res))
+
+    def _destination(self, res) -> common_pb2.KVDestination:
+        """The wire form of an engine Reservation, with this instance's KV layout."""
+        core = self.engine.core
+        return common_pb2.KVDestination(
+            layout=core.kv_layout,
+            block_ids=res.block_ids,
+            transfer_id=res.transfer_id,
+            transport=core.config.transfer.transport,
+            lease_deadline_unix=res.lease_deadline_unix,
+            num_tokens=res.num_tokens,
+            decode_node_id=self.rt.node_id,
+        )
 
     async def Decode(self, request, context):
         rid = request.request_id
@@ -77,10 +87,13 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                 code, msg = status_for(e)
                 await context.abort(code, msg)
         else:
-            if rid not in self.unclaimed:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
-            del self.unclaimed[rid]
-            queue = self.engine.subscribe(rid)
+            queue = self.engine.subscribe(rid)  # before the claim: its events come from then on
+            try:
+                await self.engine.call(lambda c: c.claim(rid))
+            except Exception as e:  # noqa: BLE001 - NOT_FOUND for an unknown reservation
+                self.engine.unsubscribe(rid)
+                code, msg = status_for(e)
+                await context.abort(code, msg)
         self.rt.inflight += 1
         finished = False
         first = True
@@ -113,7 +126,6 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                 await self._abort(rid)
 
     async def _abort(self, rid: str) -> bool:
-        self.unclaimed.pop(rid, None)
         try:
             return await self.engine.call(lambda c: c.abort(rid))
         except Exception:  # noqa: BLE001 - a dead engine has nothing left to free
@@ -126,21 +138,6 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
 
     async def GetLoad(self, request, context):
         return self.rt.load()
-
-    async def _reap_unclaimed(self) -> None:
-        """Abort reservations nobody opened a Decode stream for within their lease."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            for rid, deadline in list(self.unclaimed.items()):
-                if now > deadline:
-                    log.warning("reservation %s never claimed; aborting", rid)
-                    await self._abort(rid)
-                    self.engine.unsubscribe(rid)
-
-    def close(self) -> None:
-        self._reaper.cancel()
-
 
 async def start_decode_node(node, model_path: str, discovery) -> tuple[NodeRuntime, DecodeServicer]:
     """Start a decode node (a NodeConfig, the model, a DiscoveryConfig); returns its runtime and servicer."""

@@ -20,6 +20,9 @@ from typing import Any, Callable
 from braid.engine.config import EngineConfig
 from braid.engine.core import EngineCore, TokenEvent
 
+IDLE_WAIT_S = 1.0
+"""The longest the engine thread sleeps with nothing to do (a call or stop wakes it at once)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -38,10 +41,11 @@ class LoadSnapshot:
 
 
 class AsyncEngine:
-    def __init__(self, cfg: EngineConfig, loop: asyncio.AbstractEventLoop | None = None, idle_wait_s: float = 0.002):
+    def __init__(self, cfg: EngineConfig, loop: asyncio.AbstractEventLoop | None = None, backoff_s: float = 0.002):
         self.core = EngineCore(cfg)  # blocking: starts every rank
         self.loop = loop or asyncio.get_event_loop()
-        self.idle_wait_s = idle_wait_s
+        self.backoff_s = backoff_s
+        """Pause between steps that only watch transfers in flight."""
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._subscribers: dict[str, asyncio.Queue] = {}
         self._stopping = threading.Event()
@@ -81,6 +85,7 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         self._stopping.set()
+        self._calls.put(None)  # wakes the engine thread if it waits for calls
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 60)
         await asyncio.get_running_loop().run_in_executor(None, self.core.shutdown)
 
@@ -92,12 +97,13 @@ class AsyncEngine:
 
         self.loop.call_soon_threadsafe(set_it)
 
-    def _run_calls(self, block_s: float) -> None:
+    def _run_calls(self, block_s: float | None) -> None:
+        """Run queued calls, waiting up to `block_s` (None: IDLE_WAIT_S) for the first."""
         try:
-            item = self._calls.get(timeout=block_s) if block_s > 0 else self._calls.get_nowait()
+            item = self._calls.get_nowait() if block_s == 0 else self._calls.get(timeout=block_s or IDLE_WAIT_S)
         except queue.Empty:
             return
-        while True:
+        while item is not None:  # None: stop() woke us
             fn, fut = item
             try:
                 self._resolve(fut, True, fn(self.core))
@@ -110,28 +116,25 @@ class AsyncEngine:
 
     def _snapshot(self) -> LoadSnapshot:
         c = self.core
-        reserved = sum(len(t.seq.block_table) for t in c.incoming.values())
         return LoadSnapshot(
             queued_prefill_tokens=sum(len(s) for s in c.scheduler.waiting),
             free_kv_blocks=c.blocks.num_free,
             total_kv_blocks=c.blocks.num_blocks,
             running_seqs=len(c.scheduler.running),
-            waiting_seqs=len(c.scheduler.waiting) + len(c.incoming),
-            reserved_blocks=reserved,
+            waiting_seqs=len(c.scheduler.waiting) + len(c.kv.incoming),
+            reserved_blocks=c.kv.reserved_blocks(),
         )
 
     def _run(self) -> None:
         try:
-            busy = False
             while not self._stopping.is_set():
-                # between model steps take calls without waiting; while there is nothing
-                # to run but transfers to watch, wait a little so that polling them does
-                # not keep every rank spinning
-                self._run_calls(0 if busy else self.idle_wait_s)
-                busy = False
-                if self.core.has_unfinished():
+                # with nothing to do, sleep on the call queue (near zero CPU); while
+                # transfers are in flight and nothing else runs, back off a little
+                # between the steps that watch them; after a model step, go on at once
+                wait = self.core.next_step_in(self.backoff_s) if self.core.has_unfinished() else None
+                self._run_calls(wait)
+                if self.core.has_unfinished() and not self._stopping.is_set():
                     events = self.core.step()
-                    busy = self.core.ran_batch
                     if events:
                         self.loop.call_soon_threadsafe(self._deliver, events)
                 self.load = self._snapshot()
@@ -143,7 +146,10 @@ class AsyncEngine:
             # answer calls still queued so no caller waits forever
             while True:
                 try:
-                    _, fut = self._calls.get_nowait()
+                    item = self._calls.get_nowait()
                 except queue.Empty:
                     break
+                if item is None:
+                    continue
+                _, fut = item
                 self._resolve(fut, False, EngineDead(str(self.dead or "engine stopped")))

@@ -1,73 +1,48 @@
-"""The engine loop on rank 0: admit requests, schedule, run a step on every
-rank, sample, and report what each request produced.
+"""The engine loop on rank 0 (EngineCore): admit requests, schedule, run a step
+on every rank, sample, and report what each request produced.
 
-    events = poll KV transfers (decode: sequences whose KV arrived start decoding;
-                                prefill: sent sequences release their blocks)
     batch  = scheduler.schedule()
-    logits = executor.execute(plan of batch)   # prefill steps push KV layer by layer
-    tokens = sampler(logits)
+    meta   = kv.build_meta(...)             # the KV connector's orders for the ranks
+    result = executor.execute(plan of batch + meta)   # prefill steps push KV layer by layer
+    tokens = sampler(result.logits)
     done   = scheduler.postprocess(batch, tokens)
+    kv.on_step_done(meta, result)           # transfers that arrived, were delivered or failed
 
-KV transfer, the scheduler half (the worker half is braid.engine.transfer):
-- decode: `reserve` allocates blocks for a prompt under a lease and has every
-  rank expect its bytes; the sequence waits (WAITING_FOR_KV) until every rank
-  has its KV and rank 0 the first token, then decodes like any other. A failed
-  transfer or an expired lease cancels every rank's receiver first and only then
-  frees the blocks, so a late write can never land in reused memory.
-- prefill: `add_transfer_request` queues a prompt with its destination; its
-  prefill step sends each layer's blocks as soon as they are written, the first
-  token goes out as the transfer's trailer, and the blocks stay held until every
-  receiver acknowledged (or the transfer failed).
+KV transfer has two halves (braid.engine.kv_connector): the scheduler half
+(`self.kv`, KVConnectorScheduler) keeps reservations, leases and sends; the
+worker half runs in every rank. They meet only in the step: a step with no
+sequences and only connector metadata runs while transfers are in flight and
+nothing else does, and to flush a reservation or a release at once.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import secrets
 import time
-from dataclasses import dataclass
 
 import torch
 
 from braid.engine.block_manager import BlockManager
 from braid.engine.config import EngineConfig, resolve
 from braid.engine.executor import Executor
+from braid.engine.events import Overloaded, TokenEvent, UnknownRequest
+from braid.engine.kv_connector.metadata import KVConnectorMeta
+from braid.engine.kv_connector.scheduler import KVConnectorScheduler
+from braid.engine.kv_connector.types import Reservation, TransferTarget
 from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
-from braid.engine.step_plan import SeqPlan, StepPlan, TransferPlan
+from braid.engine.step_plan import SeqPlan, StepPlan, StepResult
 from braid.tokenizer import Tokenizer
-from braid.engine.transfer import DONE, FAILED
-from braid.engine.worker import INCOMING, OUTGOING
 
-
-class Overloaded(RuntimeError):
-    """No room right now (KV blocks); retry later or elsewhere."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One new token of a request, or its end."""
-
-    request_id: str
-    token_id: int | None
-    finished: bool
-    finish_reason: str | None
-    """stop, length, abort, transferred (prefill side) or error."""
-    error: str | None = None
-    stats: dict | None = None
-    """Prefill side of a transfer: prefill_s, transfer_s, kv_bytes."""
-
-
-@dataclass
-class _Transfer:
-    seq: Sequence
-    deadline: float
-    started: float
-    forward_s: float = 0.0
+__all__ = ["EngineCore", "Overloaded", "TokenEvent", "UnknownRequest"]
 
 
 class EngineCore:
+    """One instance's engine, driven from one thread: requests in, TokenEvents
+    out of `step()`. Owns the scheduler, the block manager, the sampler, the
+    executor (every rank) and the KV connector's scheduler half."""
+
     def __init__(self, cfg: EngineConfig):
         self.config, self.model_config = resolve(cfg)
         cfg = self.config
@@ -84,15 +59,15 @@ class EngineCore:
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
         self.requests: dict[str, Sequence] = {}
+        self.kv = KVConnectorScheduler(self.scheduler, self.blocks)
         self.ran_batch = False
-        self.incoming: dict[int, _Transfer] = {}  # decode: reserved, waiting for KV
-        self.outgoing: dict[int, _Transfer] = {}  # prefill: sent, waiting for acknowledgement
+        """Whether the last step ran the model (a driver steps again at once if so)."""
         self._ids = itertools.count()
 
     @property
     def kv_layout(self):
         """This instance's KVLayout descriptor (with receiver endpoints on decode)."""
-        return self.executor.driver.transfer.layout
+        return self.executor.kv_layout
 
     # -- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -128,22 +103,30 @@ class EngineCore:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return False
-        for table, direction in ((self.incoming, INCOMING), (self.outgoing, OUTGOING)):
-            for tid, tr in list(table.items()):
-                if tr.seq is seq:
-                    self._drop_transfer(table, direction, tid)
-                    return True
-        self.scheduler.abort(request_id)
+        if self.kv.abort(request_id):
+            self._flush()  # carries the release to every rank; then the blocks are freed
+        else:
+            self.scheduler.abort(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.incoming or self.outgoing)
+        return self.scheduler.has_unfinished() or self.kv.has_work()
+
+    def next_step_in(self, backoff_s: float) -> float | None:
+        """How long a driver may wait (for new calls) before the next step is worth
+        running: 0 now, `backoff_s` while only transfers or blocked requests wait,
+        the time to the next lease's end, or None when there is nothing to do."""
+        if self.ran_batch or self.kv.has_queued():
+            return 0.0
+        if self.scheduler.waiting or self.scheduler.running or self.kv.in_flight():
+            return backoff_s
+        deadline = self.kv.next_deadline()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     # -- KV transfer: decode side ----------------------------------------------
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams, lease_s: float):
-        """Blocks for the prompt's KV, held for `lease_s`; returns the KVDestination."""
-        from braid.proto import common_pb2
-
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams, lease_s: float) -> Reservation:
+        """Blocks for the prompt's KV, held for `lease_s`. When this returns every
+        rank expects the bytes; the request waits for its KV and for `claim`."""
         if self.config.transfer.role not in ("decode", "both"):
             raise RuntimeError("this engine does not receive KV (kv_role is not decode)")
         seq = self.new_sequence(prompt, params, request_id)
@@ -151,164 +134,93 @@ class EngineCore:
         need = self.blocks.blocks_for(seq.num_prompt_tokens + 1)
         if not self.blocks.can_allocate(need):
             raise Overloaded(f"need {need} KV blocks for {seq.num_prompt_tokens} tokens, {self.blocks.num_free} free")
-        self.scheduler.reserve_remote(seq)
-        tid = secrets.randbits(62)
+        reservation = self.kv.reserve(seq, lease_s, time.monotonic())
         try:
-            self.executor.kv_expect(tid, seq.num_prompt_tokens, lease_s, seq.block_table)
+            self._flush()  # the step's collective is the barrier: every rank expects before anyone sends
         except BaseException:
-            self.scheduler.abort(request_id)
+            self.kv.discard(request_id)
             raise
         self.requests[request_id] = seq
-        now = time.monotonic()
-        self.incoming[tid] = _Transfer(seq, now + lease_s, now)
-        return common_pb2.KVDestination(
-            layout=self.kv_layout,
-            block_ids=seq.block_table,
-            transfer_id=tid,
-            transport=self.config.transfer.transport,
-            lease_deadline_unix=time.time() + lease_s,
-            num_tokens=seq.num_prompt_tokens,
-        )
+        return reservation
+
+    def claim(self, request_id: str) -> None:
+        """A Decode stream takes the reservation: its KV (once arrived) starts decoding.
+        UnknownRequest if there is no unclaimed reservation of that id."""
+        self.kv.claim(request_id)
 
     # -- KV transfer: prefill side ---------------------------------------------
-    def add_transfer_request(self, request_id: str, prompt: list[int], params: SamplingParams, destination, timeout_s: float) -> Sequence:
-        """Prefill `prompt` and push its KV into `destination` (a KVDestination)."""
+    def add_transfer_request(self, request_id: str, prompt: list[int], params: SamplingParams,
+                             target: TransferTarget, timeout_s: float) -> Sequence:
+        """Prefill `prompt` and push its KV into `target`, within `timeout_s`."""
         from braid.kv_transfer.layout import check_compatible
 
         if self.config.transfer.role not in ("prefill", "both"):
             raise RuntimeError("this engine does not send KV (kv_role is not prefill)")
-        check_compatible(self.kv_layout, destination.layout)
+        check_compatible(self.kv_layout, target.layout)
         seq = self.new_sequence(prompt, dataclasses.replace(params, max_tokens=1), request_id)
-        if destination.num_tokens != seq.num_prompt_tokens:
+        if target.num_tokens != seq.num_prompt_tokens:
             raise RequestRejected(
-                f"destination expects {destination.num_tokens} tokens, the prompt has {seq.num_prompt_tokens}"
+                f"destination expects {target.num_tokens} tokens, the prompt has {seq.num_prompt_tokens}"
             )
-        seq.transfer = (destination, timeout_s)
+        seq.transfer = (target, timeout_s)
         seq.holds_kv = True  # the scheduler must not free its blocks when it finishes
         self.scheduler.add(seq)
         self.requests[request_id] = seq
         return seq
 
-    def _transfer_plans(self, batch: ScheduledBatch) -> tuple[TransferPlan, ...]:
-        plans = []
-        for i, seq in enumerate(batch.seqs):
-            if getattr(seq, "transfer", None) is None:
-                continue
-            dest, timeout_s = seq.transfer
-            plans.append(
-                TransferPlan(i, dest.transfer_id, int(timeout_s * 1000), dest.layout.SerializeToString(), tuple(dest.block_ids))
-            )
-        return tuple(plans)
-
-    # -- transfer bookkeeping --------------------------------------------------
-    def _drop_transfer(self, table: dict, direction: int, tid: int) -> _Transfer:
-        """Cancel on every rank, then free the blocks (in that order)."""
-        tr = table.pop(tid)
-        self.executor.kv_release(direction, [tid])
-        self.scheduler.abort(tr.seq.request_id)
-        if tr.seq.block_table:  # prefill side: the scheduler no longer tracks it
-            self.blocks.free(tr.seq.block_table)
-            tr.seq.block_table = []
-        return tr
-
-    def _poll_transfers(self) -> list[TokenEvent]:
-        events = []
-        now = time.monotonic()
-        for table, direction in ((self.incoming, INCOMING), (self.outgoing, OUTGOING)):
-            if not table:
-                continue
-            tids = list(table)
-            states = self.executor.kv_poll(direction, tids)
-            for tid, state in zip(tids, states):
-                tr = table[tid]
-                rid = tr.seq.request_id
-                if state == DONE:
-                    events.append(self._transfer_done(table, direction, tid))
-                elif state == FAILED or now > tr.deadline:
-                    why = self._failure_reason(direction, tid, state == FAILED)
-                    self._drop_transfer(table, direction, tid)
-                    self.requests.pop(rid, None)
-                    events.append(TokenEvent(rid, None, True, "error", why))
-        return events
-
-    def _failure_reason(self, direction: int, tid: int, failed: bool) -> str:
-        err = self.executor.driver.transfer.error(direction == INCOMING, tid) if failed else None
-        if direction == INCOMING and (not failed or (err is not None and err.kind == "timeout")):
-            return "KV transfer failed: the lease expired before the KV arrived"
-        if err is None:
-            return "KV transfer failed on another rank" if failed else "KV transfer failed: deadline passed"
-        return f"KV transfer failed ({err.kind}{': ' + err.detail if err.detail else ''})"
-
-    def _transfer_done(self, table: dict, direction: int, tid: int) -> TokenEvent:
-        tr = table.pop(tid)
-        seq, rid = tr.seq, tr.seq.request_id
-        if direction == OUTGOING:
-            stats = {
-                "prefill_s": tr.forward_s,
-                "transfer_s": time.monotonic() - tr.started,
-                "kv_bytes": self._kv_bytes(seq),
-            }
-            self.executor.kv_release(direction, [tid])
-            self.blocks.free(seq.block_table)
-            seq.block_table = []
-            self.requests.pop(rid, None)
-            return TokenEvent(rid, seq.output_token_ids[0], True, "transferred", stats=stats)
-        token = self.executor.driver.transfer.trailer_token(tid)
-        self.executor.kv_release(direction, [tid])
-        self.scheduler.remote_ready(rid, token)
-        if seq.is_finished:
-            self.requests.pop(rid, None)
-        return TokenEvent(rid, token, seq.is_finished, seq.finish_reason)
-
-    def _kv_bytes(self, seq: Sequence) -> int:
-        """Bytes a transfer moves (every layer, every destination replica)."""
-        from braid.kv_transfer import layout as kvl
-        from braid.kv_transfer.planner import plan
-
-        dest = seq.transfer[0]
-        moves = plan(self.kv_layout, dest.layout, seq.num_prompt_tokens, seq.block_table, dest.block_ids)
-        lay = self.kv_layout
-        per_head_block = kvl.num_components(lay) * lay.block_size * lay.head_dim * kvl.element_size(lay)
-        return sum(m.num_heads for m in moves) * per_head_block * lay.num_layers
-
     # -- steps ---------------------------------------------------------------
     @staticmethod
-    def plan_for(batch: ScheduledBatch, transfers: tuple[TransferPlan, ...] = ()) -> StepPlan:
+    def plan_for(batch: ScheduledBatch | None, kv: KVConnectorMeta = KVConnectorMeta()) -> StepPlan:
         seqs = []
-        for seq in batch.seqs:
+        for seq in batch.seqs if batch is not None else ():
             if batch.is_prefill:
                 seqs.append(SeqPlan(0, tuple(seq.token_ids), tuple(seq.block_table)))
             else:
                 seqs.append(SeqPlan(len(seq) - 1, (seq.token_ids[-1],), tuple(seq.block_table)))
-        return StepPlan(batch.is_prefill, tuple(seqs), transfers)
+        return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv)
 
     def step(self) -> list[TokenEvent]:
         """One engine step; `ran_batch` tells afterwards whether the model ran
-        (False when it only polled transfers, so a driver may back off)."""
-        events = self._poll_transfers() if (self.incoming or self.outgoing) else []
+        (False when it only moved transfers along, so a driver may back off)."""
+        events = self.kv.take_events()  # made between steps (a claim, a flush): they come first
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
-        if batch is None:
-            return events
-        transfers = self._transfer_plans(batch) if batch.is_prefill else ()
+        events += self._run_step(batch)
+        events += self.kv.take_events()
+        for ev in events:
+            if ev.finished:
+                self.requests.pop(ev.request_id, None)
+        return events
+
+    def _flush(self) -> None:
+        """A connector-only step now, so that what is queued reaches every rank."""
+        self._run_step(None)
+
+    def _run_step(self, batch: ScheduledBatch | None) -> list[TokenEvent]:
+        """Run `batch` (or no sequences) with the connector's metadata; the model's events."""
+        sends = self.kv.sends_for(batch) if batch is not None and batch.is_prefill else ()
+        meta = self.kv.build_meta(time.monotonic(), sends)
+        if batch is None and meta.is_empty:
+            return []
         t0 = time.monotonic()
-        logits = self.executor.execute(self.plan_for(batch, transfers))
+        result = self.executor.execute(self.plan_for(batch, meta))
+        events = self._postprocess(batch, meta, result, t0) if batch is not None else []
+        self.kv.on_step_done(meta, result, time.monotonic())
+        return events
+
+    def _postprocess(self, batch: ScheduledBatch, meta: KVConnectorMeta, result: StepResult, t0: float) -> list[TokenEvent]:
         forward_s = time.monotonic() - t0
-        tokens = self.sampler(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
-        if transfers:
-            self.executor.kv_finish([(t.transfer_id, tokens[t.seq_index]) for t in transfers])
+        tokens = self.sampler(result.logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
         self.scheduler.postprocess(batch, tokens)
         now = time.monotonic()
-        for seq, tok in zip(batch.seqs, tokens):
-            transfer = getattr(seq, "transfer", None)
-            if transfer is not None:
-                dest, timeout_s = transfer
-                self.outgoing[dest.transfer_id] = _Transfer(seq, now + timeout_s + 1.0, t0, forward_s)
-                continue
-            events.append(TokenEvent(seq.request_id, tok, seq.is_finished, seq.finish_reason))
-            if seq.is_finished:
-                self.requests.pop(seq.request_id, None)
-        return events
+        for send in meta.sends:
+            seq = batch.seqs[send.seq_index]
+            self.kv.sent(seq, tokens[send.seq_index], t0, forward_s, result.kv_bytes.get(send.transfer_id, 0), now)
+        return [
+            TokenEvent(seq.request_id, tok, seq.is_finished, seq.finish_reason)
+            for seq, tok in zip(batch.seqs, tokens)
+            if seq.transfer is None
+        ]
 
     # -- diagnostics -----------------------------------------------------------
     def last_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -323,7 +235,7 @@ class EngineCore:
                 self.scheduler.check(len(ids))
                 tables.append((ids, self.blocks.allocate(self.blocks.blocks_for(len(ids)))))
             plan = StepPlan(True, tuple(SeqPlan(0, tuple(ids), tuple(t)) for ids, t in tables))
-            return self.executor.execute(plan)
+            return self.executor.execute(plan).logits
         finally:
             for _, t in tables:
                 self.blocks.free(t)

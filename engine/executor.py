@@ -2,8 +2,9 @@
 
 Rank 0 lives in the calling process; ranks 1..world-1 are subprocesses running
 `braid.engine.worker.main` that join through a TCPStore rank 0 binds on
-a free loopback port. Each step, rank 0 broadcasts the encoded StepPlan and
-runs its own share. A watchdog thread polls the subprocesses: when one exits
+a free loopback port. Each step, rank 0 broadcasts the encoded StepPlan (the
+only command besides shutdown and a test-only gather) and runs its own share;
+its StepResult comes back to the caller. A watchdog thread polls the subprocesses: when one exits
 unexpectedly it records which, and kills the others so that any collective
 rank 0 is blocked in fails at once; the step then raises RankFailure naming
 the rank that died. No rank outlives the executor, and no rank outlives its
@@ -22,17 +23,8 @@ import torch
 import torch.distributed as dist
 
 from braid.engine.config import EngineConfig
-from braid.engine.step_plan import StepPlan
-from braid.engine.worker import (
-    CMD_GATHER_KV,
-    CMD_KV_EXPECT,
-    CMD_KV_FINISH,
-    CMD_KV_POLL,
-    CMD_KV_RELEASE,
-    CMD_SHUTDOWN,
-    CMD_STEP,
-    Worker,
-)
+from braid.engine.step_plan import StepPlan, StepResult
+from braid.engine.worker import CMD_GATHER_KV, CMD_SHUTDOWN, CMD_STEP, Worker
 
 
 class RankFailure(RuntimeError):
@@ -44,6 +36,10 @@ class RankFailure(RuntimeError):
 
 
 class Executor:
+    """Rank 0's handle on every rank of the instance: spawns ranks 1..world-1,
+    broadcasts each StepPlan, and turns any rank's death into RankFailure.
+    `kv_layout` is the instance's KV layout descriptor (None without a KV role)."""
+
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         self.world = cfg.topology.world
@@ -64,6 +60,7 @@ class Executor:
         except Exception as e:
             self._kill_all()
             raise self.failure or e
+        self.kv_layout = self.driver.connector.layout if self.driver.connector is not None else None
         if self.procs:
             threading.Thread(target=self._watch, daemon=True, name="rank-watchdog").start()
 
@@ -124,25 +121,9 @@ class Executor:
                 raise
             raise self._failed(e) from e
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run one step on every rank; logits [S, vocab] of each sequence's last token."""
-        return self.run(CMD_STEP, plan.encode())
-
-    @staticmethod
-    def _ints(values) -> torch.Tensor:
-        return torch.tensor(list(values), dtype=torch.int64)
-
-    def kv_expect(self, tid: int, num_tokens: int, timeout_s: float, block_ids: list[int]) -> None:
-        self.run(CMD_KV_EXPECT, self._ints([tid, num_tokens, int(timeout_s * 1000), *block_ids]))
-
-    def kv_poll(self, direction: int, tids: list[int]) -> list[int]:
-        return self.run(CMD_KV_POLL, self._ints([direction, *tids]))
-
-    def kv_release(self, direction: int, tids: list[int]) -> None:
-        self.run(CMD_KV_RELEASE, self._ints([direction, *tids]))
-
-    def kv_finish(self, pairs: list[tuple[int, int]]) -> None:
-        self.run(CMD_KV_FINISH, self._ints([v for pair in pairs for v in pair]))
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step on every rank; rank 0's result (logits, transfer progress)."""
+        return self.run(CMD_STEP, plan.to_tensor())
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each rank's cache for these block ids, [L, n, C, H_local, B, D], indexed by rank."""

@@ -32,7 +32,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = None  # torch.Generator when the request is seeded
         self.transfer = None
-        """Prefill side of a remote prefill: (KVDestination, timeout_s)."""
+        """Prefill side of a remote prefill: (TransferTarget, timeout_s)."""
         self.holds_kv = False
         """Blocks outlive the sequence's end (they are being sent); the engine frees them."""
 

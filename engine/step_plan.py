@@ -1,15 +1,20 @@
-"""The rank-agnostic description of one engine step, and its tensor encoding.
+"""The rank-agnostic description of one engine step, its tensor encoding, and
+what rank 0 gets back from it.
 
 Rank 0 schedules and broadcasts a StepPlan to the other ranks as one int64
-tensor; every rank derives its own inputs (PCP split, slot mapping, local
-sequence lengths) from it, so nothing rank-specific crosses the wire and no
-pickle is used.
+tensor (`to_tensor` / `from_tensor`); every rank derives its own inputs (PCP
+split, slot mapping, local sequence lengths) from it, so nothing rank-specific
+crosses the wire and no pickle is used. The plan also carries the KV
+connector's metadata for the step; a plan may have no sequences and only that
+metadata (a connector-only step: transfers in flight, a reservation to flush).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from braid.engine.kv_connector.metadata import KVConnectorMeta, TransferRef
 
 
 @dataclass(frozen=True)
@@ -30,38 +35,23 @@ class SeqPlan:
 
 
 @dataclass(frozen=True)
-class TransferPlan:
-    """KV of sequence `seq_index` goes to a decode instance during this prefill step."""
-
-    seq_index: int
-    transfer_id: int
-    timeout_ms: int
-    dest_layout: bytes
-    """The decode instance's serialized KVLayout (with its endpoints)."""
-    dest_block_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class StepPlan:
     is_prefill: bool
     seqs: tuple[SeqPlan, ...]
-    transfers: tuple[TransferPlan, ...] = ()
+    kv: KVConnectorMeta = KVConnectorMeta()
 
-    def encode(self) -> torch.Tensor:
-        """[2 + 3*S + tokens + blocks] int64: is_prefill, S, then per sequence
-        (num_computed, num_new, num_blocks), then all tokens, then all block tables."""
+    def to_tensor(self) -> torch.Tensor:
+        """[2 + 3*S + tokens + blocks + kv] int64: is_prefill, S, then per sequence
+        (num_computed, num_new, num_blocks), all tokens, all block tables, then the
+        connector metadata (KVConnectorMeta.encode)."""
         head = [int(self.is_prefill), len(self.seqs)]
         for s in self.seqs:
             head += [s.num_computed, s.num_new, len(s.block_table)]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
-        body.append(len(self.transfers))
-        for t in self.transfers:
-            body += [t.seq_index, t.transfer_id, t.timeout_ms, len(t.dest_layout), len(t.dest_block_ids)]
-            body += list(t.dest_layout) + list(t.dest_block_ids)
-        return torch.tensor(head + body, dtype=torch.int64)
+        return torch.tensor(head + body + self.kv.encode(), dtype=torch.int64)
 
     @staticmethod
-    def decode(t: torch.Tensor) -> "StepPlan":
+    def from_tensor(t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
         is_prefill, n = bool(v[0]), v[1]
         meta = [v[2 + 3 * i : 5 + 3 * i] for i in range(n)]
@@ -74,14 +64,21 @@ class StepPlan:
         for (computed, _, nb), toks in zip(meta, tokens):
             seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb])))
             pos += nb
-        transfers = []
-        count = v[pos]
-        pos += 1
-        for _ in range(count):
-            seq_index, tid, timeout_ms, nbytes, nblocks = v[pos : pos + 5]
-            pos += 5
-            layout = bytes(v[pos : pos + nbytes])
-            pos += nbytes
-            transfers.append(TransferPlan(seq_index, tid, timeout_ms, layout, tuple(v[pos : pos + nblocks])))
-            pos += nblocks
-        return StepPlan(is_prefill, tuple(seqs), tuple(transfers))
+        kv, _ = KVConnectorMeta.decode(v, pos)
+        return StepPlan(is_prefill, tuple(seqs), kv)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What rank 0 learns from one step."""
+
+    logits: torch.Tensor | None
+    """[S, vocab] fp32 of each sequence's last token; None for a connector-only step."""
+    states: tuple[int, ...] = ()
+    """Agreed state (DONE, PENDING, FAILED) of each transfer in the plan's kv.progress."""
+    first_tokens: dict[int, int] = field(default_factory=dict)
+    """Incoming transfer id -> the first token (the trailer rank 0 received)."""
+    errors: dict[TransferRef, str] = field(default_factory=dict)
+    """What rank 0 saw go wrong with a failed transfer ("kind: detail"), if it saw anything."""
+    kv_bytes: dict[int, int] = field(default_factory=dict)
+    """Outgoing transfer id -> bytes it moves (every layer), from the plan its send made."""

@@ -1,5 +1,7 @@
-"""One rank: its model shard, its KV cache, and (for ranks > 0) the loop that
-follows rank 0's broadcast commands.
+"""One rank: its model shard, its KV cache, its half of the KV connector, and
+(for ranks > 0) the loop that follows rank 0's broadcast commands: a STEP
+(a StepPlan: sequences to run and the connector's metadata), SHUTDOWN, or the
+test-only GATHER_KV.
 
 Started by the executor as a subprocess calling `main([--rank R, --store HOST:PORT,
 --config JSON, --parent PID])`; it exits when rank 0 says so, when its parent process goes
@@ -23,20 +25,14 @@ from braid.engine.loader import load_weights
 from braid.engine.model_config import load_model_config
 from braid.engine.model_runner import ModelRunner
 from braid.engine.models import build_model
-from braid.engine.step_plan import StepPlan
+from braid.engine.kv_connector.worker import KVConnectorWorker
 from braid.engine.parallel_state import ParallelState
-from braid.engine.transfer import SendSpec, TransferWorker
+from braid.engine.step_plan import StepPlan, StepResult
 
 CMD_SHUTDOWN = 0
 CMD_STEP = 1
 CMD_GATHER_KV = 2
-CMD_KV_EXPECT = 3
-CMD_KV_POLL = 4
-CMD_KV_RELEASE = 5
-CMD_KV_FINISH = 6
-
-INCOMING, OUTGOING = 0, 1
-ENDPOINT_BYTES = 256
+"""Test-only: every rank's cache rows for some blocks, gathered on rank 0."""
 
 def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
     """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
@@ -61,6 +57,10 @@ def _device_for(cfg: EngineConfig, rank: int) -> torch.device:
 
 
 class Worker:
+    """One rank of an instance: its model shard, its preallocated KV cache, its
+    process groups and its KVConnectorWorker. Every rank runs each StepPlan the
+    same way; only rank 0's StepResult is used (by the Executor)."""
+
     def __init__(self, cfg: EngineConfig, rank: int, store=None):
         self.cfg = cfg
         torch.set_num_threads(cfg.parallel.threads_per_rank or 1)
@@ -79,26 +79,11 @@ class Worker:
             attn.cache = self.kv_cache[layer]
             attn.layer_idx = layer
         self.runner = ModelRunner(self.model, self.par, cfg.layout)
-        self.transfer: TransferWorker | None = None
+        self.connector: KVConnectorWorker | None = None
         if cfg.transfer.role is not None:
-            self._start_transfer()
-
-    def _start_transfer(self) -> None:
-        """Open this rank's KV endpoints and learn every rank's, to describe the instance's layout."""
-        from braid.kv_transfer.layout import describe_engine
-
-        cfg = self.cfg
-        self.transfer = TransferWorker(
-            cfg.transfer.transport, self.rank, self.kv_cache, cfg.transfer.role, cfg.transfer.host, cfg.transfer.port, cfg.transfer.advertise_host
-        )
-        mine = torch.zeros(ENDPOINT_BYTES, dtype=torch.uint8)
-        raw = self.transfer.endpoint.encode()
-        if len(raw) > ENDPOINT_BYTES:
-            raise ValueError(f"KV endpoint {self.transfer.endpoint!r} longer than {ENDPOINT_BYTES} bytes")
-        mine[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-        everyone = self.par.world.all_gather(mine)  # [world, ENDPOINT_BYTES]
-        endpoints = [bytes(row.tolist()).rstrip(b"\0").decode() for row in everyone]
-        self.transfer.layout = describe_engine(cfg, self.model_cfg, endpoints if cfg.transfer.role != "prefill" else None)
+            t = cfg.transfer
+            self.connector = KVConnectorWorker(t.transport, t.role, self.rank, self.kv_cache, t.host, t.port, t.advertise_host)
+            self.connector.describe(cfg, self.model_cfg, self.par.world)
 
     @property
     def rank(self) -> int:
@@ -114,56 +99,18 @@ class Worker:
 
     @property
     def handlers(self):
-        return {
-            CMD_STEP: self._step,
-            CMD_GATHER_KV: self._gather_kv,
-            CMD_KV_EXPECT: self._kv_expect,
-            CMD_KV_POLL: self._kv_poll,
-            CMD_KV_RELEASE: self._kv_release,
-            CMD_KV_FINISH: self._kv_finish,
-        }
+        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv}
 
-    def _step(self, payload: torch.Tensor) -> torch.Tensor:
-        plan = StepPlan.decode(payload)
-        on_layer = None
-        if plan.transfers:
-            on_layer = self.transfer.begin([self._send_spec(plan, t) for t in plan.transfers])
-        return self.runner.run(plan, on_layer)
-
-    @staticmethod
-    def _send_spec(plan: StepPlan, t) -> SendSpec:
-        from braid.proto import common_pb2
-
-        seq = plan.seqs[t.seq_index]
-        dest = common_pb2.KVLayout.FromString(t.dest_layout)
-        return SendSpec(t.transfer_id, dest, t.dest_block_ids, seq.end, seq.block_table, t.timeout_ms / 1000)
-
-    def _kv_expect(self, payload: torch.Tensor) -> None:
-        """[tid, num_tokens, timeout_ms, block ids...]: register what this rank will
-        receive; returns only once every rank has (so no byte arrives unexpected)."""
-        tid, num_tokens, timeout_ms, *blocks = payload.tolist()
-        self.transfer.expect(tid, num_tokens, blocks, timeout_ms / 1000)
-        self.par.world.all_reduce(torch.zeros(1))
-
-    def _kv_poll(self, payload: torch.Tensor) -> list[int]:
-        """[direction, tids...] -> per tid 0 done, 1 pending, 2 failed, agreed by every rank (MAX)."""
-        direction, *tids = payload.tolist()
-        states = self.transfer.incoming_state(tids) if direction == INCOMING else self.transfer.outgoing_state(tids)
-        return self.par.world.all_reduce(torch.tensor(states, dtype=torch.int64), op="max").tolist()
-
-    def _kv_release(self, payload: torch.Tensor) -> None:
-        """[direction, tids...]: forget these transfers on every rank; once this returns
-        nothing of them is written or read any more, so their blocks may be reused."""
-        direction, *tids = payload.tolist()
-        for tid in tids:
-            (self.transfer.release_incoming if direction == INCOMING else self.transfer.release_outgoing)(tid)
-        self.par.world.all_reduce(torch.zeros(1))
-
-    def _kv_finish(self, payload: torch.Tensor) -> None:
-        """[tid, first_token, tid, first_token, ...]: end each transfer at its receivers."""
-        values = payload.tolist()
-        for tid, token in zip(values[0::2], values[1::2]):
-            self.transfer.finish(tid, token)
+    def _step(self, payload: torch.Tensor) -> StepResult:
+        """Apply the step's connector metadata, run the model if the step has
+        sequences (sending KV layer by layer), then report transfer progress."""
+        plan = StepPlan.from_tensor(payload)
+        on_layer = self.connector.start_step(plan.kv, plan.seqs) if self.connector is not None else None
+        logits = self.runner.run(plan, on_layer) if plan.seqs else None
+        if self.connector is None:
+            return StepResult(logits)
+        states, firsts, errors, kv_bytes = self.connector.end_step(plan.kv, self.par.world)
+        return StepResult(logits, states, firsts, errors, kv_bytes)
 
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""
@@ -171,8 +118,8 @@ class Worker:
         return self.par.world.gather(local, 0)
 
     def shutdown(self) -> None:
-        if self.transfer is not None:
-            self.transfer.close()
+        if self.connector is not None:
+            self.connector.close()
         self.par.shutdown()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 
 from braid.engine.async_engine import EngineDead
-from braid.engine.core import Overloaded
+from braid.engine.events import Overloaded, UnknownRequest
 from braid.engine.scheduler import RequestRejected
 
 
@@ -12,6 +12,8 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a node answers for an exception raised while handling a request."""
     if isinstance(e, (RequestRejected, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    if isinstance(e, UnknownRequest):
+        return grpc.StatusCode.NOT_FOUND, str(e)
     if isinstance(e, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     if isinstance(e, EngineDead):

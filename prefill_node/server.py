@@ -14,11 +14,17 @@ import time
 
 import grpc
 
+from braid.engine.kv_connector.types import TransferTarget
 from braid.node.errors import sampling_from, status_for
 from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
 
 SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
+
+
+def target_from(dest: common_pb2.KVDestination) -> TransferTarget:
+    """The engine's form of the decode node's KVDestination."""
+    return TransferTarget(dest.transfer_id, dest.layout, tuple(dest.block_ids), dest.num_tokens)
 
 
 class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
@@ -49,8 +55,8 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
             if not request.HasField("destination"):
                 raise ValueError("destination is missing")
             queue = self.engine.subscribe(rid)
-            dest = request.destination
-            await self.engine.call(lambda c: c.add_transfer_request(rid, list(request.token_ids), params, dest, timeout))
+            target = target_from(request.destination)
+            await self.engine.call(lambda c: c.add_transfer_request(rid, list(request.token_ids), params, target, timeout))
         except Exception as e:  # noqa: BLE001 - mapped to a status
             self.engine.unsubscribe(rid)
             code, msg = status_for(e)

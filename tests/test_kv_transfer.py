@@ -9,6 +9,7 @@ import torch
 
 from braid.engine.config import EngineConfig
 from braid.engine.core import EngineCore
+from braid.engine.kv_connector.types import TransferTarget
 from braid.engine.kv_layout import ShardLayout
 from braid.engine.sampling import SamplingParams
 from conftest import prompt_of
@@ -33,8 +34,8 @@ def model_path(checkpoints, name: str) -> str:
 
 def engine(checkpoints, name, role, transport, tp=1, pcp=1, dcp=1, blocks=96) -> EngineCore:
     return EngineCore(
-        EngineConfig(
-            model_path=model_path(checkpoints, name),
+        EngineConfig.build(
+            model_path(checkpoints, name),
             tensor_parallel_size=tp,
             prefill_context_parallel_size=pcp,
             decode_context_parallel_size=dcp,
@@ -46,13 +47,19 @@ def engine(checkpoints, name, role, transport, tp=1, pcp=1, dcp=1, blocks=96) ->
     )
 
 
+def reserve_target(D: EngineCore, rid: str, prompt, params, lease_s: float) -> TransferTarget:
+    """Reserve on D and claim it (as D's Decode stream does); the target P pushes into."""
+    reservation = D.reserve(rid, prompt, params, lease_s)
+    D.claim(rid)
+    return TransferTarget.of(reservation, D.kv_layout)
+
+
 def run_pd(P: EngineCore, D: EngineCore, prompts, params=GREEDY, lease=60.0, timeout=60.0, deadline_s=120.0, hook=None):
     """Reserve on D, prefill on P, decode on D; returns (tokens per request, P events, D errors)."""
     outputs, p_events, d_errors = {}, {}, {}
     for i, p in enumerate(prompts):
         rid = f"r{i}"
-        dest = D.reserve(rid, p, params, lease)
-        P.add_transfer_request(rid, p, params, dest, timeout)
+        P.add_transfer_request(rid, p, params, reserve_target(D, rid, p, params, lease), timeout)
         outputs[rid] = []
     finished = set()
     end = time.monotonic() + deadline_s
@@ -107,8 +114,8 @@ def test_pd_transfer_greedy_equals_transformers(checkpoints, transport, name, p_
         assert sorted(p_events) == sorted(f"r{i}" for i in range(len(prompts)))
         for ev in p_events.values():
             assert ev.finish_reason == "transferred" and ev.stats["kv_bytes"] > 0, ev
-        assert D.blocks.num_free == D.blocks.num_blocks and not D.incoming
-        assert P.blocks.num_free == P.blocks.num_blocks and not P.outgoing
+        assert D.blocks.num_free == D.blocks.num_blocks and not D.kv.incoming
+        assert P.blocks.num_free == P.blocks.num_blocks and not P.kv.outgoing
     finally:
         P.shutdown()
         D.shutdown()
@@ -153,7 +160,7 @@ def test_decode_cache_holds_exactly_the_prefill_bytes(checkpoints, name, p_shape
         captured = {}
 
         def capture():
-            if "d" not in captured and D.requests.get("r0") is not None and not D.incoming:
+            if "d" not in captured and D.requests.get("r0") is not None and not D.kv.incoming:
                 seq = D.requests["r0"]
                 captured["d"] = D.executor.gather_kv(list(seq.block_table))
                 captured["d_blocks"] = list(seq.block_table)
@@ -163,7 +170,7 @@ def test_decode_cache_holds_exactly_the_prefill_bytes(checkpoints, name, p_shape
 
         def p_step():
             evs = orig_step()
-            for tr in P.outgoing.values():
+            for tr in P.kv.outgoing.values():
                 p_seq_blocks.setdefault("p", list(tr.seq.block_table))
                 if "p_cache" not in captured:
                     captured["p_cache"] = P.executor.gather_kv(list(tr.seq.block_table))

@@ -21,7 +21,7 @@ from braid.engine.sampling import SamplingParams
 from braid.kv_transfer import layout as kvl
 from braid.kv_transfer.planner import pieces_by_pair, plan
 from conftest import prompt_of
-from test_kv_transfer import B, engine, run_pd
+from test_kv_transfer import B, engine, reserve_target, run_pd
 
 NAME = "kv1"
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -42,7 +42,7 @@ def prefill_engine(checkpoints):
 
 
 def _all_free(core: EngineCore) -> bool:
-    return core.blocks.num_free == core.blocks.num_blocks and not core.incoming and not core.outgoing
+    return core.blocks.num_free == core.blocks.num_blocks and not core.kv.incoming and not core.kv.outgoing
 
 
 def _drive(cores, until, timeout_s):
@@ -58,7 +58,9 @@ def _drive(cores, until, timeout_s):
 
 
 def _finished(rid):
-    return lambda evs: any(e.request_id == rid and e.finished for e in evs)
+    """The request's end on the side that serves it last: the prefill side's "transferred"
+    repeats the first token while the decode side may still be streaming."""
+    return lambda evs: any(e.request_id == rid and e.finished and e.finish_reason != "transferred" for e in evs)
 
 
 def _local_request(D, checkpoints, rid):
@@ -87,18 +89,18 @@ def test_lease_expires_without_any_sender(decode_engine, checkpoints):
     assert _all_free(D)
 
 
-def _partial_sender(dest_bytes: bytes, p_layout_bytes: bytes, num_tokens: int, p_blocks, started):
+def _partial_sender(dest_layout_bytes: bytes, dest_blocks, tid: int, p_layout_bytes: bytes, num_tokens: int, p_blocks, started):
     """A prefill rank that sends layer 0 of a transfer and then hangs (to be killed)."""
     from braid.kv_transfer.tcp import TcpSender
     from braid.proto import common_pb2
 
-    dest = common_pb2.KVDestination.FromString(dest_bytes)
+    d = common_pb2.KVLayout.FromString(dest_layout_bytes)
     p = common_pb2.KVLayout.FromString(p_layout_bytes)
     region = torch.randn(kvl.cache_shape(p, 0))
     sender = TcpSender(region)
-    moves = plan(p, dest.layout, num_tokens, p_blocks, dest.block_ids)
-    for (src, dst), pieces in pieces_by_pair([m for m in moves if m.src_rank == 0], p, dest.layout, 0).items():
-        sender.send(dest.transfer_id, dest.layout.ranks[dst].endpoint, pieces, time.monotonic() + 60)
+    moves = plan(p, d, num_tokens, p_blocks, dest_blocks)
+    for (src, dst), pieces in pieces_by_pair([m for m in moves if m.src_rank == 0], p, d, 0).items():
+        sender.send(tid, d.ranks[dst].endpoint, pieces, time.monotonic() + 60)
     time.sleep(0.5)  # the frames are out
     started.set()
     time.sleep(600)
@@ -107,7 +109,7 @@ def _partial_sender(dest_bytes: bytes, p_layout_bytes: bytes, num_tokens: int, p
 def test_sender_killed_mid_transfer(decode_engine, prefill_engine, checkpoints):
     D, P = decode_engine, prefill_engine
     p = prompt_of(40, seed=2)
-    dest = D.reserve("killed", p, GREEDY, lease_s=30.0)
+    dest = reserve_target(D, "killed", p, GREEDY, lease_s=30.0)
     p_layout = kvl.describe(
         fmt="gqa", num_layers=2, num_kv_heads=1, head_dim=16, dtype="float32", block_size=B, interleave_size=B,
         tp=1, pcp=1, dcp=1, num_blocks=64,
@@ -116,7 +118,8 @@ def test_sender_killed_mid_transfer(decode_engine, prefill_engine, checkpoints):
     started = ctx.Event()
     proc = ctx.Process(
         target=_partial_sender,
-        args=(dest.SerializeToString(), p_layout.SerializeToString(), len(p), list(range(10)), started),
+        args=(dest.layout.SerializeToString(), list(dest.block_ids), dest.transfer_id, p_layout.SerializeToString(),
+              len(p), list(range(10)), started),
         daemon=True,
     )
     proc.start()
@@ -124,7 +127,7 @@ def test_sender_killed_mid_transfer(decode_engine, prefill_engine, checkpoints):
         assert started.wait(60)
         # a healthy transfer and a local request run beside the broken one
         good = prompt_of(25, seed=3)
-        dest_ok = D.reserve("healthy", good, GREEDY, lease_s=30.0)
+        dest_ok = reserve_target(D, "healthy", good, GREEDY, lease_s=30.0)
         P.add_transfer_request("healthy", good, GREEDY, dest_ok, 30.0)
         local = _local_request(D, checkpoints, "beside-kill")
         os.kill(proc.pid, signal.SIGKILL)
@@ -164,7 +167,7 @@ def test_receiver_that_stops_reading(decode_engine, prefill_engine, checkpoints)
     th.start()
     try:
         p = prompt_of(600, seed=4)  # enough KV to fill the socket buffers
-        dest = D.reserve("stalled", p, GREEDY, lease_s=30.0)
+        dest = reserve_target(D, "stalled", p, GREEDY, lease_s=30.0)
         for r in dest.layout.ranks:  # every decode rank points at the silent server
             r.endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
         P.add_transfer_request("stalled", p, GREEDY, dest, timeout_s=2.0)
@@ -202,7 +205,7 @@ def _frame(tid: int, pieces: list[tuple[int, int]], payload_len: int) -> bytes:
 def test_corrupted_or_truncated_frame(decode_engine, checkpoints, fault):
     D = decode_engine
     p = prompt_of(30, seed=6)
-    dest = D.reserve(fault, p, GREEDY, lease_s=30.0)
+    dest = reserve_target(D, fault, p, GREEDY, lease_s=30.0)
     local = _local_request(D, checkpoints, f"beside-{fault}")
     host, port = dest.layout.ranks[0].endpoint.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=5)

@@ -1,0 +1,28 @@
+"""What the engine hands back to its caller: one TokenEvent per new token or
+end of a request, and the typed errors its entry points raise (each mapped to
+one gRPC status by braid.node.errors)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Overloaded(RuntimeError):
+    """No room right now (KV blocks); retry later or elsewhere."""
+
+
+class UnknownRequest(LookupError):
+    """No such request (or reservation) here: never made, already claimed, or ended."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of a request, or its end."""
+
+    request_id: str
+    token_id: int | None
+    finished: bool
+    finish_reason: str | None
+    """stop, length, abort, transferred (prefill side) or error."""
+    error: str | None = None
+    stats: dict | None = None
+    """Prefill side of a transfer: prefill_s, transfer_s, kv_bytes."""
