@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from braid.engine.config import EngineConfig
@@ -28,16 +27,6 @@ log = logging.getLogger(__name__)
 
 class EngineDead(RuntimeError):
     """The engine stopped (a rank failed or it was shut down)."""
-
-
-@dataclass(frozen=True)
-class LoadSnapshot:
-    queued_prefill_tokens: int = 0
-    free_kv_blocks: int = 0
-    total_kv_blocks: int = 0
-    running_seqs: int = 0
-    waiting_seqs: int = 0
-    reserved_blocks: int = 0
 
 
 class AsyncEngine:
@@ -114,9 +103,12 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
-    def _snapshot(self) -> LoadSnapshot:
+    def _snapshot(self) -> dict[str, int]:
+        """The instance's load, named as the wire's `braid.v1.Load` fields (the node
+        sends it as is); replaced whole after each pass, so readers on other threads
+        see one consistent snapshot."""
         c = self.core
-        return LoadSnapshot(
+        return dict(
             queued_prefill_tokens=sum(len(s) for s in c.scheduler.waiting),
             free_kv_blocks=c.blocks.num_free,
             total_kv_blocks=c.blocks.num_blocks,

@@ -33,6 +33,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
+    """Rank 0's choice of what the next step runs: the waiting queue, the
+    running set and the sequences holding reserved blocks for remote KV.
+    `schedule()` returns one ScheduledBatch (prefill first, else decode);
+    `postprocess()` appends the sampled tokens and retires finished
+    sequences, freeing their blocks. Never touches a tensor."""
+
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, eos_token_ids: tuple[int, ...] = ()):
         self.cfg = cfg
         self.blocks = blocks

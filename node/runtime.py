@@ -130,19 +130,11 @@ class NodeRuntime:
     async def _publish_load(self) -> None:
         while True:
             if self.engine is not None:
-                self.metrics.observe_load(self.engine.load)
+                self.metrics.observe_load(self.load())
             await asyncio.sleep(0.5)
 
     def load(self) -> common_pb2.Load:
-        s = self.engine.load
-        return common_pb2.Load(
-            queued_prefill_tokens=s.queued_prefill_tokens,
-            free_kv_blocks=s.free_kv_blocks,
-            total_kv_blocks=s.total_kv_blocks,
-            running_seqs=s.running_seqs,
-            waiting_seqs=s.waiting_seqs,
-            reserved_blocks=s.reserved_blocks,
-        )
+        return common_pb2.Load(**self.engine.load)
 
     # -- stop ------------------------------------------------------------------
     async def stop(self) -> None:
