@@ -1,5 +1,9 @@
-"""Load HF safetensors checkpoints (single file or sharded via
-`model.safetensors.index.json`) into a model, each rank reading only its slice."""
+"""Load checkpoints into a model, each rank reading only its slice: HF
+safetensors (single file or sharded via `model.safetensors.index.json`) or a
+GGUF file (dequantized at load, see gguf_checkpoint).
+
+In a request's life: nothing per request; every rank runs this once at engine
+start, before the KV cache is allocated."""
 from __future__ import annotations
 
 import glob
@@ -10,6 +14,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
+# default_gguf_path is re-exported: the loader is where callers look for checkpoints
+from braid.engine.gguf_checkpoint import default_gguf_path, gguf_file_of, iter_gguf  # noqa: F401
 from braid.engine.model_config import CheckpointError
 
 
@@ -56,6 +62,12 @@ def checkpoint_files(model_path: str) -> list[str]:
 
 
 def iter_checkpoint(model_path: str, dtype: torch.dtype) -> Iterator[LazyTensor]:
+    """Every tensor of the checkpoint under its Hugging Face name: safetensors
+    files as stored, a GGUF file dequantized and renamed (gguf_checkpoint)."""
+    gguf_file = gguf_file_of(model_path)
+    if gguf_file is not None:
+        yield from iter_gguf(gguf_file, dtype)
+        return
     for path in checkpoint_files(model_path):
         try:
             handle = safe_open(path, framework="pt")

@@ -1,4 +1,5 @@
-"""Model configuration read from a Hugging Face checkpoint directory.
+"""Model configuration read from a Hugging Face checkpoint directory (or, via
+braid.engine.gguf_checkpoint, from a GGUF file's metadata).
 
 Only what the engine needs is kept, validated, and normalised across the two
 rope formats transformers writes (`rope_theta` + `rope_scaling` in 4.x,
@@ -185,6 +186,13 @@ def _checkpoint_eos_ids(model_path: str, cfg: dict) -> tuple[int, ...]:
 
 
 def load_model_config(model_path: str) -> ModelConfig:
+    """The config of a Hugging Face folder (config.json) or of a GGUF checkpoint
+    (a .gguf file, or a folder holding exactly one, read from its metadata)."""
+    from braid.engine.gguf_checkpoint import gguf_file_of, gguf_model_config
+
+    gguf_file = gguf_file_of(model_path)
+    if gguf_file is not None:
+        return gguf_model_config(gguf_file)
     path, cfg, arch = _read_config_json(model_path)
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))

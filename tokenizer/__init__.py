@@ -1,5 +1,6 @@
 """Torch-free text handling shared by the engine and the router (braid.tokenizer):
-text <-> token ids through the `tokenizers` library (tokenizer.json) and
+text <-> token ids through the `tokenizers` library (tokenizer.json, or the
+vocabulary in a GGUF file's metadata: see gguf_vocab) and
 incremental detokenization (text deltas for a growing list of ids).
 
 In a request's life: the router (or the offline engine) encodes a text prompt
@@ -11,13 +12,26 @@ import os
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from braid.tokenizer.gguf_vocab import find_gguf, gguf_chat_template, gguf_special_ids, gguf_tokenizer
+
 
 class Tokenizer:
+    """Text <-> ids for a checkpoint: its tokenizer.json, or the vocabulary in
+    its GGUF metadata when `model_path` is (or is a folder holding) a .gguf file."""
+
     def __init__(self, model_path: str):
+        gguf_file = find_gguf(model_path)
+        if gguf_file is not None:
+            self._tok = gguf_tokenizer(gguf_file)
+            self.chat_template = gguf_chat_template(gguf_file)
+            ids = gguf_special_ids(gguf_file)
+            self.bos_token_id, self.eos_token_id = ids["bos"], ids["eos"]
+            return
         path = os.path.join(model_path, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{model_path}: no tokenizer.json; pass prompts as token ids")
         self._tok = _HFTokenizer.from_file(path)
+        self.chat_template, self.bos_token_id, self.eos_token_id = _tokenizer_config(model_path)
 
     @property
     def vocab_size(self) -> int:
@@ -31,6 +45,27 @@ class Tokenizer:
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+
+def _tokenizer_config(model_path: str) -> tuple[str | None, int | None, int | None]:
+    """(chat template, bos id, eos id) from tokenizer_config.json, where present."""
+    import json
+
+    path = os.path.join(model_path, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None, None, None
+    with open(path) as f:
+        cfg = json.load(f)
+    ids = {}
+    for name in ("bos_token", "eos_token"):
+        token = cfg.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        ids[name] = None
+        for key, added in (cfg.get("added_tokens_decoder") or {}).items():
+            if token is not None and added.get("content") == token:
+                ids[name] = int(key)
+    template = cfg.get("chat_template")
+    return (template if isinstance(template, str) else None), ids["bos_token"], ids["eos_token"]
 
 
 class IncrementalDetokenizer:

