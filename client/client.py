@@ -39,6 +39,7 @@ from braid.client.types import (  # re-exported: these names were always importa
     node_from_proto,
 )
 from braid.proto import router_pb2, router_pb2_grpc
+from braid.proto.tls import TlsConfig, channel_credentials, channel_options
 
 DEFAULT_GENERATE_TIMEOUT_S = 600.0
 """Deadline of a Generate call when neither the call nor the client names one."""
@@ -102,6 +103,10 @@ class _RouterClient:
     Generate gets DEFAULT_GENERATE_TIMEOUT_S and ListNodes DEFAULT_UNARY_TIMEOUT_S.
     `wait_for_ready` queues calls while the router is unreachable instead of
     failing with Unavailable at once. `options` are extra grpc channel options.
+    TLS: `ca` (PEM path) verifies the router's certificate, `cert`/`key` (PEM paths)
+    are this client's own for mutual TLS, `server_name` is the name to check in the
+    router's certificate (default: the address's host); or pass ready-made
+    `credentials` instead. Without any of them the channel is plaintext.
     """
 
     _channels = grpc  # the module whose insecure_channel / secure_channel to use
@@ -117,11 +122,22 @@ class _RouterClient:
         options: Iterable[tuple[str, object]] = (),
         wait_for_ready: bool = False,
         metadata: Iterable[tuple[str, str]] = (),
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        server_name: str | None = None,
     ):
         self._timeout = _check_timeout(timeout)
         self._wait_for_ready = wait_for_ready
         self._metadata = tuple(metadata) or None
         opts = _channel_options(max_message_bytes, options)
+        if credentials is None and (ca or cert or key):
+            try:
+                tls = TlsConfig(ca=ca or "", cert=cert or "", key=key or "", server_name=server_name or "")
+                credentials = channel_credentials(tls)
+            except ValueError as e:  # a missing file or half a key pair
+                raise InvalidArgument(str(e)) from None
+            opts += channel_options(tls)
         if credentials is None:
             self._channel = self._channels.insecure_channel(address, options=opts)
         else:

@@ -7,9 +7,13 @@
     braid router serve  --config YAML [--set FIELD=VALUE ...]
     braid prefill serve --config YAML [--set ...]
     braid decode serve  --config YAML [--set ...]
-    braid generate "text" --router HOST:PORT     stream a completion through the SDK
-    braid status --router HOST:PORT              nodes, roles, layouts and load
+    braid up --tls ...                            the same over mutual TLS (throwaway certificates)
+    braid generate "text" --router HOST:PORT [--ca PEM --cert PEM --key PEM]
+                                                 stream a completion through the SDK
+    braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
+    braid certs DIR                               a throwaway CA and certificates for every identity
     braid offline "text"                          the offline engine in this process
+    braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
 """
 from __future__ import annotations
 
@@ -53,18 +57,24 @@ def _write_ready(path: str | None, info: dict) -> None:
         os.replace(tmp, path)
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(also: asyncio.Event | None = None) -> None:
+    """Until SIGINT/SIGTERM, or until `also` is set (a node whose engine died)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, also) if e is not None]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 # -- serve commands --------------------------------------------------------------------
 
 
-async def _serve_node(args) -> None:
+async def _serve_node(args) -> int:
     cfg = _load(args)
     model = _model_path(cfg)
     if args.role == "prefill":
@@ -74,11 +84,15 @@ async def _serve_node(args) -> None:
     rt, svc = await start(cfg.node(args.role), model, cfg.discovery())
     _write_ready(args.ready_file, {"role": args.role, "node_id": rt.node_id, "address": rt.address, "metrics": rt.metrics_address})
     try:
-        await _wait_for_signal()
+        await _wait_for_signal(rt.failed)
     finally:
         if hasattr(svc, "close"):
             svc.close()
         await rt.stop()
+    if rt.fatal is not None:  # non-zero, so that a supervisor (Kubernetes) restarts the node
+        log.error("%s node %s exits: its engine died (%s)", args.role, rt.node_id, rt.fatal)
+        return 1
+    return 0
 
 
 async def _serve_router(args) -> None:
@@ -97,6 +111,9 @@ async def _serve_router(args) -> None:
     _write_ready(args.ready_file, {"role": "router", "address": handle.address, "metrics": handle.metrics_address})
     try:
         await _wait_for_signal()
+        # Running streams finish (new calls are refused) for up to drain_timeout_s.
+        if not await handle.drain(cfg.router.drain_timeout_s):
+            log.warning("router: drain timeout (%.0f s) passed; cancelling the rest", cfg.router.drain_timeout_s)
     finally:
         await handle.stop(2.0)
         await membership.close()
@@ -104,8 +121,7 @@ async def _serve_router(args) -> None:
 
 def _serve(args) -> int:
     logging.basicConfig(level=os.environ.get("BRAID_LOG", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(_serve_router(args) if args.role == "router" else _serve_node(args))
-    return 0
+    return asyncio.run(_serve_router(args) if args.role == "router" else _serve_node(args)) or 0
 
 
 # -- braid up -------------------------------------------------------------------------
@@ -120,10 +136,16 @@ def _up(args) -> int:
 # -- client commands ----------------------------------------------------------------------
 
 
-def _stream(address: str, prompt: str, max_tokens: int, temperature: float) -> None:
+def _tls_args(args) -> dict:
+    """The SDK's TLS keyword arguments from --ca/--cert/--key/--server-name."""
+    names = ("ca", "cert", "key", "server_name")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None)}
+
+
+def _stream(address: str, prompt: str, max_tokens: int, temperature: float, **tls) -> None:
     from braid.client import Client
 
-    with Client(address) as c:
+    with Client(address, **tls) as c:
         tokens = []
         print(f"prompt: {prompt!r}\nanswer: ", end="", flush=True)
         for chunk in c.generate(prompt, max_tokens=max_tokens, temperature=temperature):
@@ -140,15 +162,19 @@ def _stream(address: str, prompt: str, max_tokens: int, temperature: float) -> N
 
 
 def _generate(args) -> int:
-    _stream(args.router, args.prompt, args.max_tokens, args.temperature)
+    _stream(args.router, args.prompt, args.max_tokens, args.temperature, **_tls_args(args))
     return 0
 
 
 def _status(args) -> int:
-    from braid.client import Client
+    from braid.client import Client, PermissionDenied
 
-    with Client(args.router) as c:
-        nodes = c.list_nodes(timeout=10)
+    try:
+        with Client(args.router, **_tls_args(args)) as c:
+            nodes = c.list_nodes(timeout=10)
+    except PermissionDenied as e:  # mutual TLS: only an admin certificate lists the nodes
+        print(f"braid: error: {e}", file=sys.stderr)
+        return 1
     if not nodes:
         print("no nodes registered")
         return 0
@@ -162,6 +188,23 @@ def _status(args) -> int:
             f"waiting {load.waiting_seqs} reserved {load.reserved_blocks} queued prefill tokens {load.queued_prefill_tokens}"
         )
     return 0
+
+
+def _certs(args) -> int:
+    from braid.cluster.certs import make_certs
+
+    paths = make_certs(args.folder)
+    for stem, p in paths.items():
+        print(f"{stem:8s} cert {p.cert}  key {p.key}")
+    print(f"ca       {paths['router'].ca}")
+    return 0
+
+
+def _add_tls_flags(p) -> None:
+    p.add_argument("--ca", help="PEM CA that signed the router's certificate (turns on TLS)")
+    p.add_argument("--cert", help="PEM client certificate, for a router that requires mutual TLS")
+    p.add_argument("--key", help="PEM private key of --cert")
+    p.add_argument("--server-name", help="name to check in the router's certificate (default: the host)")
 
 
 def _offline(args) -> int:
@@ -189,7 +232,42 @@ def _offline(args) -> int:
     return 0
 
 
+def _soak(args) -> int:
+    """bench/soak.py of the source tree (the soak is a benchmark, not part of the package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "soak.py")
+    if not os.path.isfile(path):
+        print(f"braid: error: {path} not found (the soak runs from a source checkout)", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("braid_soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    argv = ["--duration", str(args.duration), "--workers", str(args.workers), "--seed", str(args.seed)]
+    return soak.main(argv + (["--quick"] if args.quick else []))
+
+
 # -- parser ------------------------------------------------------------------------------
+
+
+def _add_client_commands(sub) -> None:
+    """generate, status (both with the TLS flags) and certs."""
+    gen = sub.add_parser("generate", help="stream a completion from a router through the SDK")
+    gen.add_argument("prompt")
+    gen.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    _add_tls_flags(gen)
+    gen.set_defaults(func=_generate)
+
+    st = sub.add_parser("status", help="list nodes, roles, layouts and load (an admin certificate under mutual TLS)")
+    st.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
+    _add_tls_flags(st)
+    st.set_defaults(func=_status)
+
+    ce = sub.add_parser("certs", help="write a throwaway CA and router/node/client/admin certificates (tests, demos)")
+    ce.add_argument("folder", help="where the PEM files go (created)")
+    ce.set_defaults(func=_certs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", metavar="PROMPT", help="send this prompt through the SDK, print the answer, shut down")
     up.add_argument("--max-tokens", type=int, default=32)
     up.add_argument("--temperature", type=float, default=0.0)
+    up.add_argument("--tls", action="store_true",
+                    help="make a throwaway CA and certificates in the work folder; run every gRPC hop over mutual TLS")
     up.set_defaults(func=_up)
 
     for role, what in (("router", "the Router service"), ("prefill", "a prefill node"), ("decode", "a decode node")):
@@ -218,16 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=_serve, role=role)
         p.set_defaults(func=lambda a, p=p: (p.print_help(), 0)[1])
 
-    gen = sub.add_parser("generate", help="stream a completion from a router through the SDK")
-    gen.add_argument("prompt")
-    gen.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.set_defaults(func=_generate)
-
-    st = sub.add_parser("status", help="list nodes, roles, layouts and load")
-    st.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
-    st.set_defaults(func=_status)
+    _add_client_commands(sub)
 
     off = sub.add_parser("offline", help="generate in this process with the offline engine (no cluster)")
     off.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched)")
@@ -241,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--block-size", type=int, default=16)
     off.add_argument("--dtype", default="float32")
     off.set_defaults(func=_offline)
+    soak = sub.add_parser("soak", help="chaos soak: a local 2+2 cluster under load while faults are injected")
+    soak.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (default 600)")
+    soak.add_argument("--quick", action="store_true", help="about a minute")
+    soak.add_argument("--workers", type=int, default=4)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.set_defaults(func=_soak)
     return ap
 
 

@@ -27,6 +27,7 @@ import yaml
 from braid.discovery.base import DiscoveryConfig
 from braid.engine.config import CacheConfig, KVTransferConfig, ParallelConfig
 from braid.node.config import NodeConfig
+from braid.proto.tls import TlsConfig
 from braid.router.config import DEFAULT_ROUTER_METRICS_PORT, DEFAULT_ROUTER_PORT, POLICIES, RouterConfig
 
 DEFAULT_PREFILL_PORT = 50061
@@ -39,7 +40,8 @@ DEFAULT_TRANSFER_PORT = 50100
 __all__ = [
     "DEFAULT_DECODE_METRICS_PORT", "DEFAULT_DECODE_PORT", "DEFAULT_PREFILL_METRICS_PORT", "DEFAULT_PREFILL_PORT",
     "DEFAULT_ROUTER_METRICS_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_TRANSFER_PORT", "POLICIES",
-    "ClusterConfig", "ConfigError", "EtcdConfig", "NodeConfig", "RouterConfig", "load_config", "to_dict",
+    "ADMIN_IDENTITY", "NODE_IDENTITY", "ROUTER_IDENTITY",
+    "ClusterConfig", "ConfigError", "EtcdConfig", "NodeConfig", "RouterConfig", "TlsConfig", "load_config", "to_dict",
 ]
 
 
@@ -55,6 +57,13 @@ class EtcdConfig:
     """Node registrations expire this long after a node stops renewing."""
     timeout_s: float = 5.0
     """Deadline of every etcd call."""
+    username: str = ""
+    """etcd user when etcd has auth enabled (with password); empty = none."""
+    password: str = field(default="", repr=False)
+    """Password of `username`; prefer $BRAID_ETCD_PASSWORD over writing it in the file."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """TLS to etcd: `ca` verifies the members (set = https), `cert`/`key` is braid's client
+    certificate when etcd wants one, `server_name` the name checked in members' certificates."""
 
     def __post_init__(self):
         if not self.endpoints:
@@ -63,25 +72,43 @@ class EtcdConfig:
             host, _, port = ep.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"endpoints[{i}]: expected host:port, got {ep!r}")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("username: set username and password together (or $BRAID_ETCD_PASSWORD)")
         for name in ("lease_ttl_s", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)!r}")
 
     def discovery(self, cluster: str) -> DiscoveryConfig:
         """What a node or a router needs to register or watch in `cluster`."""
-        return DiscoveryConfig(endpoint=self.endpoints[0], cluster=cluster,
-                               lease_ttl_s=max(1, int(round(self.lease_ttl_s))), call_timeout_s=self.timeout_s)
+        return DiscoveryConfig(endpoint=self.endpoints[0], failover_endpoints=tuple(self.endpoints[1:]),
+                               cluster=cluster, lease_ttl_s=max(1, int(round(self.lease_ttl_s))), call_timeout_s=self.timeout_s,
+                               username=self.username, password=self.password, ca_file=self.tls.ca,
+                               cert_file=self.tls.cert, key_file=self.tls.key, server_name=self.tls.server_name)
+
+
+ROUTER_IDENTITY = "braid-router"
+"""Certificate name nodes admit by default under mutual TLS (tls.allowed_peers)."""
+NODE_IDENTITY = "braid-node"
+"""Name every node certificate carries; the router checks it when dialling a node (tls.server_name)."""
+ADMIN_IDENTITY = "braid-admin"
+"""Certificate name the router answers ListNodes for by default (router.tls.admin_peers)."""
 
 
 def _default_prefill() -> NodeConfig:
     return NodeConfig(port=DEFAULT_PREFILL_PORT, metrics_port=DEFAULT_PREFILL_METRICS_PORT,
-                      parallel=ParallelConfig(prefill_context_parallel_size=2))
+                      parallel=ParallelConfig(prefill_context_parallel_size=2),
+                      tls=TlsConfig(allowed_peers=(ROUTER_IDENTITY,)))
 
 
 def _default_decode() -> NodeConfig:
     return NodeConfig(port=DEFAULT_DECODE_PORT, metrics_port=DEFAULT_DECODE_METRICS_PORT,
                       parallel=ParallelConfig(tensor_parallel_size=2, decode_context_parallel_size=2),
-                      transfer=KVTransferConfig(port=DEFAULT_TRANSFER_PORT))
+                      transfer=KVTransferConfig(port=DEFAULT_TRANSFER_PORT),
+                      tls=TlsConfig(allowed_peers=(ROUTER_IDENTITY,)))
+
+
+def _default_router() -> RouterConfig:
+    return RouterConfig(tls=TlsConfig(server_name=NODE_IDENTITY, admin_peers=(ADMIN_IDENTITY,)))
 
 
 @dataclass(frozen=True)
@@ -90,8 +117,12 @@ class ClusterConfig:
     """Name under /braid/<cluster>/ in etcd; routers only see nodes of their cluster."""
     model: str = ""
     """HF checkpoint directory; empty = the embedded tiny default model."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Shared TLS settings: every field set here fills the same field of router.tls,
+    prefill.tls and decode.tls where that section leaves it unset (one CA, one
+    certificate for all, or per-component certificates under each section)."""
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
+    router: RouterConfig = field(default_factory=_default_router)
     prefill: NodeConfig = field(default_factory=_default_prefill)
     decode: NodeConfig = field(default_factory=_default_decode)
 
@@ -211,6 +242,11 @@ def validate(cfg: ClusterConfig) -> ClusterConfig:
             f"decode.cache.block_size: {cfg.decode.cache.block_size} differs from prefill.cache.block_size "
             f"{cfg.prefill.cache.block_size}; KV moves whole blocks, so both sides need one block size"
         )
+    if cfg.router.reserve_lease_s > cfg.decode.transfer.max_lease_s:
+        raise ConfigError(
+            f"router.reserve_lease_s: {cfg.router.reserve_lease_s} exceeds decode.transfer.max_lease_s "
+            f"{cfg.decode.transfer.max_lease_s}; decode nodes would refuse every Reserve"
+        )
     return cfg
 
 
@@ -228,10 +264,40 @@ def read_data(path: str | None = None, overrides: list[str] = ()) -> dict:
     return apply_overrides(data, list(overrides))
 
 
+def _spread_tls(data: dict) -> dict:
+    """Copy the shared `tls` fields into each component's `tls` where it leaves them unset,
+    before the sections are built: a component checks its bind address against its TLS."""
+    shared = data.get("tls")
+    if not isinstance(shared, dict):
+        return data
+    data = copy.deepcopy(data)
+    for role in ("router", "prefill", "decode"):
+        section = data.setdefault(role, {})
+        if not isinstance(section, dict):
+            continue  # _build reports the bad section
+        own = section.setdefault("tls", {})
+        if isinstance(own, dict):
+            for name, value in shared.items():
+                if own.get(name) in (None, "", [], ()):
+                    own[name] = value
+    return data
+
+
+def _env_secrets(data: dict) -> dict:
+    """etcd.password from $BRAID_ETCD_PASSWORD when the file does not give one (keeps it out of ConfigMaps)."""
+    password = os.environ.get("BRAID_ETCD_PASSWORD")
+    etcd = data.get("etcd") if isinstance(data.get("etcd"), dict) else {}
+    if not password or not etcd.get("username") or etcd.get("password"):
+        return data
+    data = copy.deepcopy(data)
+    data.setdefault("etcd", {})["password"] = password
+    return data
+
+
 def load_config(path: str | None = None, overrides: list[str] = (), data: dict | None = None) -> ClusterConfig:
     """Read the YAML file (or `data`), apply `FIELD=VALUE` overrides, validate."""
     data = read_data(path, overrides) if data is None else apply_overrides(data, list(overrides))
-    return validate(_build(ClusterConfig(), data, ""))
+    return validate(_build(ClusterConfig(), _env_secrets(_spread_tls(data)), ""))
 
 
 def to_dict(cfg: ClusterConfig) -> dict:

@@ -74,11 +74,14 @@ class Proc:
 
 class LocalCluster:
     def __init__(self, workdir: str, *, data: dict | None = None, model: str | None = None,
-                 overrides: list[str] = (), router_port: int = 0):
+                 overrides: list[str] = (), router_port: int = 0, tls: bool = False):
         """`data` is a cluster config as plain data (YAML), `overrides` FIELD=VALUE
         items on top; addresses and ports are replaced by loopback and free ports
-        (the router's by `router_port` when given)."""
+        (the router's by `router_port` when given). `tls`: generate a throwaway CA and
+        certificates in `workdir/tls` (braid.cluster.certs) and run every gRPC hop
+        over mutual TLS; `certs` then names the files, `client()` dials as the admin."""
         self.workdir = workdir
+        self.certs = None
         cfg = to_dict(load_config(data=data or {}, overrides=list(overrides)))
         if model:
             cfg["model"] = model
@@ -92,6 +95,12 @@ class LocalCluster:
         for role in ("prefill", "decode"):
             cfg[role].update(host="127.0.0.1", port=0, metrics_port=0, advertise_host=None)
             cfg[role]["transfer"]["port"] = 0
+        if tls:
+            from braid.cluster.certs import make_certs, tls_config_data
+
+            self.certs = make_certs(os.path.join(workdir, "tls"))
+            for role, section in tls_config_data(self.certs).items():
+                cfg[role]["tls"].update(section["tls"])
         self.config = load_config(data=cfg)
         self.config_path = os.path.join(workdir, "cluster.yaml")
         with open(self.config_path, "w") as f:
@@ -101,6 +110,19 @@ class LocalCluster:
     def address(self) -> str:
         """The router's address."""
         return self.router.address
+
+    def client_tls(self, identity: str = "admin") -> dict:
+        """Client keyword arguments (ca, cert, key) of `identity` under TLS; {} without it."""
+        if self.certs is None:
+            return {}
+        p = self.certs[identity]
+        return dict(ca=p.ca, cert=p.cert, key=p.key)
+
+    def client(self, identity: str = "admin", **kwargs):
+        """A braid Client of the router, as `identity` when the cluster runs TLS."""
+        from braid.client import Client
+
+        return Client(self.address, **self.client_tls(identity), **kwargs)
 
     def spawn(self, role: str, *, sets: list[str] = (), env: dict | None = None, wait: bool = True,
               timeout: float = 180) -> Proc:
@@ -124,6 +146,14 @@ class LocalCluster:
             self.wait_ready(proc, time.monotonic() + timeout)
         return proc
 
+    def respawn(self, proc: Proc, *, sets: list[str] = (), wait: bool = True, timeout: float = 180) -> Proc:
+        """Replace `proc` with a fresh process of the same role (as Kubernetes restarts a
+        pod): SIGKILL it if still running, then spawn the role again with `sets`."""
+        proc.kill()
+        if proc in self.procs:
+            self.procs.remove(proc)
+        return self.spawn(proc.role, sets=sets, wait=wait, timeout=timeout)
+
     def wait_ready(self, proc: Proc, deadline: float) -> dict:
         while not os.path.exists(proc.ready_file):
             if proc.popen.poll() is not None:
@@ -140,8 +170,6 @@ class LocalCluster:
         """Start `nodes` ((role, FIELD=VALUE overrides) each; default one prefill and
         one decode node) and the router, all at once; returns the router's address
         once the router can route to every node."""
-        from braid.client import Client
-
         deadline = time.monotonic() + timeout_s
         started = [self.spawn(role, sets=sets, wait=False) for role, sets in (nodes or [("prefill", []), ("decode", [])])]
         router = self.spawn("router", wait=False)
@@ -150,7 +178,7 @@ class LocalCluster:
         expected = {}
         for proc in started:
             expected.setdefault(proc.role, set()).add(proc.node_id)
-        with Client(self.address) as c:
+        with self.client() as c:  # ListNodes: the admin's certificate under TLS
             self.wait_nodes(c, expected, timeout=max(1.0, deadline - time.monotonic()))
         return self.address
 

@@ -1,7 +1,9 @@
 """`braid up`: a whole local cluster in one command (braid.cluster.launcher),
 with parallel layouts fitted to the model before any process starts
 (braid.cluster.parallel_fit). A component that fails to start leaves its log in
-the work folder, which is kept and named; a clean shutdown removes it."""
+the work folder, which is kept and named; a clean shutdown removes it. With
+`--tls` a throwaway CA and certificates are made in the work folder and every
+gRPC hop (client, router, nodes) runs over mutual TLS."""
 from __future__ import annotations
 
 import logging
@@ -37,8 +39,15 @@ def up_config(args):
 def _serve_until_interrupted(cluster: LocalCluster, args, stream) -> None:
     address = cluster.start()
     print(f"braid: cluster up; router at {address}", flush=True)
+    tls = cluster.client_tls("client")
+    if tls:
+        admin = cluster.client_tls("admin")
+        print(f"braid: mutual TLS on every gRPC hop; certificates in {os.path.dirname(tls['ca'])}\n"
+              f"braid:   braid generate TEXT --router {address} --ca {tls['ca']} --cert {tls['cert']} --key {tls['key']}\n"
+              f"braid:   braid status --router {address} --ca {admin['ca']} --cert {admin['cert']} --key {admin['key']}",
+              flush=True)
     if args.demo is not None:
-        stream(address, args.demo, args.max_tokens, args.temperature)
+        stream(address, args.demo, args.max_tokens, args.temperature, **tls)
         return
     print("braid: Ctrl-C to stop", flush=True)
     while True:
@@ -57,7 +66,8 @@ def run_up(args, stream) -> int:
     cluster = None
     keep = False
     try:
-        cluster = LocalCluster(workdir, data=to_dict(cfg), model=model, router_port=args.port)
+        cluster = LocalCluster(workdir, data=to_dict(cfg), model=model, router_port=args.port,
+                               tls=bool(getattr(args, "tls", False)))
         _serve_until_interrupted(cluster, args, stream)
     except KeyboardInterrupt:
         pass

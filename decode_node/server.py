@@ -8,6 +8,11 @@ A remotely prefilled request:
             the stream yields nothing until the KV and the first token have
             arrived, then streams tokens as they are decoded
   Abort     at any point: cancels the receivers, then frees the blocks
+Reserve is capped (transfer.max_lease_s: a longer lease is refused INVALID_ARGUMENT;
+transfer.max_reservations held at once: one more is RESOURCE_EXHAUSTED), so a flood
+of Reserve calls cannot take every block. Each reservation gets a random secret,
+carried in its KVDestination: the decode ranks take KV only from a sender that
+presents it.
 The engine keeps the lease's one timer: if the reservation is not claimed and
 its KV arrived before the lease ends, or the transfer fails, the engine frees
 the blocks and the stream ends with ABORTED (the router may retry with another
@@ -19,6 +24,7 @@ import logging
 import time
 
 import grpc
+from prometheus_client import Gauge
 
 from braid.node.errors import sampling_from, status_for
 from braid.node.runtime import NodeRuntime, start_node
@@ -33,10 +39,20 @@ SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["DecodeNode"].full_name
 class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
     def __init__(self, runtime: NodeRuntime):
         self.rt = runtime
+        Gauge("braid_node_kv_rejected_frames", "KV frames dropped because their connection did not present the "
+              "reservation's secret (rank 0's receiver; a running count)",
+              registry=runtime.metrics.registry).set_function(self.rejected_frames)
 
     @property
     def engine(self):
         return self.rt.engine
+
+    def rejected_frames(self) -> int:
+        """Frames rank 0's KV receiver dropped for want of the reservation's secret."""
+        try:
+            return self.engine.core.executor.driver.connector.receiver.rejected_frames
+        except AttributeError:  # no engine (stopped) or no receiver
+            return 0
 
     async def _refuse_if_not_accepting(self, context) -> None:
         if not self.rt.accepting:
@@ -69,6 +85,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
             lease_deadline_unix=res.lease_deadline_unix,
             num_tokens=res.num_tokens,
             decode_node_id=self.rt.node_id,
+            secret=res.secret,
         )
 
     async def Decode(self, request, context):
@@ -76,22 +93,26 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
         started = time.monotonic()
         if request.local_prefill:
             await self._refuse_if_not_accepting(context)
+            queue = None
             try:
                 params = sampling_from(request.sampling)
                 if not rid:
                     raise ValueError("request_id is empty")
-                queue = self.engine.subscribe(rid)
+                queue = self.engine.subscribe_new(rid)  # ALREADY_EXISTS: another stream holds the id
                 await self.engine.call(lambda c: c.add_request(list(request.prompt_token_ids), params, rid))
             except Exception as e:  # noqa: BLE001
-                self.engine.unsubscribe(rid)
+                if queue is not None:  # only our own queue: never the holder's
+                    self.engine.unsubscribe(rid)
                 code, msg = status_for(e)
                 await context.abort(code, msg)
         else:
-            queue = self.engine.subscribe(rid)  # before the claim: its events come from then on
+            queue = None
             try:
+                queue = self.engine.subscribe_new(rid)  # before the claim: its events come from then on
                 await self.engine.call(lambda c: c.claim(rid))
             except Exception as e:  # noqa: BLE001 - NOT_FOUND for an unknown reservation
-                self.engine.unsubscribe(rid)
+                if queue is not None:
+                    self.engine.unsubscribe(rid)
                 code, msg = status_for(e)
                 await context.abort(code, msg)
         self.rt.inflight += 1
@@ -137,7 +158,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
         return common_pb2.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):
-        return self.rt.load()
+        return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
 
 async def start_decode_node(node, model_path: str, discovery) -> tuple[NodeRuntime, DecodeServicer]:
     """Start a decode node (a NodeConfig, the model, a DiscoveryConfig); returns its runtime and servicer."""

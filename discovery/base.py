@@ -3,7 +3,7 @@
 A node, once it can serve:
 
   reg = EtcdRegistration(config, node_info)   # or StaticRegistration in unit tests
-  reg.add_listener(on_registered)             # on_registered(False): stop taking work
+  reg.add_listener(on_registered)             # on_registered(False): see lost_reason
   await reg.start()                           # returns once the NodeInfo is published
   ...                                         # the lease is renewed in the background;
                                               # a lost lease is signalled and re-registered
@@ -30,7 +30,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Mapping
 
 from braid.proto import common_pb2
@@ -134,8 +134,21 @@ def validate_node_info(info: common_pb2.NodeInfo) -> None:
 @dataclass(frozen=True, kw_only=True)
 class DiscoveryConfig:
     endpoint: str = "127.0.0.1:2379"
-    """etcd client endpoint, host:port (an http:// prefix is accepted). One member: aetcd 1.0
-    talks to a single endpoint (put a load balancer or a local proxy before a cluster)."""
+    """etcd client endpoint, host:port (an http:// prefix is accepted): the first one tried."""
+    failover_endpoints: tuple[str, ...] = ()
+    """Further etcd members, host:port; the client fails over between all of them in order."""
+    username: str = ""
+    """etcd user (etcd auth enabled); empty = no authentication."""
+    password: str = field(default="", repr=False)
+    """Password of `username` (kept out of repr, so out of logs)."""
+    ca_file: str = ""
+    """PEM CA that signed etcd's server certificate; set = talk to etcd over TLS."""
+    cert_file: str = ""
+    """PEM client certificate for etcd's client-certificate auth (with key_file)."""
+    key_file: str = ""
+    """Private key of cert_file."""
+    server_name: str = ""
+    """Name checked in etcd members' certificates; empty = the first endpoint's host."""
     cluster: str = "default"
     """Keys live under /braid/<cluster>/nodes/; clusters sharing an etcd never see each other."""
     lease_ttl_s: int = 10
@@ -160,6 +173,14 @@ class DiscoveryConfig:
         host, _, port = self.endpoint.removeprefix("http://").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"discovery endpoint {self.endpoint!r} must be host:port")
+        for ep in self.failover_endpoints:
+            h, _, p = ep.removeprefix("http://").removeprefix("https://").rpartition(":")
+            if not h or not p.isdigit():
+                raise ValueError(f"discovery endpoint {ep!r} must be host:port")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("discovery username and password: set both or neither")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("discovery cert_file and key_file: set both or neither")
         check_name("cluster", self.cluster)
         if not isinstance(self.lease_ttl_s, int) or isinstance(self.lease_ttl_s, bool) or self.lease_ttl_s < 1:
             raise ValueError(f"lease_ttl_s must be a whole number of seconds >= 1 (got {self.lease_ttl_s!r})")
@@ -174,6 +195,16 @@ class DiscoveryConfig:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.endpoint.removeprefix("http://").rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def all_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of every configured member, `endpoint` first, without repeats."""
+        out = []
+        for ep in (self.endpoint, *self.failover_endpoints):
+            host, _, port = ep.removeprefix("http://").removeprefix("https://").rpartition(":")
+            if (host.strip("[]"), int(port)) not in out:
+                out.append((host.strip("[]"), int(port)))
+        return tuple(out)
 
     @staticmethod
     def from_dict(d: Mapping) -> "DiscoveryConfig":
@@ -203,7 +234,9 @@ class Registration(abc.ABC):
     expired (no renewal confirmed within one TTL) and True again once
     re-registered; listeners get every transition as `listener(registered)`, and
     `lost_reason` says why it was lost. What to do meanwhile is the node's call:
-    the design says stop taking new work until registered again.
+    a node stops taking new work only on LOST_LEASE_GONE (etcd confirmed it); on
+    LOST_UNREACHABLE it keeps serving, since an etcd outage is no reason for an
+    outage of the cluster (routers keep their last view meanwhile).
     """
 
     def __init__(self, info: common_pb2.NodeInfo):

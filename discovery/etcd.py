@@ -1,4 +1,4 @@
-"""Discovery through etcd (the only module that imports aetcd).
+"""Discovery through etcd (with etcd_client, the only modules that import aetcd).
 
 Keys: /braid/<cluster>/nodes/<role>/<node_id> -> NodeInfo (protobuf bytes), each
 attached to its node's lease.
@@ -17,8 +17,9 @@ Life of a registration (EtcdRegistration):
      A failed renewal is retried with backoff until the lease is presumed expired:
      one TTL after the last confirmed renewal was sent.
   3. Lease lost (etcd answers TTL 0: expired, revoked, or etcd came back without it)
-     or presumed expired: `registered` -> False, listeners hear False (the node stops
-     taking work), and step 1 is retried with backoff (capped at backoff_max_s)
+     or presumed expired: `registered` -> False, listeners hear False with
+     `lost_reason` LOST_LEASE_GONE (the node stops taking work) or LOST_UNREACHABLE
+     (it keeps serving), and step 1 is retried with backoff (capped at backoff_max_s)
      until etcd answers; the key is put under the new lease, the old lease is
      revoked (best effort), `registered` -> True, `epoch` + 1.
   4. close(): stop renewing, revoke the lease (the key disappears at once).
@@ -59,6 +60,7 @@ from braid.discovery.base import (
     bounded,
     stop_task,
 )
+from braid.discovery.etcd_client import BraidEtcdClient
 from braid.discovery.keys import node_key, nodes_prefix, parse_node_key  # re-exported from here too
 from braid.proto import common_pb2
 from braid.proto.names import ROLE_NAMES
@@ -67,7 +69,6 @@ log = logging.getLogger(__name__)
 
 
 def _new_client(config: DiscoveryConfig) -> aetcd.Client:
-    host, port = config.host_port
     options = {
         # Reconnect soon after etcd comes back (gRPC's default backoff grows to 120 s).
         "grpc.initial_reconnect_backoff_ms": int(config.backoff_initial_s * 1000),
@@ -80,8 +81,9 @@ def _new_client(config: DiscoveryConfig) -> aetcd.Client:
         "grpc.http2.max_pings_without_data": 0,
     }
     # aetcd passes `timeout` as the gRPC deadline of every unary call and as the
-    # limit on creating a watch.
-    return aetcd.Client(host=host, port=port, timeout=config.call_timeout_s, options=options)
+    # limit on creating a watch; the client adds TLS, authentication and failover
+    # across every configured endpoint (braid.discovery.etcd_client).
+    return BraidEtcdClient(config, options)
 
 
 async def _close_client(client: aetcd.Client | None, timeout: float) -> None:

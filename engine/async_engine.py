@@ -4,8 +4,13 @@ The engine thread owns the EngineCore: it runs submitted calls between steps,
 steps while there is work, and hands each TokenEvent to the asyncio loop,
 where the request's subscriber queue receives it. Calls from asyncio
 (`await engine.call(fn)`) run `fn(core)` on the engine thread, so the core is
-never touched from two threads. If the engine fails (a rank died), every
-subscriber gets an error event and later calls raise EngineDead.
+never touched from two threads.
+
+Errors: one request's failure (a call that raises, a row that cannot be sampled,
+a failed step's batch) reaches that request's caller or subscriber only. Only a
+dead rank (RankFailure, noticed within IDLE_WAIT_S even while idle) ends the
+engine: every subscriber then gets an error event, later calls raise EngineDead,
+and the `on_dead` listeners run on the loop (the node leaves the pool and exits).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, Callable
 
 from braid.engine.config import EngineConfig
 from braid.engine.core import EngineCore, TokenEvent
+from braid.engine.events import DuplicateRequest
 
 IDLE_WAIT_S = 1.0
 """The longest the engine thread sleeps with nothing to do (a call or stop wakes it at once)."""
@@ -39,6 +45,7 @@ class AsyncEngine:
         self._subscribers: dict[str, asyncio.Queue] = {}
         self._stopping = threading.Event()
         self.dead: BaseException | None = None
+        self._dead_listeners: list[Callable[[BaseException], Any]] = []
         self.load = self._snapshot()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -59,6 +66,13 @@ class AsyncEngine:
             q = self._subscribers[request_id] = asyncio.Queue()
         return q
 
+    def subscribe_new(self, request_id: str) -> asyncio.Queue:
+        """Like subscribe, but DuplicateRequest when the id already has a subscriber: a
+        second call with a live id must neither share nor (on its failure) drop that queue."""
+        if request_id in self._subscribers:
+            raise DuplicateRequest(f"request id {request_id!r} is already in use")
+        return self.subscribe(request_id)
+
     def unsubscribe(self, request_id: str) -> None:
         self._subscribers.pop(request_id, None)
 
@@ -68,9 +82,22 @@ class AsyncEngine:
             if q is not None:
                 q.put_nowait(ev)
 
-    def _fail_all(self, why: str) -> None:
+    def on_dead(self, callback: Callable[[BaseException], Any]) -> None:
+        """callback(error) on the loop once the engine has died (at once if it has)."""
+        if self.dead is not None:
+            self.loop.call_soon_threadsafe(callback, self.dead)
+        else:
+            self._dead_listeners.append(callback)
+
+    def _died(self, error: BaseException) -> None:
+        """On the loop: tell every subscriber, then every on_dead listener."""
         for rid, q in list(self._subscribers.items()):
-            q.put_nowait(TokenEvent(rid, None, True, "error", why))
+            q.put_nowait(TokenEvent(rid, None, True, "error", f"engine failed: {error}"))
+        for cb in list(self._dead_listeners):
+            try:
+                cb(error)
+            except Exception:  # noqa: BLE001 - one listener must not stop the others
+                log.exception("engine death listener failed")
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -117,6 +144,12 @@ class AsyncEngine:
             reserved_blocks=c.kv.reserved_blocks(),
         )
 
+    def _refresh_load(self) -> None:
+        try:
+            self.load = self._snapshot()
+        except Exception:  # noqa: BLE001 - a load report is no reason to stop; keep the last one
+            log.exception("engine load snapshot failed")
+
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
@@ -129,11 +162,14 @@ class AsyncEngine:
                     events = self.core.step()
                     if events:
                         self.loop.call_soon_threadsafe(self._deliver, events)
-                self.load = self._snapshot()
-        except BaseException as e:  # noqa: BLE001 - the engine is gone; tell everyone
+                self._refresh_load()
+                fatal = self.core.fatal_error()  # a rank may die while nothing runs
+                if fatal is not None:
+                    raise fatal
+        except BaseException as e:  # noqa: BLE001 - only fatal errors reach here: tell everyone
             log.exception("engine failed")
             self.dead = e
-            self.loop.call_soon_threadsafe(self._fail_all, f"engine failed: {e}")
+            self.loop.call_soon_threadsafe(self._died, e)
         finally:
             # answer calls still queued so no caller waits forever
             while True:

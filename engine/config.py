@@ -133,18 +133,42 @@ class KVTransferConfig:
     """Host put in the receivers' endpoints (defaults to host); a node sets it."""
     timeout_s: float = 60.0
     """Deadline of one request's KV transfer on the prefill side."""
+    max_lease_s: float = 600.0
+    """Longest reservation lease a decode engine grants; a Reserve asking for more is
+    refused (INVALID_ARGUMENT), so nobody can hold blocks for ever."""
+    max_reservations: int = 256
+    """Reservations a decode engine holds at once (claimed or not, until their KV
+    arrived or they ended); one more is refused (RESOURCE_EXHAUSTED)."""
+    max_connections: int = 256
+    """Sender connections each decode rank's tcp KV listener keeps open; at the cap the
+    oldest idle one is closed to make room (or, with none idle, the new one)."""
+    idle_timeout_s: float = 300.0
+    """A tcp KV connection that begins no frame for this long is closed (an honest
+    sender reconnects on its next frame)."""
+    frame_timeout_s: float = 30.0
+    """A tcp KV frame must arrive whole within this, plus 1 s per MiB of its payload."""
 
     def __post_init__(self):
         check_choice(self, "role", KV_ROLES, "KV role")
         check_choice(self, "transport", TRANSPORTS, "transport")
         check_port(self, "port")
-        check_positive(self, ("timeout_s",))
+        check_positive(self, ("timeout_s", "max_lease_s", "max_reservations", "max_connections", "idle_timeout_s",
+                              "frame_timeout_s"))
+
+    def receiver_limits(self) -> dict:
+        """What the tcp transport's receivers are built with (the others take none)."""
+        if self.transport != "tcp":
+            return {}
+        return {"max_connections": self.max_connections, "idle_timeout": self.idle_timeout_s,
+                "frame_timeout": self.frame_timeout_s}
 
 
 SECTIONS = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
             "transfer": KVTransferConfig}
 _FLAT_ALIASES = {"kv_role": "role", "kv_transport": "transport", "kv_host": "host", "kv_port": "port",
-                 "kv_advertise_host": "advertise_host", "kv_timeout_s": "timeout_s"}
+                 "kv_advertise_host": "advertise_host", "kv_timeout_s": "timeout_s", "kv_max_lease_s": "max_lease_s",
+                 "kv_max_reservations": "max_reservations", "kv_max_connections": "max_connections",
+                 "kv_idle_timeout_s": "idle_timeout_s", "kv_frame_timeout_s": "frame_timeout_s"}
 
 
 @dataclass(frozen=True, kw_only=True)

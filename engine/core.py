@@ -13,22 +13,27 @@ KV transfer has two halves (braid.engine.kv_connector): the scheduler half
 worker half runs in every rank. They meet only in the step: a step with no
 sequences and only connector metadata runs while transfers are in flight and
 nothing else does, and to flush a reservation or a release at once.
+
+Errors: only a dead rank (RankFailure) ends the engine. A row that cannot be
+sampled, or any other error raised while serving a step's batch, ends those
+requests alone with an error TokenEvent (their blocks freed); the engine goes on.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 
 import torch
 
 from braid.engine.block_manager import BlockManager
 from braid.engine.config import EngineConfig, resolve
-from braid.engine.executor import Executor
-from braid.engine.events import Overloaded, TokenEvent, UnknownRequest
+from braid.engine.executor import Executor, RankFailure
+from braid.engine.events import DuplicateRequest, Overloaded, TokenEvent, UnknownRequest
 from braid.engine.kv_connector.metadata import KVConnectorMeta
 from braid.engine.kv_connector.scheduler import KVConnectorScheduler
-from braid.engine.kv_connector.types import Reservation, TransferTarget
+from braid.engine.kv_connector.types import Reservation, TransferTarget, check_target
 from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
@@ -36,6 +41,8 @@ from braid.engine.step_plan import SeqPlan, StepPlan, StepResult
 from braid.tokenizer import Tokenizer
 
 __all__ = ["EngineCore", "Overloaded", "TokenEvent", "UnknownRequest"]
+
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -59,7 +66,7 @@ class EngineCore:
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
         self.requests: dict[str, Sequence] = {}
-        self.kv = KVConnectorScheduler(self.scheduler, self.blocks)
+        self.kv = KVConnectorScheduler(self.scheduler, self.blocks, cfg.transfer.max_lease_s, cfg.transfer.max_reservations)
         self.ran_batch = False
         """Whether the last step ran the model (a driver steps again at once if so)."""
         self._ids = itertools.count()
@@ -86,7 +93,7 @@ class EngineCore:
     def new_sequence(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
-            raise RequestRejected(f"request id {request_id!r} is already in use")
+            raise DuplicateRequest(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, self.tokenize(prompt), params)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -162,6 +169,7 @@ class EngineCore:
             raise RequestRejected(
                 f"destination expects {target.num_tokens} tokens, the prompt has {seq.num_prompt_tokens}"
             )
+        check_target(target, self.kv_layout, self.config.transfer.transport, seq.num_prompt_tokens)  # before any rank sees it
         seq.transfer = (target, timeout_s)
         seq.holds_kv = True  # the scheduler must not free its blocks when it finishes
         self.scheduler.add(seq)
@@ -185,7 +193,17 @@ class EngineCore:
         events = self.kv.take_events()  # made between steps (a claim, a flush): they come first
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
-        events += self._run_step(batch)
+        try:
+            events += self._run_step(batch)
+        except Exception as e:
+            # a rank that died (or a step the ranks cannot agree on any more) ends the
+            # engine; anything else raised while serving this batch ends its requests only
+            if isinstance(e, RankFailure) or self.fatal_error() is not None:
+                raise
+            seqs = batch.seqs if batch is not None else ()
+            log.exception("engine step failed; failing its %d request(s) only", len(seqs))
+            why = f"engine step failed: {type(e).__name__}: {e}"
+            events += [self._fail_seq(seq, why) for seq in seqs]
         events += self.kv.take_events()
         for ev in events:
             if ev.finished:
@@ -204,23 +222,58 @@ class EngineCore:
             return []
         t0 = time.monotonic()
         result = self.executor.execute(self.plan_for(batch, meta))
-        events = self._postprocess(batch, meta, result, t0) if batch is not None else []
-        self.kv.on_step_done(meta, result, time.monotonic())
+        try:
+            events = self._postprocess(batch, meta, result, t0) if batch is not None else []
+        finally:  # the ranks ran this step: its transfer progress is taken in whatever happened
+            self.kv.on_step_done(meta, result, time.monotonic())
         return events
 
     def _postprocess(self, batch: ScheduledBatch, meta: KVConnectorMeta, result: StepResult, t0: float) -> list[TokenEvent]:
+        """Sample, advance the sequences, book the sends; a row that could not be
+        sampled ends its own request with an error event, the others go on."""
         forward_s = time.monotonic() - t0
-        tokens = self.sampler(result.logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
-        self.scheduler.postprocess(batch, tokens)
+        seqs = batch.seqs
+        try:
+            tokens, failed = self.sampler.sample(result.logits, [s.params for s in seqs], [s.generator for s in seqs])
+        except Exception as e:  # noqa: BLE001 - a sampler bug fails this step's requests, not the engine
+            why = f"sampling failed: {type(e).__name__}: {e}"
+            tokens, failed = [-1] * len(seqs), {i: why for i in range(len(seqs))}
+        ok = [i for i in range(len(seqs)) if i not in failed]
+        kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok))
+        self.scheduler.postprocess(kept, [tokens[i] for i in ok])
         now = time.monotonic()
         for send in meta.sends:
-            seq = batch.seqs[send.seq_index]
-            self.kv.sent(seq, tokens[send.seq_index], t0, forward_s, result.kv_bytes.get(send.transfer_id, 0), now)
-        return [
-            TokenEvent(seq.request_id, tok, seq.is_finished, seq.finish_reason)
-            for seq, tok in zip(batch.seqs, tokens)
-            if seq.transfer is None
+            if send.seq_index not in failed:
+                seq = seqs[send.seq_index]
+                self.kv.sent(seq, tokens[send.seq_index], t0, forward_s, result.kv_bytes.get(send.transfer_id, 0), now)
+        events = []
+        for i, why in failed.items():
+            log.warning("request %s failed: %s", seqs[i].request_id, why)
+            events.append(self._fail_seq(seqs[i], why))
+        return events + [
+            TokenEvent(seqs[i].request_id, tokens[i], seqs[i].is_finished, seqs[i].finish_reason)
+            for i in ok
+            if seqs[i].transfer is None
         ]
+
+    def _fail_seq(self, seq: Sequence, why: str) -> TokenEvent:
+        """End one request of a step alone, with an error event. Its blocks are freed
+        now, or (a prefill whose KV the ranks started sending) once every rank has
+        dropped that send: the send is booked and released at the next step."""
+        self.scheduler.abort(seq.request_id)  # never frees blocks that are being sent
+        if seq.transfer is not None and not self.kv.abort(seq.request_id):
+            now = time.monotonic()
+            self.kv.sent(seq, 0, now, 0.0, 0, now)
+            self.kv.abort(seq.request_id)
+        return TokenEvent(seq.request_id, None, True, "error", why)
+
+    def fatal_error(self) -> BaseException | None:
+        """Why this engine cannot step any more (a rank died or a collective failed),
+        or None. Only this kind of error may end the engine; see `step`."""
+        ex = self.executor
+        if ex.failure is not None:
+            return ex.failure
+        return RankFailure(0, "the instance's ranks failed") if getattr(ex, "_dead", False) else None
 
     # -- diagnostics -----------------------------------------------------------
     def last_token_logits(self, prompts: list[list[int]]) -> torch.Tensor:

@@ -10,6 +10,11 @@ class Overloaded(RuntimeError):
     """No room right now (KV blocks); retry later or elsewhere."""
 
 
+class DuplicateRequest(ValueError):
+    """The request id is already held here (running, reserved or transferring):
+    the new request is refused and the one holding the id is left alone."""
+
+
 class UnknownRequest(LookupError):
     """No such request (or reservation) here: never made, already claimed, or ended."""
 

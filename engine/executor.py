@@ -2,7 +2,7 @@
 
 Rank 0 lives in the calling process; ranks 1..world-1 are subprocesses running
 `braid.engine.worker.main` that join through a TCPStore rank 0 binds on
-a free loopback port. Each step, rank 0 broadcasts the encoded StepPlan (the
+a free loopback port (only there: braid.kv_transfer.stores). Each step, rank 0 broadcasts the encoded StepPlan (the
 only command besides shutdown and a test-only gather) and runs its own share;
 its StepResult comes back to the caller. A watchdog thread polls the subprocesses: when one exits
 unexpectedly it records which, and kills the others so that any collective
@@ -20,11 +20,11 @@ import threading
 import time
 
 import torch
-import torch.distributed as dist
 
 from braid.engine.config import EngineConfig
 from braid.engine.step_plan import StepPlan, StepResult
 from braid.engine.worker import CMD_GATHER_KV, CMD_SHUTDOWN, CMD_STEP, Worker
+from braid.kv_transfer.stores import serve_store
 
 
 class RankFailure(RuntimeError):
@@ -49,10 +49,10 @@ class Executor:
         self._dead = False
         store = None
         if self.world > 1:
-            # rank 0 hosts the rendezvous store for the whole life of the engine
-            self.store = store = dist.TCPStore(
-                "127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
-                timeout=datetime.timedelta(seconds=cfg.parallel.collective_timeout_s),
+            # rank 0 hosts the rendezvous store for the whole life of the engine, on
+            # loopback only (a plain TCPStore would listen on every interface)
+            self.store = store = serve_store(
+                "127.0.0.1", 0, self.world, datetime.timedelta(seconds=cfg.parallel.collective_timeout_s),
             )
             self._spawn(store.port)
         try:

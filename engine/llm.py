@@ -66,9 +66,11 @@ class LLM:
             while self.engine.has_unfinished():
                 for ev in self.engine.step():
                     out = live[ev.request_id]
-                    out.token_ids.append(ev.token_id)
+                    if ev.token_id is not None:  # an error event ends a request without a token
+                        out.token_ids.append(ev.token_id)
                     if ev.finished:
                         out.finish_reason = ev.finish_reason
+                        out.error = ev.error or out.error
         except BaseException:
             for rid in live:
                 self.engine.abort(rid)

@@ -82,7 +82,8 @@ class Worker:
         self.connector: KVConnectorWorker | None = None
         if cfg.transfer.role is not None:
             t = cfg.transfer
-            self.connector = KVConnectorWorker(t.transport, t.role, self.rank, self.kv_cache, t.host, t.port, t.advertise_host)
+            self.connector = KVConnectorWorker(t.transport, t.role, self.rank, self.kv_cache, t.host, t.port,
+                                               t.advertise_host, t.receiver_limits())
             self.connector.describe(cfg, self.model_cfg, self.par.world)
 
     @property

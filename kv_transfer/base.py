@@ -26,6 +26,13 @@ Guarantees every implementation keeps (the tests check them):
   misbehaving peer ends in a TransferError, never a hang.
 - One failed transfer does not fail transfers on other connections; the
   process lives on.
+- A transfer expected with a `secret` (minted by the decode node per reservation,
+  carried to the prefill side in the KV destination) takes frames only from
+  connections that presented it (the sender's `send(..., secret=)`, compared in
+  constant time) before a byte lands; frames from any other connection are dropped
+  and counted (`rejected_frames`), without failing the transfer. A trailer the
+  receiver's `trailer_check` refuses fails that transfer alone ("corrupt").
+  The secret authenticates; it does not encrypt the KV stream.
 """
 from __future__ import annotations
 
@@ -74,12 +81,15 @@ class KVReceiver(abc.ABC):
         """Address a sender connects to (e.g. "127.0.0.1:40123")."""
 
     @abc.abstractmethod
-    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool = False) -> None:
+    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool = False,
+               *, secret: bytes | None = None, trailer_check=None) -> None:
         """Accept frames of `transfer_id` into these (offset, length) byte ranges
         until `deadline` (time.monotonic()), when it fails "timeout". A deadline of
         None sets no timer here: the reservation's owner keeps the one lease timer and
         cancels the transfer when it runs out. Complete once the ranges are all
-        written (and a trailer arrived, when `want_trailer`)."""
+        written (and a trailer arrived, when `want_trailer`). With `secret`, only
+        connections that presented it may write; `trailer_check(bytes) -> bool`
+        vets the trailer."""
 
     @abc.abstractmethod
     def poll(self) -> dict[int, TransferError | None]:
@@ -101,11 +111,12 @@ class KVSender(abc.ABC):
     """Sends from one prefill rank's region."""
 
     @abc.abstractmethod
-    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
-        """Queue pieces for `endpoint`; returns at once (the forward pass goes on)."""
+    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float, *, secret: bytes | None = None) -> None:
+        """Queue pieces for `endpoint`; returns at once (the forward pass goes on). The
+        transfer's `secret` is presented on each connection before its first frame."""
 
     @abc.abstractmethod
-    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
+    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None, *, secret: bytes | None = None) -> None:
         """Queue the end marker of `transfer_id` for `endpoint` (after its pieces)."""
 
     @abc.abstractmethod

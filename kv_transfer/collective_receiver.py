@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 
 from .base import TransferError
-from .common import CODE_KIND, MAX_PIECES, MAX_TRAILER, ConnFail, flat_bytes
+from .common import CODE_KIND, MAX_PIECES, MAX_SECRET, MAX_TRAILER, ConnFail, flat_bytes
 from .collective_wire import (
-    ABORT, CLOSE, DATA, FINISH, HEADER_WORDS, IDLE, MAGIC, MAX_CHUNK, NS, PACK_WINDOW, TAG, VERSION,
+    ABORT, AUTH, CLOSE, DATA, FINISH, HEADER_WORDS, IDLE, MAGIC, MAX_CHUNK, NS, PACK_WINDOW, TAG, VERSION,
     make_pair_group, plan_messages, scatter, shut_group, wait_work, window_full,
 )
 from .receiver_book import BookedReceiver, Expected, ReceiverBook, RxConn
+from .stores import serve_store
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class CollectiveReceiver(BookedReceiver):
         self._host = host
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout  # a frame's body must keep arriving this fast
-        self._server = dist.TCPStore(host, port, None, True, timedelta(seconds=connect_timeout), wait_for_workers=False)
+        self._server = serve_store(host, port, None, timedelta(seconds=connect_timeout))  # on `host` only
         self._port = self._server.port
         self._endpoint = f"{host}:{self._port}"
         self._book = ReceiverBook(self._flat.numel(), cancel_grace, f"braid-kvc-{self._port}-timer")
@@ -225,6 +226,14 @@ class CollectiveReceiver(BookedReceiver):
             self._ack(c, tid, err)
         elif ftype == ABORT:
             self._book.on_abort(c, tid, CODE_KIND.get(seq, "aborted"), "aborted")
+        elif ftype == AUTH:
+            if not 0 < last <= MAX_SECRET:
+                raise _Corrupt(f"secret of {last} bytes")
+            buf = torch.empty(last, dtype=torch.uint8, device=self._device)
+            wait_work(c.pg.recv([buf], 0, TAG), self._stall_timeout)
+            err = self._book.authenticate(c, tid, buf.cpu().numpy().tobytes())
+            if err is not None:
+                self._ack(c, tid, err)
         elif ftype == CLOSE:
             return False
         else:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .base import Piece, TransferError
 from .common import KIND_CODE, MAX_PIECES, MAX_TRAILER, ConnFail, flat_bytes, merge_runs, parse_endpoint
 from .collective_wire import (
-    ABORT, CHUNK, CLOSE, DATA, FINISH, IDLE_STORE_WAIT, MAGIC, MAX_CHUNK, NS, PACK_BELOW, TAG, VERSION,
+    ABORT, AUTH, CHUNK, CLOSE, DATA, FINISH, IDLE_STORE_WAIT, MAGIC, MAX_CHUNK, NS, PACK_BELOW, TAG, VERSION,
     gather, is_timeout, local_address_for, make_pair_group, plan_messages, shut_group, wait_work, window_full,
 )
 from .sender_book import BookedSender, SenderBook, TxConn
@@ -96,13 +96,13 @@ class CollectiveSender(BookedSender):
 
     # ---- KVSender --------------------------------------------------------------
 
-    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
+    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float, *, secret: bytes | None = None) -> None:
         parse_endpoint(endpoint)
-        super().send(transfer_id, endpoint, pieces, deadline)
+        super().send(transfer_id, endpoint, pieces, deadline, secret=secret)
 
-    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
+    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None, *, secret: bytes | None = None) -> None:
         parse_endpoint(endpoint)
-        super().finish(transfer_id, endpoint, trailer)
+        super().finish(transfer_id, endpoint, trailer, secret=secret)
 
     # ---- connection threads --------------------------------------------------------
 
@@ -113,6 +113,10 @@ class CollectiveSender(BookedSender):
         frame = [self._header(FINISH, tid, seq, tlen=-1 if trailer is None else len(trailer))]
         if trailer:
             frame.append(torch.frombuffer(bytearray(trailer), dtype=torch.uint8).to(self._device))
+        self._send_frame(c, frame, deadline)
+
+    def _write_auth(self, c: _SConn, tid: int, secret: bytes, deadline: float | None) -> None:
+        frame = [self._header(AUTH, tid, 0, tlen=len(secret)), torch.frombuffer(bytearray(secret), dtype=torch.uint8).to(self._device)]
         self._send_frame(c, frame, deadline)
 
     def _write_abort(self, c: _SConn, tid: int, kind: str, detail: str) -> None:

@@ -4,14 +4,17 @@ receiver (collective_receiver.py) and the sender (collective_sender.py) both fol
 collective.py tells the life of a transfer over it.
 
 Frame, sender -> receiver, all on one tag in order. Header int64[8]:
-  0 magic << 8 | version   1 type (DATA, FINISH, ABORT, CLOSE)   2 transfer id
+  0 magic << 8 | version   1 type (DATA, FINISH, ABORT, CLOSE, AUTH)   2 transfer id
   3 seq: DATA: index of this frame among tid's data frames on the connection; FINISH:
     how many were sent; ABORT: kind code
   4 n_pieces   5 payload_len (sum of piece lengths)   6 chunk
   7 DATA: pieces shorter than this are packed (see plan_messages); FINISH: trailer
-    length (-1 none)
+    length (-1 none); AUTH: secret length
 then, for DATA, the piece table int64[2n] (dst offset, length) and the payload in the
-messages plan_messages() gives; for FINISH with a trailer, uint8[trailer length].
+messages plan_messages() gives; for FINISH with a trailer, uint8[trailer length]; for
+AUTH, uint8[secret length]: the transfer's secret, sent on a connection before its
+first DATA or FINISH of that transfer (the receiver drops frames of a transfer expected
+with a secret from a connection that did not present it).
 
 Every wait on the group has a timeout: a frame's body the stall timeout, a send its
 frame's deadline; only an idle connection's wait for the next header is long (a week),
@@ -35,7 +38,7 @@ from .sockets import dial
 NS = "braid/kvc"
 VERSION = 1
 MAGIC = 0x42524B43  # "BRKC"
-DATA, FINISH, ABORT, CLOSE = 1, 2, 3, 4
+DATA, FINISH, ABORT, CLOSE, AUTH = 1, 2, 3, 4, 5
 HEADER_WORDS = 8
 MAX_CHUNK = 64 << 20  # bounds the scratch a connection may allocate
 CHUNK = 16 << 20  # bytes per message: bounds how long a cancel waits for a landing recv

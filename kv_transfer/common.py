@@ -18,6 +18,7 @@ from .base import Piece, TransferError
 REMEMBER = 8192  # ended transfers each book keeps to answer frames that come late
 MAX_PIECES = 4096  # entries in one frame's piece table (every transport)
 MAX_TRAILER = 1 << 20  # bytes of a FINISH's trailer (every transport)
+MAX_SECRET = 64  # bytes of a transfer's secret, presented before its frames (every transport)
 
 # An error kind on the wire: 1 + its index in TransferError.KINDS (every transport).
 KIND_CODE = {k: i + 1 for i, k in enumerate(TransferError.KINDS)}
@@ -26,7 +27,7 @@ CODE_KIND = {v: k for k, v in KIND_CODE.items()}
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"endpoint must be 'host:port', got {endpoint!r}")
     return host.strip("[]"), int(port)
 

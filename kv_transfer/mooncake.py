@@ -31,7 +31,10 @@ Control frame, little-endian header of 32 bytes: magic u32 "BRMC", version u8, t
 flags u16, transfer id u64, seq u32, n_pieces u32, payload_len u64; then the payload:
 WRITE a piece table n x (dst offset u64, length u64); FINISH the trailer (flags bit 0:
 there is one); GRANT (flags: 0 granted, else a kind code), ERROR (flags: kind code) a
-utf-8 detail; DONE (flags: 0 ok, 1 the write failed) and ACK nothing.
+utf-8 detail; AUTH the transfer's secret (sent before a connection's first WRITE or
+FINISH of it: writes and FINISHes of a transfer expected with a secret are granted only
+over a connection that presented it); DONE (flags: 0 ok, 1 the write failed) and ACK
+nothing.
 
 Limits of one-sided writes: the receiver's guarantees hold for senders running this
 code (a write is always granted first), not against a peer that writes on its own.
@@ -54,7 +57,7 @@ from typing import Sequence
 import torch
 
 from .base import Piece, TransferError
-from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_TRAILER, ConnFail, flat_bytes, merge_runs, parse_endpoint
+from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_SECRET, MAX_TRAILER, ConnFail, flat_bytes, merge_runs, parse_endpoint
 from .receiver_book import Expected, ReceiverBook
 from .sender_book import SenderBook
 from .sockets import Corrupt, SocketRConn, SocketReceiver, SocketSConn, SocketSender, recv_exact, recv_header
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = int.from_bytes(b"BRMC", "little")
 VERSION = 1
-WRITE, GRANT, DONE, FINISH, ACK, ERROR = 1, 2, 3, 4, 5, 6
+WRITE, GRANT, DONE, FINISH, ACK, ERROR, AUTH = 1, 2, 3, 4, 5, 6, 7
 FLAG_TRAILER = 1
 _HDR = struct.Struct("<IBBHQIIQ")
 HEADER_SIZE = _HDR.size  # 32
@@ -155,8 +158,8 @@ def _read_frame(sock: socket.socket) -> tuple[int, int, int, int, int, bytes] | 
     magic, version, ftype, flags, tid, seq, n, plen = _HDR.unpack(hdr)
     if magic != MAGIC or version != VERSION:
         raise Corrupt(f"bad magic/version {magic:#x}/{version}")
-    limit = {WRITE: 16 * MAX_PIECES, FINISH: MAX_TRAILER}.get(ftype, MAX_DETAIL)
-    if not WRITE <= ftype <= ERROR or plen > limit or (ftype == WRITE and (not 0 < n <= MAX_PIECES or plen != 16 * n)):
+    limit = {WRITE: 16 * MAX_PIECES, FINISH: MAX_TRAILER, AUTH: MAX_SECRET}.get(ftype, MAX_DETAIL)
+    if not WRITE <= ftype <= AUTH or plen > limit or (ftype == WRITE and (not 0 < n <= MAX_PIECES or plen != 16 * n)):
         raise Corrupt(f"malformed control frame (type {ftype}, {n} pieces, {plen} bytes)")
     return ftype, flags, tid, seq, n, _recv_bytes(sock, plen) if plen else b""
 
@@ -249,6 +252,10 @@ class MooncakeReceiver(SocketReceiver):
                 c.sock.sendall(_pack(ERROR, tid, KIND_CODE[err.kind], payload=(err.detail or err.kind).encode()[:MAX_DETAIL]))
         elif ftype == ERROR:
             self._book.on_abort(c, tid, CODE_KIND.get(flags, "aborted"), payload.decode(errors="replace"))
+        elif ftype == AUTH:
+            err = self._book.authenticate(c, tid, payload)
+            if err is not None:
+                c.sock.sendall(_pack(ERROR, tid, KIND_CODE[err.kind], payload=err.detail.encode()[:MAX_DETAIL]))
         else:
             raise Corrupt(f"frame type {ftype} from a sender")
         return True
@@ -335,16 +342,16 @@ class MooncakeSender(SocketSender):
 
     # ---- KVSender --------------------------------------------------------------
 
-    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
+    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float, *, secret: bytes | None = None) -> None:
         _, _, nbytes, _ = parse_mooncake_endpoint(endpoint)
         for p in pieces:
             if p.dst_offset + p.length > nbytes:
                 raise ValueError(f"{p} is outside the receiver's {nbytes}-byte region")
-        super().send(transfer_id, endpoint, pieces, deadline)
+        super().send(transfer_id, endpoint, pieces, deadline, secret=secret)
 
-    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
+    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None, *, secret: bytes | None = None) -> None:
         parse_mooncake_endpoint(endpoint)
-        super().finish(transfer_id, endpoint, trailer)
+        super().finish(transfer_id, endpoint, trailer, secret=secret)
 
     def close(self) -> None:
         super().close()
@@ -356,6 +363,9 @@ class MooncakeSender(SocketSender):
 
     def _write_finish(self, c: _SConn, tid: int, seq: int, trailer: bytes | None, deadline: float | None) -> None:
         c.send(_pack(FINISH, tid, 0 if trailer is None else FLAG_TRAILER, seq, payload=trailer or b""))
+
+    def _write_auth(self, c: _SConn, tid: int, secret: bytes, deadline: float | None) -> None:
+        c.send(_pack(AUTH, tid, payload=secret))
 
     def _write_abort(self, c: _SConn, tid: int, kind: str, detail: str) -> None:
         c.send(_pack(ERROR, tid, KIND_CODE[kind], payload=detail.encode()[:MAX_DETAIL]))

@@ -96,6 +96,17 @@ def _used_block_ids(layout: KVLayout, side: str, block_ids: Sequence[int], num_t
     return used
 
 
+def check_block_ids(layout: KVLayout, block_ids: Sequence[int], num_tokens: int) -> None:
+    """Raise ValueError unless `block_ids` fit a transfer of `num_tokens` tokens into
+    `layout`: enough distinct ids inside every rank's pool, and at most one id more
+    than the tokens need (a reservation holds room for the first decoded token)."""
+    _check_num_tokens(num_tokens)
+    _used_block_ids(layout, "decode", block_ids, num_tokens)
+    need = num_global_blocks(num_tokens, layout.block_size * layout.num_shards)
+    if len(block_ids) > need + 1:
+        raise ValueError(f"decode block table has {len(block_ids)} ids; {num_tokens} tokens need {need}")
+
+
 def _check_num_tokens(num_tokens: int) -> None:
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")

@@ -62,6 +62,14 @@ a connection to shut itself down (RxConn.shut). The sender's half is sender_book
   sender's kind. poll() returns, once each, the transfers that ended since the last
   poll: None complete, else the TransferError; a cancelled transfer is not reported.
 
+  Secret and trailer. A transfer expected with a `secret` (minted by the decode node per
+  reservation) counts frames only from connections that presented it (authenticate(),
+  compared in constant time, once per connection and transfer, before its first data
+  frame or FINISH there). admit() and on_finish() drop frames from any other connection
+  and count them (`rejected_frames`); they do not fail the transfer, so a stranger
+  cannot end someone else's. A trailer the transfer's `trailer_check` refuses fails it
+  ("corrupt"), so a malformed first token never reaches the engine.
+
 Transfer ids are checked against the id space of the transport's wire format (TidSpace).
 """
 from __future__ import annotations
@@ -69,6 +77,7 @@ from __future__ import annotations
 import bisect
 import collections
 import heapq
+import hmac
 import logging
 import threading
 import time
@@ -77,76 +86,9 @@ from typing import Callable, Sequence
 
 from .base import KVReceiver, TransferError
 from .common import INT64_IDS, REMEMBER, TidSpace
+from .coverage import Coverage, LazyCoverage, merged  # noqa: F401  (re-exported: the transports and tests take them from here)
 
 log = logging.getLogger(__name__)
-
-
-def merged(spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """The (start, end) spans as sorted, disjoint, non-touching (starts, ends)."""
-    starts: list[int] = []
-    ends: list[int] = []
-    for s, e in sorted(spans):
-        if ends and s <= ends[-1]:
-            ends[-1] = max(ends[-1], e)
-        else:
-            starts.append(s)
-            ends.append(e)
-    return starts, ends
-
-
-class Coverage:
-    """Disjoint, sorted, non-touching byte intervals already written, merged as each
-    span lands; counts each byte once."""
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.size = 0
-
-    def add(self, s: int, e: int) -> None:
-        starts, ends = self.starts, self.ends
-        i = bisect.bisect_left(ends, s)  # first interval ending at or after s
-        j = bisect.bisect_right(starts, e)  # past the last starting at or before e
-        if i == j:
-            starts.insert(i, s)
-            ends.insert(i, e)
-            self.size += e - s
-            return
-        overlap = sum(max(0, min(e, ends[k]) - max(s, starts[k])) for k in range(i, j))
-        self.size += (e - s) - overlap
-        starts[i:j] = [min(s, starts[i])]
-        ends[i:j] = [max(e, ends[j - 1])]
-
-    def extend(self, spans: Sequence[tuple[int, int]]) -> None:
-        for s, e in spans:
-            self.add(s, e)
-
-    def covers(self, total: int) -> bool:
-        """Whether `total` distinct bytes are written (never more: spans lie inside the ranges)."""
-        return self.size == total
-
-
-class LazyCoverage:
-    """Coverage for writes that land many spans at once: spans are appended as they
-    land (O(1) each), and only once the running count reaches the expected total are
-    they sorted and merged, which discounts bytes written twice."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[int, int]] = []
-        self.count = 0  # >= bytes covered (overlaps counted twice until settle)
-
-    def extend(self, spans: Sequence[tuple[int, int]]) -> None:
-        self.spans.extend(spans)
-        self.count += sum([e - s for s, e in spans])
-
-    def settle(self) -> int:
-        starts, ends = merged(self.spans)
-        self.spans = list(zip(starts, ends))
-        self.count = sum(ends) - sum(starts)
-        return self.count
-
-    def covers(self, total: int) -> bool:
-        return self.count >= total and self.settle() == total
 
 
 @dataclass
@@ -160,6 +102,8 @@ class Expected:
     want_trailer: bool
     covered: Coverage | LazyCoverage = field(default_factory=Coverage)
     trailer: bytes | None = None
+    secret: bytes | None = None  # what a sender must present (authenticate) before its frames count
+    trailer_check: Callable[[bytes], bool] | None = None  # a FINISH's trailer it refuses fails the transfer
 
     def contains(self, off: int, length: int) -> bool:
         k = bisect.bisect_right(self.starts, off) - 1
@@ -171,6 +115,14 @@ class Expected:
         return self.covered.covers(self.total)
 
 
+def _trailer_ok(rx: Expected, trailer: bytes) -> bool:
+    """Whether the transfer's trailer_check (if any) takes `trailer`; one that raises refuses it."""
+    try:
+        return rx.trailer_check is None or bool(rx.trailer_check(trailer))
+    except Exception:  # noqa: BLE001 - a sender's bytes must not break the connection's thread
+        return False
+
+
 class RxConn:
     """What the book needs of a receiver connection: the transfers with data frames
     open on it, and a way to shut it down from another thread."""
@@ -179,6 +131,7 @@ class RxConn:
         self.name = name
         self.open: dict[int, int] = {}  # tid -> data frames admitted since its FINISH (book lock)
         self.told: set[int] = set()  # ended transfers whose sender was told so (book lock)
+        self.authed: set[int] = set()  # live transfers whose secret this connection presented (book lock)
 
     def shut(self) -> None:
         raise NotImplementedError
@@ -227,14 +180,18 @@ class ReceiverBook:
         self._deadlines: list[tuple[float, int]] = []  # heap
         self._writing: dict[int, collections.Counter] = {}  # tid -> {conn: writes landing now}
         self.closed = False
+        self.rejected_frames = 0  # frames of a live transfer from a connection without its secret
         self._timer = threading.Thread(target=self._timer_loop, name=timer_name, daemon=True)
         self._timer.start()
 
     # ---- the KVReceiver half ---------------------------------------------------
 
-    def expect(self, tid: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool) -> None:
+    def expect(self, tid: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool,
+               secret: bytes | None = None, trailer_check: Callable[[bytes], bool] | None = None) -> None:
         """Take frames of `tid` into `ranges` until it completes, fails, is cancelled or,
-        with a `deadline` (time.monotonic()), that passes; with None it has no timer here."""
+        with a `deadline` (time.monotonic()), that passes; with None it has no timer here.
+        With a `secret`, only frames from connections that presented it count; a trailer
+        `trailer_check` refuses fails the transfer ("corrupt")."""
         self._tids.check(tid)
         spans = []
         for off, length in ranges:
@@ -243,7 +200,8 @@ class ReceiverBook:
             if length:
                 spans.append((off, off + length))
         starts, ends = merged(spans)
-        rx = Expected(starts, ends, sum(ends) - sum(starts), deadline, want_trailer, self._coverage())
+        rx = Expected(starts, ends, sum(ends) - sum(starts), deadline, want_trailer, self._coverage(),
+                      secret=bytes(secret) if secret else None, trailer_check=trailer_check)
         with self.lock:
             if self.closed:
                 raise RuntimeError("receiver is closed")
@@ -298,6 +256,9 @@ class ReceiverBook:
             rx = self._live.get(tid)
             if rx is None:
                 return None
+            if rx.secret is not None and tid not in conn.authed:
+                self.rejected_frames += 1  # dropped, not failed: a stranger cannot end someone's transfer
+                return None
             if sum(lens) != plen:
                 err = TransferError(tid, "corrupt", f"frame payload {plen} != sum of piece lengths")
             elif seq != conn.open.get(tid, 0):
@@ -338,11 +299,17 @@ class ReceiverBook:
         """A FINISH after `seq` data frames: None to acknowledge, else the refusal."""
         err = None
         with self.lock:
-            written = conn.open.pop(tid, 0)
             rx = self._live.get(tid)
+            if rx is not None and rx.secret is not None and tid not in conn.authed:
+                self.rejected_frames += 1
+                return TransferError(tid, "refused", "this connection did not present the transfer's secret")
+            written = conn.open.pop(tid, 0)
+            conn.authed.discard(tid)
             if rx is not None:
                 if written != seq:
                     err = TransferError(tid, "refused", f"{seq - written} data frames arrived before expect")
+                elif trailer is not None and not _trailer_ok(rx, trailer):
+                    err = TransferError(tid, "corrupt", f"malformed trailer ({len(trailer)} bytes)")
                 else:
                     if trailer is not None:
                         rx.trailer = trailer
@@ -363,6 +330,20 @@ class ReceiverBook:
             self.fail(tid, err)
         return err
 
+    def authenticate(self, conn: RxConn, tid: int, presented: bytes) -> TransferError | None:
+        """A sender presents `tid`'s secret on `conn` (before its frames of tid). None:
+        accepted, or tid is not live (its frames are drained anyway); else the refusal,
+        counted, and the connection's frames of tid keep being dropped."""
+        with self.lock:
+            rx = self._live.get(tid)
+            if rx is None:
+                return None
+            if rx.secret is None or hmac.compare_digest(rx.secret, bytes(presented)):
+                conn.authed.add(tid)
+                return None
+            self.rejected_frames += 1
+        return TransferError(tid, "refused", "wrong secret for this transfer")
+
     def tell_ended(self, conn: RxConn, tid: int) -> TransferError | None:
         """Data keeps coming over `conn` for a transfer that failed or was cancelled
         here: the error to tell that sender, once, so it drops the rest and frees its
@@ -372,6 +353,7 @@ class ReceiverBook:
             if tid in conn.told or not (status is _CANCELLED or isinstance(status, TransferError)):
                 return None
             conn.open.pop(tid, None)  # it will not send that FINISH
+            conn.authed.discard(tid)
             if len(conn.told) >= REMEMBER:
                 conn.told.clear()
             conn.told.add(tid)
@@ -392,6 +374,7 @@ class ReceiverBook:
     def on_abort(self, conn: RxConn, tid: int, kind: str, detail: str) -> None:
         with self.lock:
             conn.open.pop(tid, None)
+            conn.authed.discard(tid)
         self.fail(tid, TransferError(tid, kind, f"sender: {detail}"))
 
     def drop_conn(self, conn: RxConn, kind: str, detail: str) -> None:
@@ -475,8 +458,15 @@ class BookedReceiver(KVReceiver):
         with self._book.lock:
             return len(self._conns)
 
-    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool = False) -> None:
-        self._book.expect(transfer_id, ranges, deadline, want_trailer)
+    def expect(self, transfer_id: int, ranges: Sequence[tuple[int, int]], deadline: float | None, want_trailer: bool = False,
+               *, secret: bytes | None = None, trailer_check: Callable[[bytes], bool] | None = None) -> None:
+        self._book.expect(transfer_id, ranges, deadline, want_trailer, secret, trailer_check)
+
+    @property
+    def rejected_frames(self) -> int:
+        """Frames dropped because their connection did not present the transfer's secret (a counter)."""
+        with self._book.lock:
+            return self._book.rejected_frames
 
     def poll(self) -> dict[int, TransferError | None]:
         return self._book.poll()

@@ -31,6 +31,10 @@ One Tx per transfer id, one connection (TxConn) per endpoint
   one stays remembered (the last REMEMBER), so later sends of it are dropped and a
   later wait raises its error.
 
+  Secret. send() and finish() may carry the transfer's secret (from the reservation);
+  the writer presents it on each connection before that connection's first frame of
+  the transfer (the transport's `_write_auth`), and again after its FINISH.
+
 Transfer ids are checked against the id space of the transport's wire format (TidSpace).
 """
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .base import KVSender, Piece, TransferError
-from .common import INT64_IDS, REMEMBER, ConnFail, TidSpace
+from .common import INT64_IDS, MAX_SECRET, REMEMBER, ConnFail, TidSpace
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Tx:
     unfinished: set[str] = field(default_factory=set)  # endpoints sent to, no finish yet
     pending: set[str] = field(default_factory=set)  # endpoints finished, no ack yet
     error: TransferError | None = None
+    secret: bytes | None = None  # presented on each connection before the transfer's first frame
 
 
 class TxConn:
@@ -68,6 +73,7 @@ class TxConn:
         self.dead = False
         self.writer: threading.Thread | None = None
         self.seq: dict[int, int] = {}  # tid -> data frames written since its FINISH (writer thread only)
+        self.authed: set[int] = set()  # tids whose secret was presented here, until FINISH (writer thread only)
 
     def next_seq(self, tid: int) -> int:
         """The seq of tid's next data frame on this connection (writer thread only)."""
@@ -94,8 +100,12 @@ class SenderBook:
 
     `tids`: the ids the transport's frames carry, checked by send and finish."""
 
-    def __init__(self, nbytes: int, new_conn: Callable[[str], TxConn], max_trailer: int, *, tids: TidSpace = INT64_IDS) -> None:
+    def __init__(self, nbytes: int, new_conn: Callable[[str], TxConn], max_trailer: int, *, tids: TidSpace = INT64_IDS,
+                 idle_close_s: float | None = None) -> None:
         self.nbytes = nbytes
+        # a connection with nothing queued or in flight this long is closed by its writer,
+        # before a receiver's idle timeout could close it under a new frame (None: never)
+        self.idle_close_s = idle_close_s
         self._new_conn = new_conn
         self._max_trailer = max_trailer
         self._tids = tids
@@ -109,7 +119,9 @@ class SenderBook:
 
     # ---- the KVSender half -------------------------------------------------------
 
-    def send(self, tid: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
+    def send(self, tid: int, endpoint: str, pieces: Sequence[Piece], deadline: float, secret: bytes | None = None) -> None:
+        if secret is not None and len(secret) > MAX_SECRET:
+            raise ValueError(f"a transfer secret is at most {MAX_SECRET} bytes, got {len(secret)}")
         pieces = list(pieces)
         for p in pieces:
             if p.src_offset < 0 or p.dst_offset < 0 or p.length < 0 or p.src_offset + p.length > self.nbytes:
@@ -120,12 +132,13 @@ class SenderBook:
                 return  # failed or aborted: wait() raises
             if endpoint in tx.pending:
                 raise ValueError(f"send to {endpoint} after its finish")
+            tx.secret = secret or tx.secret
             tx.deadline = deadline if tx.deadline is None else max(tx.deadline, deadline)
             tx.unfinished.add(endpoint)
             if pieces:
                 self._enqueue(endpoint, ("data", tid, pieces, deadline))
 
-    def finish(self, tid: int, endpoint: str, trailer: bytes | None) -> None:
+    def finish(self, tid: int, endpoint: str, trailer: bytes | None, secret: bytes | None = None) -> None:
         if trailer is not None and len(trailer) > self._max_trailer:
             raise ValueError(f"trailer of {len(trailer)} bytes exceeds {self._max_trailer}")
         with self.lock:
@@ -134,6 +147,7 @@ class SenderBook:
                 return
             if endpoint in tx.pending:
                 raise ValueError(f"finish to {endpoint} twice")
+            tx.secret = secret or tx.secret
             tx.unfinished.discard(endpoint)
             tx.pending.add(endpoint)
             self._enqueue(endpoint, ("finish", tid, None if trailer is None else bytes(trailer), tx.deadline))
@@ -201,13 +215,22 @@ class SenderBook:
 
     # ---- the connection threads' half -----------------------------------------------
 
+    def secret_of(self, tid: int) -> bytes | None:
+        """The secret the receivers of `tid` want presented (None: none was given)."""
+        with self.lock:
+            tx = self._txs.get(tid)
+            return tx.secret if tx is not None else None
+
     def next_item(self, c: TxConn) -> tuple | None:
         """The writer's next item, or None once `c` is dead. Items of failed transfers
         are dropped; data past its deadline fails its transfer instead."""
         with self.lock:
             while True:
                 while not c.queue and not c.dead:
-                    c.cv.wait()
+                    if not c.cv.wait(self.idle_close_s) and not c.queue and not c.tids and c.connected:
+                        c.dead = True  # idle: the next send to this endpoint opens a new connection
+                        if self.conns.get(c.endpoint) is c:
+                            del self.conns[c.endpoint]
                 if c.dead:
                     return None
                 item = c.queue.popleft()
@@ -315,11 +338,11 @@ class BookedSender(KVSender):
     _errors: tuple[type[Exception], ...] = (OSError,)
     _min_wait = 0.2  # a frame whose deadline is (nearly) due still gets this long
 
-    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float) -> None:
-        self._book.send(transfer_id, endpoint, pieces, deadline)
+    def send(self, transfer_id: int, endpoint: str, pieces: Sequence[Piece], deadline: float, *, secret: bytes | None = None) -> None:
+        self._book.send(transfer_id, endpoint, pieces, deadline, secret)
 
-    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None) -> None:
-        self._book.finish(transfer_id, endpoint, trailer)
+    def finish(self, transfer_id: int, endpoint: str, trailer: bytes | None = None, *, secret: bytes | None = None) -> None:
+        self._book.finish(transfer_id, endpoint, trailer, secret)
 
     def wait(self, transfer_id: int, timeout: float) -> None:
         self._book.wait(transfer_id, timeout)
@@ -386,7 +409,15 @@ class BookedSender(KVSender):
 
     def _write(self, c: TxConn, what: str, tid: int, payload, deadline: float | None) -> None:
         """Write one queued item. A FINISH carries how many data frames of `tid` went out
-        on `c`, so the receiver can tell whether it took them all."""
+        on `c`, so the receiver can tell whether it took them all. The transfer's secret,
+        if it has one, goes first on each connection (and again after a FINISH)."""
+        if what in ("data", "finish") and tid not in c.authed:
+            secret = self._book.secret_of(tid)
+            if secret:
+                self._write_auth(c, tid, secret, deadline)
+            c.authed.add(tid)
+        if what != "data":
+            c.authed.discard(tid)
         if what == "data":
             self._write_data(c, tid, payload, deadline)
         elif what == "finish":
@@ -402,6 +433,9 @@ class BookedSender(KVSender):
         raise NotImplementedError
 
     def _write_abort(self, c: TxConn, tid: int, kind: str, detail: str) -> None:
+        raise NotImplementedError
+
+    def _write_auth(self, c: TxConn, tid: int, secret: bytes, deadline: float | None) -> None:
         raise NotImplementedError
 
     def _write_close(self, c: TxConn) -> None:

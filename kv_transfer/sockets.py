@@ -2,7 +2,10 @@
 the mooncake transport (its control channel); each brings its own frames.
 
 In a request's life: the decode rank's receiver listens at the endpoint its reservation
-hands out, and a thread per accepted connection hands each frame to the transport;
+hands out, and a thread per accepted connection hands each frame to the transport
+(at most `max_connections` of them: at the cap, the oldest connection with no transfer
+in progress is closed to make room, else the new one is; a transport may give its
+reads deadlines, `recv_exact(..., deadline)`, woken every `rcv_poll` to check them);
 the prefill rank's sender connects on its first frame to that endpoint, writes frames
 from a writer thread (the sender book's queue) and reads the receiver's replies on a
 reader thread. Whatever ends a connection fails the transfers it carried, through the
@@ -62,24 +65,49 @@ def connect(addr: tuple[str, int], endpoint: str, timeout: float, deadline: floa
     return sock
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket; Lost if the peer closes first."""
+def set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    """Kernel receive timeout on a blocking socket: a recv with nothing to read wakes
+    (EAGAIN) this often, so its caller can check a deadline; full-speed reads stay in C."""
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    """ConnFail("timeout") once `deadline` (time.monotonic()) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise ConnFail("timeout", what)
+
+
+def recv_exact(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket by `deadline` (a socket with a receive timeout wakes
+    to check it); Lost if the peer closes first, ConnFail("timeout") past the deadline."""
     got, n = 0, view.nbytes
     while got < n:
-        k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        try:
+            k = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        except (BlockingIOError, InterruptedError):
+            check_deadline(deadline, "the sender did not send a whole frame in time")
+            continue
         if k == 0:
             raise Lost("connection closed inside a frame")
         got += k
 
 
-def recv_header(sock: socket.socket, hdr: memoryview) -> bool:
+def recv_header(sock: socket.socket, hdr: memoryview, idle_deadline: float | None = None, frame_s: float = 0.0) -> bool:
     """Read the next frame's fixed-size header into `hdr`; False on a clean EOF between
-    frames (the peer closed the connection), Lost on one inside the header."""
-    k = sock.recv_into(hdr, hdr.nbytes, socket.MSG_WAITALL)
+    frames (the peer closed the connection), Lost on one inside the header. With an
+    `idle_deadline`, ConnFail("timeout") if no frame begins by then, or the header is
+    not whole `frame_s` seconds after it began."""
+    while True:
+        try:
+            k = sock.recv_into(hdr, hdr.nbytes, socket.MSG_WAITALL)
+            break
+        except (BlockingIOError, InterruptedError):
+            check_deadline(idle_deadline, "idle connection: no frame within the idle timeout")
     if k == 0:
         return False
     if k < hdr.nbytes:
-        recv_exact(sock, hdr[k:])
+        recv_exact(sock, hdr[k:], None if idle_deadline is None else time.monotonic() + frame_s)
     return True
 
 
@@ -92,6 +120,9 @@ class SocketRConn(RxConn):
         self.thread: threading.Thread | None = None
         self._sock_lock = threading.Lock()  # shutdown (any thread) vs close (its thread)
         self._closed = False
+        self.started = time.monotonic()
+        self.idle = True  # between frames (its thread sets it): may be closed to make room
+        self.evicted = False  # closed to make room (book lock)
 
     def shut(self) -> None:
         with self._sock_lock:
@@ -113,12 +144,16 @@ class SocketReceiver(BookedReceiver):
     TCP listener, with a thread each that hands the connection's frames to `_handle(c)`
     (False: a clean end between frames) until it ends; then the transfers with frames
     open on it fail. Replies (ACK, ERROR, ...) that the sender does not read within
-    `_reply_timeout` end the connection."""
+    `_reply_timeout` end the connection. At most `_max_connections` are open (None: no
+    cap); with `_rcv_poll`, reads wake that often to check the transport's deadlines."""
 
     _rconn: type[SocketRConn]
     _listener: socket.socket
     _endpoint: str
     _reply_timeout: float
+    _max_connections: int | None = None
+    _rcv_poll: float | None = None
+    refused_connections = 0  # connections closed at once, or closed to make room (a counter)
 
     def _start_accepting(self, name: str, conn_name: str) -> None:
         """Start the accept thread `name`; connection threads are `conn_name`-<peer port>."""
@@ -158,8 +193,13 @@ class SocketReceiver(BookedReceiver):
             except OSError:
                 return
             sock.setblocking(True)
+            if not self._make_room():
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             set_sndtimeo(sock, self._reply_timeout)  # a peer that never reads replies cannot block the connection's thread
+            if self._rcv_poll:
+                set_rcvtimeo(sock, self._rcv_poll)  # reads wake to check the idle and frame deadlines
             c = self._rconn(sock, f"{addr[0]}:{addr[1]}->{self._endpoint}")
             c.thread = threading.Thread(target=self._serve, args=(c,), name=f"{conn_name}-{addr[1]}", daemon=True)
             with self._book.lock:
@@ -169,6 +209,24 @@ class SocketReceiver(BookedReceiver):
                 self._conns.add(c)
             c.thread.start()
 
+    def _make_room(self) -> bool:
+        """Below the connection cap, or made room by closing the oldest connection
+        that is between frames with no transfer open on it (it ends at once; an honest
+        sender reconnects on its next frame). False: refuse the new connection."""
+        if self._max_connections is None:
+            return True
+        with self._book.lock:
+            if sum(not c.evicted for c in self._conns) < self._max_connections:
+                return True
+            idle = [c for c in self._conns if c.idle and not c.open and not c.evicted]
+            self.refused_connections += 1
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c.started)
+            oldest.evicted = True  # counted out now: its thread ends as soon as the shutdown wakes it
+        oldest.shut()
+        return True
+
     def _serve(self, c: SocketRConn) -> None:
         kind, detail = "peer_lost", f"sender connection {c.name} closed"
         try:
@@ -176,6 +234,8 @@ class SocketReceiver(BookedReceiver):
                 pass
         except Corrupt as e:
             kind, detail = "corrupt", f"{e} on {c.name}"
+        except ConnFail as e:
+            kind, detail = e.kind, f"{e.detail} on {c.name}"
         except (Lost, OSError) as e:
             detail = f"{e or type(e).__name__} on {c.name}"
         finally:

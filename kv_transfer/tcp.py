@@ -21,7 +21,7 @@ Frame, little-endian. Fixed header, 40 bytes:
   off size field
     0   4  magic        b"BRKV"
     4   1  version      1
-    5   1  type         1 DATA, 2 FINISH, 3 ACK, 4 ERROR
+    5   1  type         1 DATA, 2 FINISH, 3 ACK, 4 ERROR, 5 AUTH
     6   2  flags        FINISH: bit 0 = a trailer follows; ERROR: kind code
                         (1 + index in TransferError.KINDS)
     8   8  transfer id
@@ -29,13 +29,17 @@ Frame, little-endian. Fixed header, 40 bytes:
                         this connection; FINISH: how many data frames were sent on it
    20   4  n_pieces     DATA: entries in the piece table (<= MAX_PIECES); else 0
    24   8  payload_len  bytes after the piece table: DATA sum of piece lengths, FINISH
-                        the trailer, ERROR a utf-8 detail, ACK 0
+                        the trailer, ERROR a utf-8 detail, AUTH the transfer's
+                        secret (<= MAX_SECRET bytes), ACK 0
    32   4  table_crc    CRC32 of the piece table
    36   4  header_crc   CRC32 of bytes 0..35
 Piece table: n_pieces x (dst_offset u64, length u64); the payload follows in table
 order. Headers carry CRCs because a framing error would scatter bytes across the
 region; the payload relies on TCP's checksum (a CRC over gigabytes costs too much).
-DATA and FINISH go sender -> receiver, ACK receiver -> sender, ERROR both ways: a
+An AUTH frame presents a transfer's secret (minted by the decode node per reservation)
+on a connection before that connection's first DATA or FINISH of the transfer; the
+receiver's book drops (and counts) frames of a transfer expected with a secret that come
+over a connection which did not present it. DATA, FINISH and AUTH go sender -> receiver, ACK receiver -> sender, ERROR both ways: a
 sender's abort or give-up; a receiver's answer to a FINISH it cannot ACK, or its
 notice (once per connection) that data keeps coming for a transfer it cancelled or
 failed, so the sender drops the rest early.
@@ -78,14 +82,16 @@ import numpy as np
 import torch
 
 from .base import Piece, TransferError, region_bytes
-from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_TRAILER, U64_IDS, ConnFail, merge_runs, parse_endpoint
+from .common import CODE_KIND, KIND_CODE, MAX_PIECES, MAX_SECRET, MAX_TRAILER, U64_IDS, ConnFail, merge_runs, parse_endpoint
 from .receiver_book import Expected, LazyCoverage, ReceiverBook
 from .sender_book import SenderBook
-from .sockets import Corrupt, Lost, SocketRConn, SocketReceiver, SocketSConn, SocketSender, recv_exact, recv_header
+from .sockets import (
+    Corrupt, Lost, SocketRConn, SocketReceiver, SocketSConn, SocketSender, check_deadline, recv_exact, recv_header,
+)
 
 MAGIC = int.from_bytes(b"BRKV", "little")
 VERSION = 1
-DATA, FINISH, ACK, ERROR = 1, 2, 3, 4
+DATA, FINISH, ACK, ERROR, AUTH = 1, 2, 3, 4, 5
 FLAG_TRAILER = 1
 
 _BODY = struct.Struct("<IBBHQIIQI")  # the header up to header_crc
@@ -97,6 +103,8 @@ MAX_DETAIL = 4096
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _RECV_CHUNK = 8 << 20  # bytes per recvmsg_into: bounds how long cancel waits for a landing recv
 _SCRATCH = 1 << 20
+MIN_RATE = 1 << 20  # bytes/s a sender must keep up within a frame (beyond the frame timeout)
+SENDER_IDLE_CLOSE_S = 60.0  # a sender closes a connection idle this long: well inside a receiver's idle timeout
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,14 +125,16 @@ def _parse_header(buf) -> tuple[int, int, int, int, int, int, int]:
         raise Corrupt("header CRC mismatch")
     if version != VERSION:
         raise Corrupt(f"unsupported version {version}")
-    if ftype not in (DATA, FINISH, ACK, ERROR) or n > MAX_PIECES or (n and ftype != DATA):
+    if ftype not in (DATA, FINISH, ACK, ERROR, AUTH) or n > MAX_PIECES or (n and ftype != DATA):
         raise Corrupt(f"malformed frame (type {ftype}, {n} pieces)")
     return ftype, flags, tid, seq, n, plen, tcrc
 
 
-def _read_header(sock: socket.socket, hdr: memoryview) -> tuple[int, int, int, int, int, int, int] | None:
-    """The next frame's header, read into `hdr` and parsed; None on a clean EOF between frames."""
-    return _parse_header(hdr) if recv_header(sock, hdr) else None
+def _read_header(sock: socket.socket, hdr: memoryview, idle_deadline: float | None = None,
+                 frame_s: float = 0.0) -> tuple[int, int, int, int, int, int, int] | None:
+    """The next frame's header, read into `hdr` and parsed; None on a clean EOF between
+    frames (deadlines as sockets.recv_header's)."""
+    return _parse_header(hdr) if recv_header(sock, hdr, idle_deadline, frame_s) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,22 +144,35 @@ def _read_header(sock: socket.socket, hdr: memoryview) -> tuple[int, int, int, i
 class _RConn(SocketRConn):
     def __init__(self, sock: socket.socket, name: str) -> None:
         super().__init__(sock, name)
+        # an idle connection holds only its header: the piece table and replies are
+        # allocated per frame, and drained payloads share the receiver's scratch
         self.hdr = memoryview(bytearray(HEADER_SIZE))
-        self.table = memoryview(bytearray(MAX_PIECES * PIECE_SIZE))
-        self.reply = bytearray(HEADER_SIZE + MAX_DETAIL)
-        self.scratch = memoryview(bytearray(_SCRATCH))
 
 
 class TcpReceiver(SocketReceiver):
     """Listens on `host:port` (loopback and a free port by default) and lands KV bytes
-    sent by TcpSenders into `region`, a contiguous CPU tensor (the rank's KV cache)."""
+    sent by TcpSenders into `region`, a contiguous CPU tensor (the rank's KV cache).
+
+    Limits against a sender that only holds connections: at most `max_connections`
+    (at the cap the oldest idle one is closed to make room, see sockets.py); a
+    connection that begins no frame within `idle_timeout` s is closed; a frame must
+    arrive whole within `frame_timeout` s plus 1 s per MIN_RATE bytes of its declared
+    payload, and may declare no more payload than the region holds (else it is
+    malformed: "corrupt")."""
 
     _rconn = _RConn
 
-    def __init__(self, region: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *, cancel_grace: float = 0.5, reply_timeout: float = 5.0) -> None:
+    def __init__(self, region: torch.Tensor, host: str = "127.0.0.1", port: int = 0, *, cancel_grace: float = 0.5,
+                 reply_timeout: float = 5.0, max_connections: int = 256, idle_timeout: float = 300.0,
+                 frame_timeout: float = 30.0) -> None:
         self._region = region  # keeps the memory alive under the view
         self._mv = region_bytes(region)
         self._reply_timeout = reply_timeout
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
+        self._frame_timeout = frame_timeout
+        self._rcv_poll = min(1.0, max(0.02, min(idle_timeout, frame_timeout) / 4))
+        self._scratch = memoryview(bytearray(_SCRATCH))  # drained payloads land here, whichever connection (never read)
         self._listener = socket.create_server((host, port), backlog=64)
         h, p = self._listener.getsockname()[:2]
         self._endpoint = f"{h}:{p}"
@@ -164,44 +187,57 @@ class TcpReceiver(SocketReceiver):
 
     def _handle(self, c: _RConn) -> bool:
         """Handle one frame; False on a clean EOF between frames."""
-        header = _read_header(c.sock, c.hdr)
+        c.idle = True
+        header = _read_header(c.sock, c.hdr, time.monotonic() + self._idle_timeout, self._frame_timeout)
         if header is None:
             return False
+        c.idle = False
         ftype, flags, tid, seq, n, plen, tcrc = header
+        if plen > self._mv.nbytes:  # no legitimate frame carries more than the whole region
+            raise Corrupt(f"a frame declaring {plen} bytes of payload, more than the {self._mv.nbytes}-byte region")
+        deadline = time.monotonic() + self._frame_timeout + plen / MIN_RATE
         if ftype == DATA:
-            table = c.table[: n * PIECE_SIZE]
-            recv_exact(c.sock, table)
+            table = memoryview(bytearray(n * PIECE_SIZE))
+            recv_exact(c.sock, table, deadline)
             if zlib.crc32(table) != tcrc:
                 raise Corrupt("piece table CRC mismatch")
-            self._on_data(c, tid, seq, np.frombuffer(table, dtype="<u8").tolist(), plen)
+            self._on_data(c, tid, seq, np.frombuffer(table, dtype="<u8").tolist(), plen, deadline)
         elif ftype == FINISH:
             if plen > MAX_TRAILER:
                 raise Corrupt(f"trailer of {plen} bytes")
             buf = bytearray(plen)
-            recv_exact(c.sock, memoryview(buf))
+            recv_exact(c.sock, memoryview(buf), deadline)
             self._reply(c, tid, self._book.on_finish(c, tid, seq, bytes(buf) if flags & FLAG_TRAILER else None))
         elif ftype == ERROR:
             if plen > MAX_DETAIL or flags not in CODE_KIND:
                 raise Corrupt("malformed error frame")
             buf = bytearray(plen)
-            recv_exact(c.sock, memoryview(buf))
+            recv_exact(c.sock, memoryview(buf), deadline)
             self._book.on_abort(c, tid, CODE_KIND[flags], buf.decode("utf-8", "replace"))
+        elif ftype == AUTH:
+            if plen > MAX_SECRET:
+                raise Corrupt(f"secret of {plen} bytes")
+            buf = bytearray(plen)
+            recv_exact(c.sock, memoryview(buf), deadline)
+            err = self._book.authenticate(c, tid, bytes(buf))
+            if err is not None:
+                self._reply(c, tid, err)
         else:
             raise Corrupt("ACK frame from a sender")
         return True
 
-    def _on_data(self, c: _RConn, tid: int, seq: int, table: list[int], plen: int) -> None:
+    def _on_data(self, c: _RConn, tid: int, seq: int, table: list[int], plen: int, deadline: float) -> None:
         offs, lens = table[0::2], table[1::2]
         rx = self._book.admit(c, tid, seq, offs, lens, plen)
-        if rx is None:  # unknown, ended, or failed just now: drained, not written
-            self._drain(c, plen)
+        if rx is None:  # unknown, ended, unauthenticated, or failed just now: drained, not written
+            self._drain(c, plen, deadline)
             err = self._book.tell_ended(c, tid)
             if err is not None:
                 self._reply(c, tid, err)
             return
-        self._land(c, tid, rx, offs, lens, plen)
+        self._land(c, tid, rx, offs, lens, plen, deadline)
 
-    def _land(self, c: _RConn, tid: int, rx: Expected, offs: list[int], lens: list[int], plen: int) -> None:
+    def _land(self, c: _RConn, tid: int, rx: Expected, offs: list[int], lens: list[int], plen: int, deadline: float) -> None:
         """recvmsg_into the payload straight into the region, at most _RECV_CHUNK bytes
         and _IOV_MAX slices per call; each call starts only while tid is live."""
         mv, n = self._mv, len(offs)
@@ -225,8 +261,13 @@ class TcpReceiver(SocketReceiver):
                 break
             got = 0
             try:
-                got = c.sock.recvmsg_into(bufs, 0, socket.MSG_WAITALL)[0]
-                if got == _RECV_CHUNK - budget:
+                try:
+                    got = c.sock.recvmsg_into(bufs, 0, socket.MSG_WAITALL)[0]
+                except (BlockingIOError, InterruptedError):  # the receive timeout woke it: nothing came
+                    got = -1
+                if got <= 0:
+                    pass
+                elif got == _RECV_CHUNK - budget:
                     i, d = j, e
                 else:  # cut short (a signal, a shutdown): count what landed, go on from there
                     spans, rest = [], got
@@ -238,28 +279,35 @@ class TcpReceiver(SocketReceiver):
                         if d == lens[i]:
                             i, d = i + 1, 0
             finally:
-                self._book.end_write(c, tid, rx, spans if got else ())
+                self._book.end_write(c, tid, rx, spans if got > 0 else ())
+            if got < 0:
+                check_deadline(deadline, "the sender did not send a whole data frame in time")
+                continue
             if got == 0:
                 raise Lost("connection closed inside a data frame")
             left -= got
-        self._drain(c, left)
+        self._drain(c, left, deadline)
 
-    def _drain(self, c: _RConn, nbytes: int) -> None:
+    def _drain(self, c: _RConn, nbytes: int, deadline: float) -> None:
         while nbytes:
-            k = c.sock.recv_into(c.scratch, min(nbytes, _SCRATCH), socket.MSG_WAITALL)
+            try:
+                k = c.sock.recv_into(self._scratch, min(nbytes, _SCRATCH), socket.MSG_WAITALL)
+            except (BlockingIOError, InterruptedError):
+                check_deadline(deadline, "the sender did not send a whole frame in time")
+                continue
             if k == 0:
                 raise Lost("connection closed inside a frame")
             nbytes -= k
 
     def _reply(self, c: _RConn, tid: int, err: TransferError | None) -> None:
+        reply = bytearray(HEADER_SIZE)
         if err is None:
-            _pack_header(c.reply, ACK, 0, tid, 0, 0, 0, 0)
-            c.sock.sendall(memoryview(c.reply)[:HEADER_SIZE])
+            _pack_header(reply, ACK, 0, tid, 0, 0, 0, 0)
+            c.sock.sendall(reply)
             return
         detail = (err.detail or err.kind).encode()[:MAX_DETAIL]
-        c.reply[HEADER_SIZE : HEADER_SIZE + len(detail)] = detail
-        _pack_header(c.reply, ERROR, KIND_CODE[err.kind], tid, 0, 0, len(detail), 0)
-        c.sock.sendall(memoryview(c.reply)[: HEADER_SIZE + len(detail)])
+        _pack_header(reply, ERROR, KIND_CODE[err.kind], tid, 0, 0, len(detail), 0)
+        c.sock.sendall(bytes(reply) + detail)
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,13 +329,14 @@ class TcpSender(SocketSender):
     _sconn = _SConn
     _thread_names = ("braid-tcp-write", "braid-tcp-ack")
 
-    def __init__(self, region: torch.Tensor, *, connect_timeout: float = 5.0, stall_timeout: float = 10.0, poll_interval: float = 0.2) -> None:
+    def __init__(self, region: torch.Tensor, *, connect_timeout: float = 5.0, stall_timeout: float = 10.0, poll_interval: float = 0.2,
+                 idle_close: float = SENDER_IDLE_CLOSE_S) -> None:
         self._region = region
         self._mv = region_bytes(region)
         self._connect_timeout = connect_timeout
         self._stall_timeout = stall_timeout  # for frames without a deadline (finish, error)
         self._sndtimeo = poll_interval  # a blocked send wakes this often to check its deadline
-        self._book = SenderBook(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=U64_IDS)
+        self._book = SenderBook(self._mv.nbytes, self._new_conn, MAX_TRAILER, tids=U64_IDS, idle_close_s=idle_close)
         self._threads: list[threading.Thread] = []
 
     @property
@@ -312,6 +361,12 @@ class TcpSender(SocketSender):
         body = trailer or b""
         _pack_header(c.hdr, FINISH, FLAG_TRAILER if trailer is not None else 0, tid, seq, 0, len(body), 0)
         self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(body)], deadline)
+
+    def _write_auth(self, c: _SConn, tid: int, secret: bytes, deadline: float | None) -> None:
+        if len(secret) > MAX_SECRET:
+            raise ConnFail("refused", f"a secret of {len(secret)} bytes (at most {MAX_SECRET})")
+        _pack_header(c.hdr, AUTH, 0, tid, 0, 0, len(secret), 0)
+        self._sendv(c, [c.hdr_mv[:HEADER_SIZE], memoryview(secret)], deadline)
 
     def _write_abort(self, c: _SConn, tid: int, kind: str, detail: str) -> None:
         body = detail.encode()[:MAX_DETAIL]

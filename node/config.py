@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from braid.engine.config import EngineConfig, EngineSettings, check_port, check_positive
+from braid.proto.tls import TlsConfig, check_bind
 
 ROLES = ("prefill", "decode")
 
@@ -30,12 +31,17 @@ class NodeConfig(EngineSettings):
     """Unique id in discovery; default: <role>-<host>-<port>."""
     drain_timeout_s: float = 30.0
     """On SIGTERM: stop taking work, finish in-flight requests for up to this long."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Transport security of the node's gRPC server (braid.proto.tls): its certificate, the
+    CA its callers' certificates must chain to (mutual TLS), and `allowed_peers`, the
+    certificate names allowed to call Reserve/Decode/Abort/Prefill/GetLoad (the router)."""
 
     def __post_init__(self):
         super().__post_init__()
         check_port(self, "port")
         check_port(self, "metrics_port", allow_off=True)
         check_positive(self, ("drain_timeout_s",), zero_ok=True)
+        check_bind("node", self.host, self.tls)
 
     def advertised_host(self) -> str:
         return advertise_host(self.host, self.advertise_host)

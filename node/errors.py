@@ -4,12 +4,14 @@ from __future__ import annotations
 import grpc
 
 from braid.engine.async_engine import EngineDead
-from braid.engine.events import Overloaded, UnknownRequest
+from braid.engine.events import DuplicateRequest, Overloaded, UnknownRequest
 from braid.engine.scheduler import RequestRejected
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status a node answers for an exception raised while handling a request."""
+    if isinstance(e, DuplicateRequest):  # before ValueError: the id is taken, the request may be fine
+        return grpc.StatusCode.ALREADY_EXISTS, str(e)
     if isinstance(e, (RequestRejected, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(e)
     if isinstance(e, UnknownRequest):

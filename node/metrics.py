@@ -17,6 +17,9 @@ class NodeMetrics:
                                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.kv_bytes = Counter("braid_node_kv_bytes", "KV bytes sent (prefill) or reserved for (decode)", registry=r)
         self.transfer_failures = Counter("braid_node_transfer_failures", "KV transfers that failed", registry=r)
+        self.engine_up = Gauge("braid_node_engine_up", "1 while the engine runs; 0 once it died (the node then exits)",
+                               registry=r)
+        self.engine_up.set(1)
 
     def observe_load(self, load) -> None:
         self.free_blocks.set(load.free_kv_blocks)

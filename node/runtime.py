@@ -6,8 +6,13 @@ reports and draining on shutdown.
 A node's life:
   start   engine ranks up -> gRPC server listening (health NOT_SERVING) ->
           registered in etcd under its lease -> health SERVING
-  serve   a lost lease makes it refuse new work (UNAVAILABLE) until it has
-          re-registered; requests in flight go on
+  serve   while etcd is merely unreachable it keeps serving (routers keep their
+          last view too); only a lease etcd confirms gone makes it refuse new
+          work (UNAVAILABLE) until it has re-registered; requests in flight go on.
+          Load reports are clamped into the wire's ranges, so they never fail.
+  death   the engine died (a rank process died): health NOT_SERVING, GetLoad
+          UNAVAILABLE, lease revoked (routers drop it at once), `failed` set;
+          the serve command then stops it and exits non-zero (to be restarted)
   stop    health NOT_SERVING, lease revoked (routers drop the node at once),
           requests in flight drain for up to drain_timeout_s, server stops,
           engine ranks exit
@@ -24,12 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from braid.discovery.base import DiscoveryConfig
-from braid.engine.async_engine import AsyncEngine
+from braid.discovery.base import LOST_LEASE_GONE, DiscoveryConfig
+from braid.engine.async_engine import AsyncEngine, EngineDead
 from braid.node.config import NodeConfig
 from braid.node.metrics import NodeMetrics
 from braid.proto import common_pb2
 from braid.proto.names import ROLES_BY_NAME
+from braid.proto.tls import PeerAllowList, add_port
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,11 @@ class NodeRuntime:
         self._metrics_server = None
         self._load_task: asyncio.Task | None = None
         self._stopping = False
+        self.service_name = ""
+        self.fatal: BaseException | None = None
+        """Why the engine died, once it has."""
+        self.failed = asyncio.Event()
+        """Set once the engine died and the node has left the pool."""
 
     # -- start -----------------------------------------------------------------
     async def start(self, add_servicer, service_name: str) -> None:
@@ -66,12 +77,13 @@ class NodeRuntime:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=opts)
+        # under mutual TLS only tls.allowed_peers (the router) reach the node's service
+        self.server = grpc.aio.server(options=opts, interceptors=[PeerAllowList(self.node.tls, (service_name,))])
         add_servicer(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        port = self.server.add_insecure_port(f"{self.node.host}:{self.node.port}")
+        port = add_port(self.server, f"{self.node.host}:{self.node.port}", self.node.tls)
         if port == 0:
             raise OSError(f"cannot bind {self.node.host}:{self.node.port}")
         await self.server.start()
@@ -89,6 +101,8 @@ class NodeRuntime:
         for name in (service_name, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.accepting = True
+        self.service_name = service_name
+        self.engine.on_dead(self._engine_died)
         log.info("%s node %s serving on %s", self.role, self.node_id, self.address)
 
     def node_info(self) -> common_pb2.NodeInfo:
@@ -120,21 +134,68 @@ class NodeRuntime:
         await self.registration.start()
 
     def _on_registered(self, registered: bool, *_) -> None:
-        # a node that lost its lease stops taking work until it is registered again
-        if self._stopping:
+        if self._stopping or self.fatal is not None:
             return
-        self.accepting = bool(registered)
-        if not registered:
-            log.warning("%s node %s lost its registration; refusing new work", self.role, self.node_id)
+        if registered:
+            self.accepting = True
+            return
+        reason = self.registration.lost_reason if self.registration is not None else None
+        if reason == LOST_LEASE_GONE:
+            # etcd itself says the key is gone: routers have dropped this node, and work
+            # still sent here comes from a stale view; refuse it until re-registered
+            self.accepting = False
+            log.warning("%s node %s: etcd confirms its lease is gone; refusing new work until re-registered",
+                        self.role, self.node_id)
+        else:
+            # etcd does not answer: that is no evidence the node is unwanted, and routers
+            # that cannot reach etcd either keep routing here; an outage must not stop serving
+            log.warning("%s node %s: no lease renewal confirmed (%s); still serving while re-registering",
+                        self.role, self.node_id, reason)
+
+    def _engine_died(self, error: BaseException) -> None:
+        """The engine is gone for good: leave the pool at once (see the module docstring)."""
+        if self.fatal is not None:
+            return
+        self.fatal = error
+        self.accepting = False
+        self.metrics.engine_up.set(0)
+        log.error("%s node %s: engine died (%s); leaving the pool", self.role, self.node_id, error)
+        self._leave_task = asyncio.get_running_loop().create_task(self._leave_pool())  # held: not GC'd
+
+    async def _leave_pool(self) -> None:
+        try:
+            for name in (self.service_name, ""):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.registration is not None:
+                try:
+                    await asyncio.wait_for(self.registration.close(), timeout=5)
+                except Exception:  # noqa: BLE001 - etcd may be gone too; the lease then expires
+                    log.warning("could not revoke the registration of %s", self.node_id)
+        finally:
+            self.failed.set()
 
     async def _publish_load(self) -> None:
         while True:
-            if self.engine is not None:
-                self.metrics.observe_load(self.load())
+            if self.engine is not None and self.engine.dead is None:
+                try:
+                    self.metrics.observe_load(self.load())
+                except Exception:  # noqa: BLE001 - metrics must not stop on one bad report
+                    log.exception("load metrics failed")
             await asyncio.sleep(0.5)
 
     def load(self) -> common_pb2.Load:
-        return common_pb2.Load(**self.engine.load)
+        """The engine's load as the wire message; EngineDead once the engine died (a
+        stale snapshot must never make a dead node look idle)."""
+        if self.engine is None or self.engine.dead is not None:
+            raise EngineDead(str(self.fatal or "engine stopped"))
+        return clamp_load(self.engine.load)
+
+    async def get_load(self, context) -> common_pb2.Load:
+        """GetLoad's answer: the load, or UNAVAILABLE once the engine died."""
+        try:
+            return self.load()
+        except EngineDead as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} node {self.node_id}: engine stopped: {e}")
 
     # -- stop ------------------------------------------------------------------
     async def stop(self) -> None:
@@ -162,6 +223,23 @@ class NodeRuntime:
         if self.engine is not None:
             await self.engine.stop()
             self.engine = None
+
+
+def clamp_load(values: dict) -> common_pb2.Load:
+    """A Load message from the engine's numbers, each clamped into its field's range
+    (unsigned: negatives -> 0, too large -> the maximum; non-numbers -> 0) and unknown
+    names ignored: a load report is never refused for its own numbers."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    out = {}
+    for f in common_pb2.Load.DESCRIPTOR.fields:
+        try:
+            v = int(values.get(f.name, 0))
+        except (TypeError, ValueError, OverflowError):  # None, NaN, inf
+            v = 0
+        top = (1 << 32) - 1 if f.type in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32) else (1 << 64) - 1
+        out[f.name] = min(max(v, 0), top)
+    return common_pb2.Load(**out)
 
 
 async def start_node(role: str, node: NodeConfig, model_path: str, discovery: DiscoveryConfig,

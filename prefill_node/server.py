@@ -4,7 +4,10 @@ acknowledged every block and the first token.
 
 A prefill that fails (a dead or stalled receiver, a deadline) ends in ABORTED
 or DEADLINE_EXCEEDED with its blocks freed; a cancelled call aborts the
-request at once. The node serves other requests throughout.
+request at once. The node serves other requests throughout. A destination
+this node cannot push into (no or too many block ids, another token count,
+an incompatible layout, an unparsable endpoint) is refused INVALID_ARGUMENT
+on arrival, before the engine sees the request.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 
 import grpc
 
-from braid.engine.kv_connector.types import TransferTarget
+from braid.engine.kv_connector.types import TransferTarget, check_target
 from braid.node.errors import sampling_from, status_for
 from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
@@ -24,7 +27,7 @@ SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
 
 def target_from(dest: common_pb2.KVDestination) -> TransferTarget:
     """The engine's form of the decode node's KVDestination."""
-    return TransferTarget(dest.transfer_id, dest.layout, tuple(dest.block_ids), dest.num_tokens)
+    return TransferTarget(dest.transfer_id, dest.layout, tuple(dest.block_ids), dest.num_tokens, bytes(dest.secret))
 
 
 class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
@@ -48,17 +51,21 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
         started = time.monotonic()
         if self.fault_delay_s:
             await asyncio.sleep(self.fault_delay_s)
+        queue = None
         try:
             params = sampling_from(request.sampling)
             if not rid:
                 raise ValueError("request_id is empty")
             if not request.HasField("destination"):
                 raise ValueError("destination is missing")
-            queue = self.engine.subscribe(rid)
             target = target_from(request.destination)
+            core = self.engine.core  # its layout and transport are fixed at start: read without the engine thread
+            check_target(target, core.kv_layout, core.config.transfer.transport, len(request.token_ids))
+            queue = self.engine.subscribe_new(rid)  # ALREADY_EXISTS: a prefill with this id is running
             await self.engine.call(lambda c: c.add_transfer_request(rid, list(request.token_ids), params, target, timeout))
         except Exception as e:  # noqa: BLE001 - mapped to a status
-            self.engine.unsubscribe(rid)
+            if queue is not None:  # only our own queue: never the holder's
+                self.engine.unsubscribe(rid)
             code, msg = status_for(e)
             self.rt.metrics.requests.labels("Prefill", code.name).inc()
             await context.abort(code, msg)
@@ -101,7 +108,7 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
         return common_pb2.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):
-        return self.rt.load()
+        return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
 
 
 async def start_prefill_node(node, model_path: str, discovery) -> tuple[NodeRuntime, PrefillServicer]:

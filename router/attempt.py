@@ -16,8 +16,8 @@ streams D's messages (`next_message`) and ends the attempt with `collect_prefill
 or `release`.
 
 `release` stops everything of the attempt at once and sends Abort to every node it
-called, except one that answered UNAVAILABLE itself or refused the reservation
-(nothing to free there), from a task of its own so that it completes although the
+called, except one that answered UNAVAILABLE itself, refused the reservation, or
+answered ALREADY_EXISTS (the id is someone else's there: nothing of ours to free), from a task of its own so that it completes although the
 request's handler is being cancelled. Abort is idempotent on the nodes, so an extra
 one is harmless. Every outgoing call has a deadline: Reserve min(remaining,
 node_rpc_timeout_s), Abort min(2 s, node_rpc_timeout_s), Prefill and Decode the
@@ -129,6 +129,9 @@ class DecodeReader:
             self.queue.put_nowait(EOF)
         except grpc.RpcError as e:
             self.queue.put_nowait(e)
+        except Exception as e:  # noqa: BLE001 - a closed channel, say: the stream ended, nobody waits forever
+            log.info("router: decode stream broke: %r", e)
+            self.queue.put_nowait(EOF)
 
     async def get(self):
         return await self.queue.get()
@@ -167,11 +170,12 @@ class Attempt:
             await self._start_local(req)
             return
         reserved = await self._reserve(req)
-        self.reader = DecodeReader(
-            self.decode.stub.Decode(nodes_pb2.DecodeRequest(request_id=self.node_request_id),
-                                    timeout=req.deadline.remaining())
-        )
-        self.prefill_call = self.prefill.stub.Prefill(
+        self.reader = DecodeReader(self._call(
+            self.decode, "Decode", nodes_pb2.DecodeRequest(request_id=self.node_request_id),
+            timeout=req.deadline.remaining(),
+        ))
+        self.prefill_call = self._call(
+            self.prefill, "Prefill",
             nodes_pb2.PrefillRequest(
                 request_id=self.node_request_id, token_ids=req.prompt,
                 sampling=req.sampling, destination=reserved.destination,
@@ -188,7 +192,8 @@ class Attempt:
         self.first = self._first(first.result())
 
     async def _start_local(self, req: RequestInput) -> None:
-        call = self.decode.stub.Decode(
+        call = self._call(
+            self.decode, "Decode",
             nodes_pb2.DecodeRequest(
                 request_id=self.node_request_id, local_prefill=True,
                 prompt_token_ids=req.prompt, sampling=req.sampling,
@@ -200,7 +205,8 @@ class Attempt:
 
     async def _reserve(self, req: RequestInput) -> nodes_pb2.ReserveResponse:
         try:
-            return await self.decode.stub.Reserve(
+            return await self._call(
+                self.decode, "Reserve",
                 nodes_pb2.ReserveRequest(
                     request_id=self.node_request_id, prompt_token_ids=req.prompt,
                     sampling=req.sampling, lease_s=self.calls.reserve_lease_s,
@@ -209,6 +215,15 @@ class Attempt:
             )
         except grpc.RpcError as e:
             raise self._node_failed(self.decode, "Reserve", e) from None
+
+    @staticmethod
+    def _call(node: NodeEntry, call: str, request, **kwargs):
+        """Start `call` on `node`. Its channel may already be closed (the view dropped the
+        node while this attempt awaited another call): the node is gone, UNAVAILABLE."""
+        try:
+            return getattr(node.stub, call)(request, **kwargs)
+        except grpc.aio.UsageError as e:
+            raise AttemptFailed(Failure(node, call, "UNAVAILABLE", f"the node left the cluster ({e})")) from None
 
     async def _await_first_after_prefill(self, first: asyncio.Task, deadline: Deadline) -> None:
         """P replied before D's first message: take P's reply, then wait for D."""
@@ -298,8 +313,10 @@ class Attempt:
             task.cancel()
 
         def down(node: NodeEntry) -> bool:
-            # it said UNAVAILABLE itself, or refused the reservation: nothing to abort there
-            return failed is not None and failed.node is node and (failed.code == "UNAVAILABLE" or failed.no_room)
+            # it said UNAVAILABLE itself, or refused the reservation, or refused the id as one it
+            # already holds (an Abort of that id would stop its holder): nothing of ours to abort there
+            return failed is not None and failed.node is node and (
+                failed.code in ("UNAVAILABLE", "ALREADY_EXISTS") or failed.no_room)
 
         targets = []
         if self.decode_called and not down(self.decode):

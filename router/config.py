@@ -1,7 +1,9 @@
 """The router's own settings (one section of the cluster config, braid.cluster.config)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from braid.proto.tls import TlsConfig, check_bind
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_ROUTER_METRICS_PORT = 9400
@@ -37,6 +39,24 @@ class RouterConfig:
     """How often the router refreshes each node's load."""
     node_rpc_timeout_s: float = 10.0
     """Deadline of control calls to nodes (Reserve, Abort, GetLoad)."""
+    node_failures_to_drop: int = 3
+    """Failed load polls in a row (timeouts, errors) that take a node out of routing; one
+    answered poll puts it back. Evidence takes it out at once, whatever this says: its
+    lease gone from discovery, GetLoad answering UNAVAILABLE (its engine died, or nothing
+    listens), its health service saying NOT_SERVING, or a call to it failing UNAVAILABLE."""
+    node_failure_window_s: float = 5.0
+    """A run of failed load polls that has lasted this long (from its first failure) takes
+    the node out even before it counts node_failures_to_drop (each slow poll waits up to
+    node_rpc_timeout_s)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: how long in-flight streams may run to completion (new Generate calls
+    are refused with UNAVAILABLE meanwhile) before the rest are cancelled."""
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    """Transport security (braid.proto.tls): the router's certificate serves clients and is
+    presented to the nodes; `ca` turns on mutual TLS (clients need a certificate);
+    `server_name` is the name checked in the nodes' certificates; `allowed_peers` limits
+    Generate to these client names (empty = any certificate the CA signed); `admin_peers`
+    names who may call ListNodes."""
 
     def __post_init__(self):
         for name, lo in (("port", 0), ("metrics_port", -1)):
@@ -46,8 +66,16 @@ class RouterConfig:
         for name in ("prefill_policy", "decode_policy"):
             if getattr(self, name) not in POLICIES:
                 raise ValueError(f"{name}: unknown policy {getattr(self, name)!r} (choose from {', '.join(POLICIES)})")
-        positive = ("max_inflight", "request_timeout_s", "reserve_lease_s", "load_poll_s", "node_rpc_timeout_s")
+        positive = ("max_inflight", "request_timeout_s", "reserve_lease_s", "load_poll_s", "node_rpc_timeout_s",
+                    "drain_timeout_s")
         for name in positive + ("max_queued", "prefill_retries", "local_prefill_max_tokens", "capacity_wait_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v == 0 and name in positive):
                 raise ValueError(f"{name}: must be {'> 0' if name in positive else '>= 0'}, got {v!r}")
+        v = self.node_failures_to_drop
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"node_failures_to_drop: must be an integer >= 1, got {v!r}")
+        v = self.node_failure_window_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"node_failure_window_s: must be > 0, got {v!r}")
+        check_bind("router", self.host, self.tls)

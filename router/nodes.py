@@ -7,9 +7,15 @@ Life of a node in the view:
    it counts as reachable at once (routing does not wait for a first poll) and
    a poller task starts calling `GetLoad` every `load_poll_s`, each call with a
    deadline of `node_rpc_timeout_s`.
-2. A failed poll marks it unreachable (skipped by routing); the next answered
-   poll marks it reachable again. A call of the orchestrator that finds the
-   node down (`mark_unreachable`) does the same without waiting for a poll.
+2. It leaves routing (unreachable, skipped by routing) on evidence only
+   (`Liveness`): at once when its GetLoad answers UNAVAILABLE (the node says
+   its engine died, or nothing listens there), when its health service says
+   NOT_SERVING, or when a call of the orchestrator finds it down
+   (`mark_unreachable`); otherwise after `failures_to_drop` failed polls in a
+   row, or a run of failed polls lasting `failure_window_s`. One failed poll
+   (a timeout under a burst, a bad report) is no evidence. The next answered
+   poll marks it reachable again. While discovery is unreachable the
+   membership keeps its last view, so the nodes stay as they are.
 3. It re-registers with a new `started_at_ms` (a restart) or a new address:
    the entry is replaced (new channel, load forgotten) and the routing
    policies `forget` it.
@@ -26,9 +32,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from braid.proto.names import ROLE_NAMES
 from braid.proto import common_pb2, nodes_pb2_grpc, router_pb2
+from braid.proto.tls import TlsConfig, open_channel
 from braid.router.policies import Candidate, NodeLoad, Policy
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,8 @@ NODE_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Send/receive limit on node channels: prompts travel to the nodes as token ids."""
 CLOSE_GRACE_S = 60.0
 """How long a dropped node's channel stays open for the calls still running on it."""
+HEALTH_CHECK_TIMEOUT_S = 2.0
+"""Deadline of the health check that follows a failed poll."""
 
 
 @dataclass(eq=False)
@@ -51,6 +61,10 @@ class NodeEntry:
     last_error: str = ""
     last_poll_s: float = 0.0
     """time.monotonic() of the last answered poll (0 = never)."""
+    liveness: "Liveness" = field(default_factory=lambda: Liveness(3, 5.0))
+    """The rule that takes it out of routing and back (the view sets the configured one)."""
+    polls: int = 0
+    """Polls done (answered or not)."""
 
     @property
     def node_id(self) -> str:
@@ -77,9 +91,43 @@ class NodeEntry:
         return router_pb2.NodeStatus(info=self.info, load=self.load, reachable=self.reachable)
 
 
-def _open(info: common_pb2.NodeInfo) -> tuple[grpc.aio.Channel, object]:
-    channel = grpc.aio.insecure_channel(
+@dataclass
+class Liveness:
+    """Whether routing may use a node, from what its polls and calls showed.
+
+    `answered()` (a poll answered) makes it reachable. `gone()` (evidence: GetLoad
+    UNAVAILABLE, health NOT_SERVING, a call that found it down) makes it
+    unreachable at once. `failed(now)` (a poll that failed otherwise) makes it
+    unreachable once the failures since the last answer number
+    `failures_to_drop`, or the first of them is `window_s` old.
+    """
+
+    failures_to_drop: int
+    window_s: float
+    reachable: bool = True
+    failures: int = 0
+    """Failed polls since the last answered one."""
+    first_failure_s: float | None = None
+
+    def answered(self) -> None:
+        self.reachable, self.failures, self.first_failure_s = True, 0, None
+
+    def gone(self) -> None:
+        self.reachable = False
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        if self.first_failure_s is None:
+            self.first_failure_s = now
+        if self.failures >= self.failures_to_drop or now - self.first_failure_s >= self.window_s:
+            self.reachable = False
+
+
+def _open(info: common_pb2.NodeInfo, tls: TlsConfig) -> tuple[grpc.aio.Channel, object]:
+    # TLS with the router's own certificate when configured: nodes admit only the router
+    channel = open_channel(
         info.address,
+        tls,
         options=[
             ("grpc.max_send_message_length", NODE_MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", NODE_MAX_MESSAGE_BYTES),
@@ -106,7 +154,13 @@ class NodeView:
         load_poll_s: float,
         rpc_timeout_s: float,
         on_change=None,
+        tls: TlsConfig | None = None,
+        failures_to_drop: int = 3,
+        failure_window_s: float = 5.0,
     ):
+        self._tls = tls or TlsConfig()
+        self._failures_to_drop = failures_to_drop
+        self._failure_window_s = failure_window_s
         self._membership = membership
         self._policies = policies
         self._load_poll_s = load_poll_s
@@ -168,8 +222,9 @@ class NodeView:
         self._changed()
 
     def _add(self, info: common_pb2.NodeInfo) -> NodeEntry:
-        channel, stub = _open(info)
-        entry = NodeEntry(info=info, channel=channel, stub=stub)
+        channel, stub = _open(info, self._tls)
+        entry = NodeEntry(info=info, channel=channel, stub=stub,
+                          liveness=Liveness(self._failures_to_drop, self._failure_window_s))
         self._pollers[entry] = asyncio.create_task(self._poll(entry), name=f"router-poll-{info.node_id}")
         log.info("router: node %s (%s) at %s joined", info.node_id, ROLE_NAMES[info.role], info.address)
         return entry
@@ -192,20 +247,51 @@ class NodeView:
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as e:
-                self._mark(entry, False, f"{e.code().name}: {e.details()}")
+                error = f"{e.code().name}: {e.details()}"
+                # UNAVAILABLE is the node's own word (engine dead) or nothing listening
+                evidence = e.code() == grpc.StatusCode.UNAVAILABLE or await self._not_serving(entry)
+                self._mark(entry, None if evidence else False, error)
             except Exception as e:  # a poll must never kill the poller
                 self._mark(entry, False, repr(e))
             else:
                 entry.load = load
                 entry.last_poll_s = time.monotonic()
                 self._mark(entry, True, "")
+            entry.polls += 1
             self._changed()
             await asyncio.sleep(self._load_poll_s)
 
-    def _mark(self, entry: NodeEntry, reachable: bool, error: str) -> None:
-        if entry.reachable != reachable:
-            log.warning("router: node %s %s%s", entry.node_id, "reachable again" if reachable else "unreachable: ", error)
-        entry.reachable = reachable
+    async def _not_serving(self, entry: NodeEntry) -> bool:
+        """After a failed poll: does the node's health service say NOT_SERVING (or is
+        nothing there)? A health answer of SERVING, or none in time, is no evidence."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(entry.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=min(self._rpc_timeout_s, HEALTH_CHECK_TIMEOUT_S))
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.UNAVAILABLE
+        except Exception:  # noqa: BLE001
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def _mark(self, entry: NodeEntry, answered: bool | None, error: str) -> None:
+        """answered: True (a poll answered), False (a poll failed: counts toward the
+        rule), None (evidence the node is down: out of routing at once)."""
+        live = entry.liveness
+        if answered:
+            live.answered()
+        elif answered is None:
+            live.gone()
+        else:
+            live.failed(time.monotonic())
+        if entry.reachable != live.reachable:
+            log.warning("router: node %s %s%s", entry.node_id,
+                        "reachable again" if live.reachable else "unreachable: ", error)
+        elif error and live.reachable:
+            log.info("router: node %s: poll failed (%d in a row, still routed): %s",
+                     entry.node_id, live.failures, error)
+        entry.reachable = live.reachable
         entry.last_error = error
 
     def _changed(self) -> None:
@@ -232,7 +318,7 @@ class NodeView:
     def mark_unreachable(self, entry: NodeEntry, error: str) -> None:
         """A call found the node down; routing skips it until a poll answers."""
         if self._entries[entry.info.role].get(entry.node_id) is entry:
-            self._mark(entry, False, error)
+            self._mark(entry, None, error)
             self._changed()
 
     def statuses(self) -> list[router_pb2.NodeStatus]:

@@ -39,12 +39,15 @@
 
 This module ties the pieces together: admission, the request's deadline, the
 loop of attempts driven by the retry book, streaming to the client, and metrics.
-Node-side request ids: attempt 1 uses the client's request id (or the uuid the
-router assigned); attempt n > 1 uses "<id>-a<n>".
+Node-side request ids are minted per attempt (retry_book.node_request_id:
+"<client id>-<router instance id>-<serial>"), so two routers serving the same
+client id, or a retry of it, never share an id on a node; the client's request
+id (or the uuid the router assigned) is what the client sees and what is logged.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -108,13 +111,25 @@ class Orchestrator:
         self.calls = NodeCalls(view, self.aborts, config.reserve_lease_s, config.node_rpc_timeout_s)
         self._running: set[str] = set()
         """Client-facing ids of the requests admitted or queued (a second one with the same id is refused)."""
+        self.draining = False
+        """Set by RouterHandle.drain: new Generate calls are refused (UNAVAILABLE), running ones finish."""
+        self._calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.instance_id = uuid.uuid4().hex[:16]
+        """This router's part of every node-side request id (64 random bits)."""
+        self._serials = itertools.count(1)
 
     # -- the RPC -----------------------------------------------------------------
 
     async def generate(self, request: router_pb2.GenerateRequest, context) -> None:
         """Serve one Generate call, writing responses to `context`; errors end it with a status."""
         code = Code.OK
+        self._calls += 1
+        self._idle.clear()
         try:
+            if self.draining:  # a router being stopped: the client retries on another replica
+                raise RequestError(Code.UNAVAILABLE, "router is draining (shutting down); retry on another router")
             await self._generate(request, context)
         except RequestError as e:
             code = e.code
@@ -131,6 +146,19 @@ class Orchestrator:
             await context.abort(Code.INTERNAL, f"router error: {type(e).__name__}: {e}")
         finally:
             self.metrics.requests.labels(code.name).inc()
+            self._calls -= 1
+            if self._calls == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls and wait up to `timeout` s for the running ones to end;
+        True when none is left."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _generate(self, request: router_pb2.GenerateRequest, context) -> None:
         arrived = time.monotonic()
@@ -219,8 +247,8 @@ class Orchestrator:
         try:
             while True:
                 pair = await self._next_pair(book, req)
-                attempt = Attempt(pair.number, node_request_id(req.request_id, pair.number),
-                                  pair.decode, pair.prefill, self.calls)
+                nid = node_request_id(req.request_id, self.instance_id, next(self._serials))
+                attempt = Attempt(pair.number, nid, pair.decode, pair.prefill, self.calls)
                 if await self._try(attempt, book, req):
                     break
             await self._stream(attempt, req, context)

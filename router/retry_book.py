@@ -30,6 +30,8 @@ from braid.router.policies import DECODE, PREFILL
 
 CAPACITY_BACKOFF_INITIAL_S = 0.05
 CAPACITY_BACKOFF_MAX_S = 1.0
+PHASES = {"Reserve": "decode reservation", "Prefill": "prefill", "Decode": "decode stream"}
+"""The phase each node call stands for in the messages a client reads."""
 
 
 class Deadline:
@@ -70,8 +72,13 @@ class Failure:
         and it says nothing about the prefill node or D's health."""
         return self.call == "Reserve" and self.code == "RESOURCE_EXHAUSTED"
 
+    @property
+    def phase(self) -> str:
+        """The phase of the request that failed, as the client reads it."""
+        return PHASES.get(self.call, self.call)
+
     def __str__(self) -> str:
-        return f"{self.node.role} node {self.node.node_id} {self.call}: {self.code}: {self.details}"
+        return f"{self.phase}: {self.node.role} node {self.node.node_id} {self.call}: {self.code}: {self.details}"
 
 
 class GiveUp(Exception):
@@ -95,10 +102,14 @@ class Pair:
     """This attempt follows a failed one (not only refusals for lack of room)."""
 
 
-def node_request_id(request_id: str, number: int) -> str:
-    """The id an attempt uses on its nodes: a fresh one per retry, so nothing left over
-    from a failed attempt (a late KV push, a late abort) can touch the next one."""
-    return request_id if number == 1 else f"{request_id}-a{number}"
+def node_request_id(request_id: str, router_id: str, serial: int) -> str:
+    """The id an attempt uses on its nodes, minted by the router for each attempt:
+    `<client id>-<router instance>-<serial>`, with `serial` counting every attempt the
+    router made. Unique across routers (each instance has a random id) and across time
+    (the serial never repeats), so neither another router serving the same client id
+    nor anything left over from an earlier attempt (a late KV push, a late abort) can
+    touch this one. The client's own id stays what the client sees and logs."""
+    return f"{request_id}-{router_id}-{serial}"
 
 
 Chooser = Callable[[str, list], object]
@@ -206,4 +217,6 @@ class RetryBook:
         what = "; ".join(str(f) for f in failures) or "no nodes left to try"
         if failures and all(f.code == "RESOURCE_EXHAUSTED" for f in failures):
             return GiveUp("RESOURCE_EXHAUSTED", f"every node tried is full: {what}")
-        return GiveUp("UNAVAILABLE", f"prefill failed after {len(failures)} attempt(s): {what}")
+        # Name the phases that failed (a decode refusal is not a prefill failure).
+        phases = " and ".join(dict.fromkeys(f.phase for f in failures)) or "routing"
+        return GiveUp("UNAVAILABLE", f"{phases} failed after {len(failures)} attempt(s): {what}")

@@ -5,13 +5,17 @@
     handle.metrics_address    # "host:port" of /metrics, or None when metrics_port = -1
     await handle.stop(grace=5.0)
 
-The server is grpc.aio with the standard health service ("" and braid.v1.Router
+With `tls` set (braid.proto.tls) it serves TLS, requires client certificates when
+`tls.ca` is set, admits to Generate only `tls.allowed_peers` (empty = any certificate
+the CA signed), answers ListNodes only to `tls.admin_peers`, and dials the nodes
+with its own certificate. The server is grpc.aio with the standard health service ("" and braid.v1.Router
 report SERVING until stop) and reflection. A request over MAX_REQUEST_BYTES
 (orchestrator) is refused with INVALID_ARGUMENT naming its size; one over
 MAX_MESSAGE_BYTES never gets past grpc (RESOURCE_EXHAUSTED). stop()
 turns health to NOT_SERVING, lets running calls finish for `grace` seconds,
 cancels the rest (their nodes get aborts), then closes the node channels and
-the metrics server. The membership belongs to the caller: it is neither
+the metrics server. On SIGTERM the CLI calls drain(router.drain_timeout_s)
+first: new Generate calls get UNAVAILABLE while running streams finish. The membership belongs to the caller: it is neither
 started nor closed here.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from braid.proto import router_pb2, router_pb2_grpc
+from braid.proto.tls import PeerAllowList, TlsConfig, add_port, peer_names
 from braid.router.admission import AdmissionControl
 from braid.router.config import RouterConfig
 from braid.router.metrics import RouterMetrics
@@ -43,14 +48,21 @@ ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, orchestrator: Orchestrator, view: NodeView):
+    def __init__(self, orchestrator: Orchestrator, view: NodeView, tls: TlsConfig | None = None):
         self._orchestrator = orchestrator
         self._view = view
+        self._tls = tls or TlsConfig()
 
     async def Generate(self, request, context):
         await self._orchestrator.generate(request, context)
 
     async def ListNodes(self, request, context):
+        # node addresses and KV endpoints are for operators: under mutual TLS only an admin
+        # certificate sees them; on plaintext loopback development it stays open
+        tls = self._tls
+        if tls.mutual and not (peer_names(context) & set(tls.admin_peers)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "ListNodes needs an admin certificate (router.tls.admin_peers)")
         return router_pb2.ListNodesResponse(nodes=self._view.statuses())
 
 
@@ -64,6 +76,12 @@ class RouterHandle:
     metrics: RouterMetrics
     health: HealthServicer
     _stopped: bool = False
+
+    async def drain(self, timeout: float) -> bool:
+        """Before stop (on SIGTERM): health NOT_SERVING, new Generate calls refused with
+        UNAVAILABLE, running streams given up to `timeout` s to finish; True if all did."""
+        await self.health.enter_graceful_shutdown()
+        return await self.orchestrator.drain(timeout)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful stop (idempotent): refuse new calls, give running ones `grace` seconds."""
@@ -102,7 +120,8 @@ async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHa
             metrics.nodes.labels(role, r).set(n)
 
     view = NodeView(
-        membership, policies, load_poll_s=rc.load_poll_s, rpc_timeout_s=rc.node_rpc_timeout_s, on_change=on_view_change
+        membership, policies, load_poll_s=rc.load_poll_s, rpc_timeout_s=rc.node_rpc_timeout_s, on_change=on_view_change,
+        tls=rc.tls, failures_to_drop=rc.node_failures_to_drop, failure_window_s=rc.node_failure_window_s,
     )
     orchestrator = Orchestrator(
         rc, view, policies[PREFILL], policies[DECODE], admission, metrics, tokenizer=_load_tokenizer(tokenizer)
@@ -112,16 +131,17 @@ async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHa
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
+        interceptors=[PeerAllowList(rc.tls, (ROUTER_SERVICE,))],
     )
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(orchestrator, view), server)
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(orchestrator, view, rc.tls), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(f"{rc.host}:{rc.port}")
+        port = add_port(server, f"{rc.host}:{rc.port}", rc.tls)
     except RuntimeError as e:
         raise OSError(f"router: cannot bind {rc.host}:{rc.port}: {e}") from None
     if port == 0:

@@ -89,7 +89,8 @@ def test_lease_expires_without_any_sender(decode_engine, checkpoints):
     assert _all_free(D)
 
 
-def _partial_sender(dest_layout_bytes: bytes, dest_blocks, tid: int, p_layout_bytes: bytes, num_tokens: int, p_blocks, started):
+def _partial_sender(dest_layout_bytes: bytes, dest_blocks, tid: int, p_layout_bytes: bytes, num_tokens: int, p_blocks, started,
+                    secret: bytes = b""):
     """A prefill rank that sends layer 0 of a transfer and then hangs (to be killed)."""
     from braid.kv_transfer.tcp import TcpSender
     from braid.proto import common_pb2
@@ -100,7 +101,7 @@ def _partial_sender(dest_layout_bytes: bytes, dest_blocks, tid: int, p_layout_by
     sender = TcpSender(region)
     moves = plan(p, d, num_tokens, p_blocks, dest_blocks)
     for (src, dst), pieces in pieces_by_pair([m for m in moves if m.src_rank == 0], p, d, 0).items():
-        sender.send(tid, d.ranks[dst].endpoint, pieces, time.monotonic() + 60)
+        sender.send(tid, d.ranks[dst].endpoint, pieces, time.monotonic() + 60, secret=secret)  # as a prefill rank would
     time.sleep(0.5)  # the frames are out
     started.set()
     time.sleep(600)
@@ -119,7 +120,7 @@ def test_sender_killed_mid_transfer(decode_engine, prefill_engine, checkpoints):
     proc = ctx.Process(
         target=_partial_sender,
         args=(dest.layout.SerializeToString(), list(dest.block_ids), dest.transfer_id, p_layout.SerializeToString(),
-              len(p), list(range(10)), started),
+              len(p), list(range(10)), started, dest.secret),
         daemon=True,
     )
     proc.start()
@@ -191,6 +192,15 @@ def test_receiver_that_stops_reading(decode_engine, prefill_engine, checkpoints)
         silent.close()
 
 
+def _auth(tid: int, secret: bytes) -> bytes:
+    """The AUTH frame a sender presents the reservation's secret in (before its frames of tid)."""
+    from braid.kv_transfer import tcp
+
+    hdr = bytearray(tcp.HEADER_SIZE)
+    tcp._pack_header(hdr, tcp.AUTH, 0, tid, 0, 0, len(secret), 0)
+    return bytes(hdr) + secret
+
+
 def _frame(tid: int, pieces: list[tuple[int, int]], payload_len: int) -> bytes:
     """A DATA frame header and piece table in the tcp transport's documented format."""
     from braid.kv_transfer import tcp
@@ -209,6 +219,7 @@ def test_corrupted_or_truncated_frame(decode_engine, checkpoints, fault):
     local = _local_request(D, checkpoints, f"beside-{fault}")
     host, port = dest.layout.ranks[0].endpoint.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(_auth(dest.transfer_id, dest.secret))  # a sender holding the destination, misbehaving
     try:
         if fault == "corrupt":  # a piece outside the reserved blocks
             far = kvl.cache_bytes(dest.layout, 0) - 64

@@ -38,7 +38,6 @@ from braid.cluster.config import (
     DEFAULT_ROUTER_METRICS_PORT,
     DEFAULT_ROUTER_PORT,
     DEFAULT_TRANSFER_PORT,
-    NodeConfig,
     load_config,
 )
 
@@ -520,8 +519,7 @@ def test_termination_grace_outlasts_the_drain(overlay):
     cfg, _ = load_overlay_config(overlay)
     for role in ROLES:
         spec = workload(docs, role)["spec"]["template"]["spec"]
-        # The router has no drain setting of its own; it drains like a node (default).
-        drain = NodeConfig().drain_timeout_s if role == "router" else cfg.node(role).drain_timeout_s
+        drain = cfg.router.drain_timeout_s if role == "router" else cfg.node(role).drain_timeout_s
         pre_stop = container(docs, role).get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         assert spec["terminationGracePeriodSeconds"] >= pre_stop + drain + 10, f"{role}: no time to drain"
 
@@ -576,6 +574,83 @@ def test_etcd_cluster(overlay):
     client_rule = [r for r in policy["spec"]["ingress"] if {"port": 2379} in r.get("ports", [])][0]
     for role in ROLES:
         assert any(selects(f["podSelector"], pod_labels(workload(docs, role))) for f in client_rule["from"]), role
+
+
+# -- network policies ---------------------------------------------------------------------------------------
+
+
+def _rules_admitting(policy: dict, port: int) -> list[dict]:
+    """The ingress rules of `policy` that let TCP `port` in (a numbered port or a port range)."""
+    out = []
+    for rule in policy["spec"].get("ingress", []):
+        for p in rule.get("ports", []):
+            lo = p["port"]
+            assert isinstance(lo, int), "named ports in NetworkPolicies are not checked here"
+            if p.get("protocol", "TCP") == "TCP" and lo <= port <= p.get("endPort", lo):
+                out.append(rule)
+                break
+    return out
+
+
+def _sources(docs, rule: dict) -> set[str] | None:
+    """Roles of the braid pods a rule admits; None when it admits everyone (no `from`)."""
+    if "from" not in rule:
+        return None
+    roles = set()
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, f"only pod selectors of this namespace are expected: {peer}"
+        roles |= {r for r in (*ROLES, "etcd") if selects(peer["podSelector"], pod_labels(_workload_any(docs, r)))}
+    return roles
+
+
+def _workload_any(docs, role):
+    return workload(docs, role) if role != "etcd" else find(docs, "StatefulSet", "braid-etcd")[0]
+
+
+def _only_from(docs, policy, port: int, allowed: set[str], what: str) -> None:
+    rules = _rules_admitting(policy, port)
+    assert rules, f"{what}: port {port} admits nobody"
+    for rule in rules:
+        src = _sources(docs, rule)
+        assert src is not None and src and src <= allowed, f"{what}: port {port} is open to {src or 'everyone'}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_network_policy_per_component_restricts_who_reaches_each_port(overlay):
+    docs = rendered(overlay)
+    cfg, _ = load_overlay_config(overlay)
+    for role in (*ROLES, "etcd"):
+        (policy,) = find(docs, "NetworkPolicy", f"braid-{role}")
+        w = _workload_any(docs, role)
+        selected = [o["metadata"]["name"] for o in workloads(docs) if selects(policy["spec"]["podSelector"], pod_labels(o))]
+        assert selected == [w["metadata"]["name"]], f"braid-{role} selects {selected}"
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        # every port a Service of the component exposes is admitted by its policy (else the Service is dead)
+        for svc in find(docs, "Service"):
+            if selects(svc["spec"]["selector"], pod_labels(w)):
+                for sp in svc["spec"]["ports"]:
+                    assert _rules_admitting(policy, sp["port"]), f"braid-{role} blocks {svc['metadata']['name']}:{sp['port']}"
+    prefill, decode = find(docs, "NetworkPolicy", "braid-prefill")[0], find(docs, "NetworkPolicy", "braid-decode")[0]
+    # node gRPC only from router pods; KV data ports only from prefill pods
+    _only_from(docs, prefill, cfg.prefill.port, {"router"}, "prefill gRPC")
+    _only_from(docs, decode, cfg.decode.port, {"router"}, "decode gRPC")
+    kv = [p["containerPort"] for p in container(docs, "decode")["ports"] if p["name"].startswith("kv-")]
+    assert kv and len(kv) == world(cfg, "decode")
+    for port in kv:
+        _only_from(docs, decode, port, {"prefill"}, "decode KV")
+    # etcd's client port only from braid's own pods
+    _only_from(docs, find(docs, "NetworkPolicy", "braid-etcd")[0], 2379, {*ROLES, "etcd"}, "etcd client")
+    # the router is the one public entry point
+    (router,) = find(docs, "NetworkPolicy", "braid-router")
+    assert any(_sources(docs, r) is None for r in _rules_admitting(router, cfg.router.port))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_plaintext_grpc_is_declared_not_defaulted(overlay):
+    # pods bind 0.0.0.0: without TLS the config must say so explicitly (load_config refuses otherwise)
+    cfg, _ = load_overlay_config(overlay)
+    for section in (cfg.router, cfg.prefill, cfg.decode):
+        assert section.tls.enabled or section.tls.insecure
 
 
 # -- the image -----------------------------------------------------------------------------------------------

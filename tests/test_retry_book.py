@@ -292,7 +292,9 @@ def test_prompt_longer_than_every_decode_node_and_no_decode_nodes():
 
 
 def test_node_request_ids_and_rpc_timeout():
-    assert [node_request_id("r", n) for n in (1, 2, 3)] == ["r", "r-a2", "r-a3"]
+    # minted per attempt: the client's id, the router instance, a serial that never repeats
+    assert [node_request_id("r-1", "ab12", n) for n in (1, 2, 3)] == ["r-1-ab12-1", "r-1-ab12-2", "r-1-ab12-3"]
+    assert node_request_id("r", "ab12", 1) != node_request_id("r", "cd34", 1)  # two routers, one client id
     clock = Clock()
     d = Deadline(5.0, clock=clock)
     assert d.rpc_timeout(10.0) == 5.0 and d.rpc_timeout(2.0) == 2.0

@@ -329,8 +329,26 @@ class Cluster:
             await self.router.stop(0)
         await asyncio.gather(*(s.stop(None) for s in self.servers.values()))
 
+    @property
+    def clog(self) -> list[tuple[str, str, str]]:
+        """The log with each node-side request id named by its client id: "<id>" for the
+        first attempt of a request, "<id>-a<n>" for its n-th. The router mints node-side
+        ids "<client id>-<router instance id>-<serial>" (unique per attempt); this checks
+        that form and that the instance id is this router's."""
+        names: dict[str, str] = {}
+        attempts: dict[str, int] = {}
+        out = []
+        for node, call, rid in self.log:
+            if rid not in names:
+                client, instance, serial = rid.rsplit("-", 2)
+                assert instance == self.router.orchestrator.instance_id and serial.isdigit(), rid
+                attempts[client] = n = attempts.get(client, 0) + 1
+                names[rid] = client if n == 1 else f"{client}-a{n}"
+            out.append((node, call, names[rid]))
+        return out
+
     def events(self, call: str, node: str | None = None) -> list[tuple[str, str, str]]:
-        return [e for e in self.log if e[1] == call and (node is None or e[0] == node)]
+        return [e for e in self.clog if e[1] == call and (node is None or e[0] == node)]
 
     def stranded(self) -> dict[str, int]:
         """Reservations still held per decode node (must be zero after every request)."""
@@ -514,7 +532,7 @@ def test_prefill_unavailable_is_retried_on_the_other_prefill_node():
         assert c.events("prefill") == [("p0", "prefill", "rx"), ("p1", "prefill", "rx-a2")]
         assert c.events("reserve") == [("d0", "reserve", "rx"), ("d1", "reserve", "rx-a2")]
         assert done.timings.decode_node == "d1"
-        await eventually(lambda: ("d0", "abort", "rx") in c.log, what="abort of attempt 1 on d0")
+        await eventually(lambda: ("d0", "abort", "rx") in c.clog, what="abort of attempt 1 on d0")
         assert c.stranded() == {}
         assert await c.metric("braid_router_prefill_retries_total") == 1.0
         assert await c.metric('braid_router_prefill_failures_total{code="UNAVAILABLE"}') == 1.0
@@ -554,8 +572,8 @@ def test_decode_stream_aborted_before_first_token_is_retried():
         assert done.token_ids == tuple(expected(PROMPT, 4))
         assert done.timings.prefill_attempts == 2
         assert c.events("reserve") == [("d0", "reserve", "ab"), ("d1", "reserve", "ab-a2")]
-        await eventually(lambda: ("p0", "abort", "ab") in c.log, what="abort of the running prefill")
-        assert ("p0", "prefill_cancelled", "ab") in c.log or ("p0", "abort", "ab") in c.log
+        await eventually(lambda: ("p0", "abort", "ab") in c.clog, what="abort of the running prefill")
+        assert ("p0", "prefill_cancelled", "ab") in c.clog or ("p0", "abort", "ab") in c.clog
         assert c.stranded() == {}
 
     run(body)
@@ -617,7 +635,7 @@ def test_client_cancel_mid_stream_aborts_both_nodes_and_frees_the_slot():
         await stream.aclose()
         t0 = time.monotonic()
         await eventually(
-            lambda: ("p0", "abort", "cx") in c.log and ("d0", "abort", "cx") in c.log, timeout=1.0, what="aborts"
+            lambda: ("p0", "abort", "cx") in c.clog and ("d0", "abort", "cx") in c.clog, timeout=1.0, what="aborts"
         )
         assert time.monotonic() - t0 < 1.0
         await eventually(lambda: not c.decoders["d0"].streams, what="D stream ended")
@@ -642,9 +660,9 @@ def test_client_deadline_shorter_than_a_stalled_prefill():
             await c.client.complete(PROMPT, max_tokens=3, timeout=0.5, request_id="dl")
         assert time.monotonic() - t0 < 1.5
         await eventually(
-            lambda: ("p0", "abort", "dl") in c.log and ("d0", "abort", "dl") in c.log, timeout=1.0, what="aborts"
+            lambda: ("p0", "abort", "dl") in c.clog and ("d0", "abort", "dl") in c.clog, timeout=1.0, what="aborts"
         )
-        await eventually(lambda: ("p0", "prefill_cancelled", "dl") in c.log, what="prefill call cancelled")
+        await eventually(lambda: ("p0", "prefill_cancelled", "dl") in c.clog, what="prefill call cancelled")
         await eventually(lambda: c.stranded() == {}, what="reservation freed")
         await eventually(lambda: c.router.orchestrator.admission.inflight == 0, what="slot released")
 
@@ -666,7 +684,7 @@ def test_router_deadline_applies_when_the_client_sets_none():
                 await call.read()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - t0 < 2.0
-        await eventually(lambda: ("p0", "abort", "rd") in c.log and ("d0", "abort", "rd") in c.log, what="aborts")
+        await eventually(lambda: ("p0", "abort", "rd") in c.clog and ("d0", "abort", "rd") in c.clog, what="aborts")
         assert await c.metric('braid_router_requests_total{code="DEADLINE_EXCEEDED"}') == 1.0
         await eventually(lambda: c.stranded() == {}, what="reservation freed")
 

@@ -38,6 +38,8 @@ class KVExpect:
     transfer_id: int
     num_tokens: int
     block_ids: tuple[int, ...]
+    secret: bytes = b""
+    """What a sender must present on its connection before its frames count."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class KVSend:
     dest_layout: bytes
     """The decode instance's serialized KVLayout (with its endpoints)."""
     dest_block_ids: tuple[int, ...]
+    secret: bytes = b""
+    """The reservation's secret, presented to the decode ranks' receivers."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,11 @@ class KVConnectorMeta:
     def encode(self) -> list[int]:
         out = [len(self.expects)]
         for e in self.expects:
-            out += [e.transfer_id, e.num_tokens, len(e.block_ids), *e.block_ids]
+            out += [e.transfer_id, e.num_tokens, len(e.block_ids), len(e.secret), *e.block_ids, *e.secret]
         out.append(len(self.sends))
         for s in self.sends:
-            out += [s.seq_index, s.transfer_id, s.timeout_ms, len(s.dest_layout), len(s.dest_block_ids)]
-            out += [*s.dest_layout, *s.dest_block_ids]
+            out += [s.seq_index, s.transfer_id, s.timeout_ms, len(s.dest_layout), len(s.dest_block_ids), len(s.secret)]
+            out += [*s.dest_layout, *s.dest_block_ids, *s.secret]
         for pairs in (self.finishes, self.releases, self.progress):
             out.append(len(pairs))
             for a, b in pairs:
@@ -91,17 +95,21 @@ class KVConnectorMeta:
         """The metadata encoded at v[pos:], and the position after it."""
         expects = []
         for _ in range(v[pos]):
-            tid, num_tokens, nb = v[pos + 1 : pos + 4]
-            expects.append(KVExpect(tid, num_tokens, tuple(v[pos + 4 : pos + 4 + nb])))
-            pos += 3 + nb
+            tid, num_tokens, nb, ns = v[pos + 1 : pos + 5]
+            start = pos + 5
+            secret = bytes(v[start + nb : start + nb + ns])
+            expects.append(KVExpect(tid, num_tokens, tuple(v[start : start + nb]), secret))
+            pos += 4 + nb + ns
         pos += 1
         sends = []
         for _ in range(v[pos]):
-            seq_index, tid, timeout_ms, nbytes, nb = v[pos + 1 : pos + 6]
-            start = pos + 6
+            seq_index, tid, timeout_ms, nbytes, nb, ns = v[pos + 1 : pos + 7]
+            start = pos + 7
             layout = bytes(v[start : start + nbytes])
-            sends.append(KVSend(seq_index, tid, timeout_ms, layout, tuple(v[start + nbytes : start + nbytes + nb])))
-            pos += 5 + nbytes + nb
+            blocks = tuple(v[start + nbytes : start + nbytes + nb])
+            secret = bytes(v[start + nbytes + nb : start + nbytes + nb + ns])
+            sends.append(KVSend(seq_index, tid, timeout_ms, layout, blocks, secret))
+            pos += 6 + nbytes + nb + ns
         pos += 1
         lists = []
         for kind in (KVFinish, TransferRef, TransferRef):

@@ -6,7 +6,9 @@ step's result (`on_step_done`).
 
 A decode reservation's life (one lease, one timer: `Lease.deadline`, covering
 both "claimed by a Decode stream" and "KV arrived"):
-  reserve   blocks allocated (the sequence waits, WAITING_FOR_KV) and the expect
+  reserve   refused past the caps (a lease over max_lease_s, more than max_reservations
+            held); blocks allocated (the sequence waits, WAITING_FOR_KV), a random
+            secret minted (the receivers take KV only from a sender presenting it) and the expect
             queued; the engine flushes it with a connector-only step, whose
             collective is the barrier: every rank has registered before the
             reservation is handed out, so no byte arrives unexpected
@@ -34,7 +36,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from braid.engine.events import TokenEvent, UnknownRequest
+from braid.engine.events import Overloaded, TokenEvent, UnknownRequest
 from braid.engine.kv_connector.metadata import (
     DONE, INCOMING, OUTGOING, PENDING, KVConnectorMeta, KVExpect, KVFinish, KVSend, TransferRef,
 )
@@ -45,6 +47,8 @@ LEASE_EXPIRED = "KV transfer failed: the lease expired before the KV arrived"
 NEVER_CLAIMED = "the lease expired: no Decode stream claimed the reservation"
 SEND_TIMEOUT = "KV transfer failed (timeout: no acknowledgement by the deadline)"
 SEND_GRACE_S = 1.0
+SECRET_BYTES = 16
+"""Random bytes of a reservation's secret (128 bits: not guessable within a lease)."""
 """A send's own backstop runs this long after its transport deadline."""
 
 
@@ -82,9 +86,12 @@ class Outgoing:
 class KVConnectorScheduler:
     """Rank 0's book of every transfer of this instance, and what the ranks must do next."""
 
-    def __init__(self, scheduler, blocks):
+    def __init__(self, scheduler, blocks, max_lease_s: float = float("inf"), max_reservations: int | None = None):
         self.scheduler = scheduler
         self.blocks = blocks
+        self.max_lease_s = max_lease_s
+        self.max_reservations = max_reservations
+        """Caps on what one Reserve may hold and for how long (KVTransferConfig)."""
         self.incoming: dict[int, Lease] = {}
         self.outgoing: dict[int, Outgoing] = {}
         self._by_request: dict[str, TransferRef] = {}
@@ -96,7 +103,13 @@ class KVConnectorScheduler:
 
     # -- decode side -----------------------------------------------------------
     def reserve(self, seq, lease_s: float, now: float) -> Reservation:
-        """Blocks for the prompt under a lease; the expect waits for the next step."""
+        """Blocks for the prompt under a lease; the expect waits for the next step.
+        A lease over `max_lease_s` is refused (ValueError), and so is a reservation
+        beyond `max_reservations` held at once (Overloaded)."""
+        if not 0 < lease_s <= self.max_lease_s:
+            raise ValueError(f"lease_s must be in (0, {self.max_lease_s:g}] seconds, got {lease_s!r}")
+        if self.max_reservations is not None and len(self.incoming) >= self.max_reservations:
+            raise Overloaded(f"{len(self.incoming)} reservations are held already (at most {self.max_reservations})")
         self.scheduler.reserve_remote(seq)
         tid = secrets.randbits(62)
         while tid in self.incoming:
@@ -104,8 +117,9 @@ class KVConnectorScheduler:
         self.incoming[tid] = Lease(seq, tid, now + lease_s)
         self._by_request[seq.request_id] = TransferRef(INCOMING, tid)
         blocks = tuple(seq.block_table)
-        self._expects.append(KVExpect(tid, seq.num_prompt_tokens, blocks))
-        return Reservation(seq.request_id, tid, blocks, seq.num_prompt_tokens, time.time() + lease_s)
+        secret = secrets.token_bytes(SECRET_BYTES)  # only the holder of the destination may write these blocks
+        self._expects.append(KVExpect(tid, seq.num_prompt_tokens, blocks, secret))
+        return Reservation(seq.request_id, tid, blocks, seq.num_prompt_tokens, time.time() + lease_s, secret)
 
     def claim(self, request_id: str) -> None:
         """A Decode stream takes the reservation; its events flow from now on."""
@@ -145,7 +159,8 @@ class KVConnectorScheduler:
                 continue
             target, timeout_s = seq.transfer
             layout = target.layout.SerializeToString()
-            sends.append(KVSend(i, target.transfer_id, int(timeout_s * 1000), layout, tuple(target.block_ids)))
+            sends.append(KVSend(i, target.transfer_id, int(timeout_s * 1000), layout, tuple(target.block_ids),
+                                bytes(target.secret)))
         return tuple(sends)
 
     def sent(self, seq, first_token: int, started: float, forward_s: float, kv_bytes: int, now: float) -> None:

@@ -13,11 +13,12 @@ def _unknown(transport: str) -> ValueError:
     return ValueError(f"unknown KV transport {transport!r} (choose {', '.join(TRANSPORTS)})")
 
 
-def make_receiver(transport: str, region: torch.Tensor, host: str, port: int) -> KVReceiver:
+def make_receiver(transport: str, region: torch.Tensor, host: str, port: int, limits: dict | None = None) -> KVReceiver:
+    """`limits`: the tcp receiver's connection cap and timeouts (KVTransferConfig.receiver_limits)."""
     if transport == "tcp":
         from braid.kv_transfer.tcp import TcpReceiver
 
-        return TcpReceiver(region, host=host, port=port)
+        return TcpReceiver(region, host=host, port=port, **(limits or {}))
     if transport == "collective":
         from braid.kv_transfer.collective import CollectiveReceiver
 

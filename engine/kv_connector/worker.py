@@ -7,7 +7,9 @@ order a step applies things in):
   decode   expect    register the byte ranges this rank's shard and heads will
                      receive (no deadline here: the scheduler half keeps the
                      lease's one timer); a rank that holds none of the prompt is
-                     done at once. Rank 0 also waits for the trailer (first token).
+                     done at once. Rank 0 also waits for the trailer (first token),
+                     which must be one token id of the vocabulary, else the transfer
+                     fails; only senders presenting the reservation's secret count.
            progress  the receiver's reports: done once every range (and the
                      trailer) landed, failed on a bad frame or a lost sender
            release   cancel at the receiver: once the step returns, nothing of the
@@ -53,6 +55,8 @@ class _Outgoing:
     """Bytes between layers in this rank's cache."""
     dst_stride: dict[int, int]
     """Bytes between layers in each destination rank's cache."""
+    secret: bytes = b""
+    """The reservation's secret, presented to each destination's receiver."""
     finished: bool = False
 
 
@@ -60,13 +64,13 @@ class KVConnectorWorker:
     """One rank's KV transport and its books of what it expects and sends."""
 
     def __init__(self, transport: str, role: str, rank: int, region: torch.Tensor, host: str, port: int,
-                 advertise: str | None = None):
+                 advertise: str | None = None, limits: dict | None = None):
         self.rank = rank
         self.advertise = advertise
         self.receiver: KVReceiver | None = None
         self.sender: KVSender | None = None
         if role in ("decode", "both"):
-            self.receiver = make_receiver(transport, region, host, port + rank if port else 0)
+            self.receiver = make_receiver(transport, region, host, port + rank if port else 0, limits)
         if role in ("prefill", "both"):
             self.sender = make_sender(transport, region)
         self.layout: KVLayout | None = None  # this instance's layout, set by `describe`
@@ -74,6 +78,7 @@ class KVConnectorWorker:
         self._errors: dict[TransferRef, TransferError] = {}
         self._outgoing: dict[int, _Outgoing] = {}
         self._kv_bytes: dict[int, int] = {}  # rank 0: bytes of the sends planned this step
+        self.vocab_size = 0  # a first token in a trailer must lie in [0, vocab_size); set by `describe`
 
     @property
     def endpoint(self) -> str:
@@ -96,6 +101,7 @@ class KVConnectorWorker:
         everyone = world.all_gather(mine)  # [world, ENDPOINT_BYTES]
         endpoints = [bytes(row.tolist()).rstrip(b"\0").decode() for row in everyone]
         self.layout = kvl.describe_engine(cfg, model_cfg, endpoints if cfg.transfer.role != "prefill" else None)
+        self.vocab_size = model_cfg.vocab_size
 
     # -- the step ----------------------------------------------------------------
     def start_step(self, meta: KVConnectorMeta, seqs) -> "callable | None":
@@ -152,11 +158,16 @@ class KVConnectorWorker:
             self._states[ref] = DONE  # this rank's shard holds none of the prompt
             return
         self._states[ref] = PENDING
-        self.receiver.expect(e.transfer_id, ranges, None, want_trailer=want_trailer)
+        self.receiver.expect(e.transfer_id, ranges, None, want_trailer=want_trailer, secret=e.secret or None,
+                             trailer_check=self.valid_trailer if want_trailer else None)
+
+    def valid_trailer(self, data: bytes) -> bool:
+        """Exactly one token id of this model's vocabulary (a sender's word, never trusted)."""
+        return len(data) == TRAILER.size and 0 <= TRAILER.unpack(data)[0] < self.vocab_size
 
     def _trailer_token(self, tid: int) -> int | None:
         data = self.receiver.trailer(tid) if self.receiver is not None else None
-        return TRAILER.unpack(data)[0] if data is not None else None
+        return TRAILER.unpack(data)[0] if data is not None and self.valid_trailer(data) else None
 
     def _release(self, ref: TransferRef) -> None:
         if ref.direction == INCOMING:
@@ -190,6 +201,7 @@ class KVConnectorWorker:
             targets=targets,
             src_stride=kvl.cache_bytes(self.layout, self.rank) // self.layout.num_layers,
             dst_stride={dst: kvl.cache_bytes(dest, dst) // dest.num_layers for dst in targets},
+            secret=send.secret,
         )
         # a rank that holds none of the request's blocks has nothing to send or finish
         self._states[TransferRef(OUTGOING, send.transfer_id)] = PENDING if targets else DONE
@@ -203,7 +215,7 @@ class KVConnectorWorker:
             for dst, (endpoint, pieces) in out.targets.items():
                 s, d = layer * out.src_stride, layer * out.dst_stride[dst]
                 shifted = [Piece(p.src_offset + s, p.dst_offset + d, p.length) for p in pieces]
-                self.sender.send(tid, endpoint, shifted, out.deadline)
+                self.sender.send(tid, endpoint, shifted, out.deadline, secret=out.secret or None)
 
     def _finish(self, f: KVFinish) -> None:
         """End the transfer at every destination; rank 0 attaches the first token for decode rank 0."""
@@ -213,7 +225,7 @@ class KVConnectorWorker:
         out.finished = True
         for dst, (endpoint, _) in out.targets.items():
             trailer = TRAILER.pack(f.first_token) if (self.rank == 0 and dst == 0) else None
-            self.sender.finish(f.transfer_id, endpoint, trailer)
+            self.sender.finish(f.transfer_id, endpoint, trailer, secret=out.secret or None)
 
     def close(self) -> None:
         for t in (self.sender, self.receiver):
