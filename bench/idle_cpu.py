@@ -43,25 +43,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree(root: int) -> list[int]:
-    """`root` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def shim_for(checkout: str, workdir: str) -> str:
     """A folder whose braid/<pkg> links point into `checkout`."""
     shim = os.path.join(workdir, "shim")
@@ -73,7 +54,7 @@ def shim_for(checkout: str, workdir: str) -> str:
 
 
 def measure(model: str, window_s: float, checkout: str | None) -> dict[str, float]:
-    from braid.cluster.launcher import LocalCluster
+    from braid.cluster.launcher import LocalCluster, process_tree
 
     with tempfile.TemporaryDirectory(prefix="braid-idle-") as workdir:
         env = {"PYTHONPATH": shim_for(checkout, workdir)} if checkout else None
@@ -83,7 +64,7 @@ def measure(model: str, window_s: float, checkout: str | None) -> dict[str, floa
             for p in nodes:
                 cluster.wait_ready(p, time.monotonic() + 300)
             time.sleep(3.0)  # let start-up work (registration, first load reports) settle
-            pids = {p.role: tree(p.popen.pid) for p in nodes}
+            pids = {p.role: process_tree(p.popen.pid) for p in nodes}
             before = {role: sum(cpu_seconds(pid) for pid in ps) for role, ps in pids.items()}
             t0 = time.monotonic()
             time.sleep(window_s)

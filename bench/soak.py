@@ -190,7 +190,7 @@ class Soak:
     def _kill_node(self, role: str, fault: Fault) -> None:
         proc = self.rng.choice(self.nodes[role])
         self.expected_down.add(proc.popen.pid)
-        self.pids.update(_children(proc.popen.pid))
+        self.pids.update(proc.ranks())
         os.kill(proc.popen.pid, signal.SIGKILL)  # the node process only: its ranks must notice
         proc.popen.wait(10)
         self._respawn(proc)
@@ -209,7 +209,7 @@ class Soak:
 
     def _kill_a_rank(self, role: str, fault: Fault) -> None:
         proc = self.rng.choice(self.nodes[role])
-        ranks = _children(proc.popen.pid)
+        ranks = proc.ranks()
         if not ranks:
             fault.note = "no rank process found"
             return
@@ -263,7 +263,7 @@ class Soak:
                         self.findings["recovery"].append(f"restart of {role} failed: {e}"[:300])
 
     def collect_ranks(self) -> None:
-        self.pids.update(r for procs in self.nodes.values() for p in procs for r in _children(p.popen.pid))
+        self.pids.update(r for procs in self.nodes.values() for p in procs for r in p.ranks())
 
     # -- the end -----------------------------------------------------------------------------
 
@@ -326,21 +326,6 @@ class Soak:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     left.append(f"port {port} still accepts connections")
         return left
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (the ranks of a node process)."""
-    kids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(d))
-    return kids
 
 
 def _alive(pid: int) -> bool:

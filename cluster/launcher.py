@@ -32,6 +32,31 @@ class ComponentFailed(RuntimeError):
     """A component exited or did not become ready; the message quotes its log."""
 
 
+def child_pids() -> dict[int, list[int]]:
+    """Every live process's children, by parent pid, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(ppid, []).append(int(name))
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (a node's rank processes and theirs)."""
+    children = child_pids()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
 class Proc:
     """One component process of a LocalCluster."""
 
@@ -50,6 +75,10 @@ class Proc:
     @property
     def node_id(self) -> str:
         return self.info.get("node_id", "router")
+
+    def ranks(self) -> list[int]:
+        """The processes this component started itself (a node's ranks 1..world-1)."""
+        return child_pids().get(self.popen.pid, [])
 
     def kill(self) -> None:
         if self.popen.poll() is None:

@@ -619,24 +619,6 @@ def test_bad_destinations_are_refused_on_arrival_and_the_prefill_engine_lives(no
     assert lt.run(_pd_request(drt, prt, "after-bad", p)) == checkpoints.greedy(NODE_MODEL, p, 6)
 
 
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
 def _listening(pids: list[int]) -> list[tuple[int, str]]:
     """(pid, local address hex) of every TCP socket in LISTEN that these processes hold."""
     owner = {}
@@ -664,7 +646,9 @@ def _listening(pids: list[int]) -> list[tuple[int, str]]:
 
 def test_no_process_listens_on_a_wildcard_address(nodes):
     lt, drt, prt = nodes
-    pids = _process_tree(os.getpid())
+    from braid.cluster.launcher import process_tree
+
+    pids = process_tree(os.getpid())
     assert len(pids) >= 3  # this process, the decode node's second rank, etcd
     socks = _listening(pids)
     assert socks, "found no listening socket at all: the probe is broken"

@@ -358,7 +358,7 @@ def test_node_process_exits_non_zero_when_its_engine_dies(checkpoints, tmp_path)
             cluster.wait_ready(p, time.monotonic() + 120)
         with Client(router.address, timeout=60) as c:
             cluster.wait_nodes(c, {"decode": {d0.node_id, d1.node_id}}, timeout=30)
-            ranks = _children(d0.popen.pid)
+            ranks = d0.ranks()
             assert len(ranks) == 1, ranks
             os.kill(ranks[0], signal.SIGKILL)
             code = d0.popen.wait(timeout=20)
@@ -368,20 +368,3 @@ def test_node_process_exits_non_zero_when_its_engine_dies(checkpoints, tmp_path)
                 assert list(done.token_ids) == ref and done.timings.decode_node == d1.node_id
     finally:
         cluster.close()
-
-
-def _children(pid: int) -> list[int]:
-    """Live child processes of `pid` (the node's rank processes)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(entry))
-    return out
