@@ -5,18 +5,19 @@
     handle.metrics_address    # "host:port" of /metrics, or None when metrics_port = -1
     await handle.stop(grace=5.0)
 
-With `tls` set (braid.proto.tls) it serves TLS, requires client certificates when
-`tls.ca` is set, admits to Generate only `tls.allowed_peers` (empty = any certificate
-the CA signed), answers ListNodes only to `tls.admin_peers`, and dials the nodes
-with its own certificate. The server is grpc.aio with the standard health service ("" and braid.v1.Router
-report SERVING until stop) and reflection. A request over MAX_REQUEST_BYTES
-(orchestrator) is refused with INVALID_ARGUMENT naming its size; one over
-MAX_MESSAGE_BYTES never gets past grpc (RESOURCE_EXHAUSTED). stop()
-turns health to NOT_SERVING, lets running calls finish for `grace` seconds,
-cancels the rest (their nodes get aborts), then closes the node channels and
-the metrics server. On SIGTERM the CLI calls drain(router.drain_timeout_s)
-first: new Generate calls get UNAVAILABLE while running streams finish. The membership belongs to the caller: it is neither
-started nor closed here.
+With `tls` set (braid.proto.tls) it serves TLS, requires client certificates
+when `tls.ca` is set, admits to Generate only `tls.allowed_peers` (empty = any
+certificate the CA signed), answers ListNodes only to `tls.admin_peers`, and
+dials the nodes with its own certificate. The server is grpc.aio with the
+standard health service ("" and braid.v1.Router report SERVING until stop) and
+reflection. A request over MAX_REQUEST_BYTES (orchestrator) is refused with
+INVALID_ARGUMENT naming its size; one over MAX_MESSAGE_BYTES never gets past
+grpc (RESOURCE_EXHAUSTED). On SIGTERM the CLI calls
+drain(router.drain_timeout_s) first: new Generate calls get UNAVAILABLE while
+running streams finish. stop() turns health to NOT_SERVING, lets running calls
+finish for `grace` seconds, cancels the rest (their nodes get aborts), then
+closes the node channels and the metrics server. The membership belongs to the
+caller: it is neither started nor closed here.
 """
 from __future__ import annotations
 
