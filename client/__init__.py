@@ -42,7 +42,7 @@ from braid.client.errors import (
     error_from_rpc,
 )
 from braid.client.sampling import build_sampling, check_sampling, sampling_kwargs, validate_sampling
-from braid.client.types import Chunk, Completion, Load, NodeStatus, Timings
+from braid.client.types import Chunk, Completion, Load, NodeStatus, Timings, TokenLogprob
 
 __all__ = [
     "DEFAULT_GENERATE_TIMEOUT_S",
@@ -71,6 +71,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "Timings",
+    "TokenLogprob",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

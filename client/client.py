@@ -3,7 +3,8 @@
 A request's life as the client sees it:
 
 1. `generate(prompt, ...)` encodes a `GenerateRequest` (text or token ids, sampling,
-   optional request and session ids) and opens `Router.Generate` with a deadline
+   optional request and session ids; `chat(messages, ...)` sends a chat instead)
+   and opens `Router.Generate` with a deadline
    (the call's `timeout`, else the client's, else `DEFAULT_GENERATE_TIMEOUT_S`).
    Values that the wire cannot carry (a negative `max_tokens`) raise
    `InvalidArgument` at once; every other check is the server's, whose answer
@@ -22,7 +23,7 @@ The records the stream and `list_nodes()` yield are in `braid.client.types`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
@@ -35,6 +36,7 @@ from braid.client.types import (  # re-exported: these names were always importa
     Load,
     NodeStatus,
     Timings,
+    TokenLogprob,
     chunk_from_proto,
     node_from_proto,
 )
@@ -52,6 +54,21 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # ---------------------------------------------------------------- encoding
 
 
+class ChatMessages(tuple):
+    """A chat prompt: (role, content) pairs from a list of {"role", "content"}
+    dicts; the router renders it with the model's chat template."""
+
+    def __new__(cls, messages):
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+            raise InvalidArgument("messages must be a list of {'role', 'content'} dicts")
+        pairs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidArgument(f"messages[{i}] must be a dict with string 'role' and 'content'")
+            pairs.append((m["role"], m["content"]))
+        return super().__new__(cls, pairs)
+
+
 def build_request(
     prompt: str | Sequence[int],
     *,
@@ -67,6 +84,9 @@ def build_request(
         )
         if isinstance(prompt, str):
             req.text = prompt
+        elif isinstance(prompt, ChatMessages):
+            req.chat.SetInParent()  # an empty list still selects the chat prompt (the router refuses it)
+            req.chat.messages.extend(router_pb2.ChatMessage(role=r, content=c) for r, c in prompt)
         elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
             raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         else:
@@ -160,19 +180,33 @@ class _RouterClient:
         seed: int | None = None,
         stop_token_ids: Iterable[int] = (),
         ignore_eos: bool = False,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        stop: str | Iterable[str] = (),
         timeout: float | None = None,
         request_id: str | None = None,
         session_id: str | None = None,
     ):
         """Start a generation and return its stream of Chunks (GenerateStream for
-        Client, AsyncGenerateStream for AsyncClient)."""
+        Client, AsyncGenerateStream for AsyncClient). `stop`: stop strings; the text
+        ends before the first one found (finish_reason "stop")."""
         req = build_request(
             prompt, request_id=request_id, session_id=session_id, max_tokens=max_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=stop,
         )
         call = self._stub.Generate(req, **self._call_kwargs(timeout, DEFAULT_GENERATE_TIMEOUT_S))
         return self._stream_type(call)
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, stream: bool = True, **kwargs):
+        """A chat: `messages` ({"role", "content"} dicts) rendered by the router with
+        the model's chat template and its generation prompt; the other arguments
+        are generate's. `stream=True`: the stream of Chunks, as generate returns;
+        `stream=False`: the whole Completion, as complete returns (awaitable on
+        AsyncClient). A model without a chat template answers InvalidArgument."""
+        prompt = ChatMessages(messages)
+        return self.generate(prompt, **kwargs) if stream else self.complete(prompt, **kwargs)
 
     def _list_nodes_call(self, timeout: float | None):
         return self._stub.ListNodes(router_pb2.ListNodesRequest(), **self._call_kwargs(timeout, DEFAULT_UNARY_TIMEOUT_S))
@@ -378,6 +412,7 @@ class AsyncClient(_RouterClient):
 __all__ = [
     "AsyncClient",
     "AsyncGenerateStream",
+    "ChatMessages",
     "Chunk",
     "Client",
     "Completion",
@@ -385,6 +420,7 @@ __all__ = [
     "Load",
     "NodeStatus",
     "Timings",
+    "TokenLogprob",
     "build_request",
     "chunk_from_proto",
     "node_from_proto",

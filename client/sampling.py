@@ -15,7 +15,7 @@ nodes need not import the client SDK) and are re-exported here. The rules are
 `check_sampling_values` there, the one copy that `braid.engine.SamplingParams`
 applies too: max_tokens >= 1, temperature a finite number >= 0 (0 = greedy),
 top_k -1, 0 (off) or positive, top_p in (0, 1] (an optional field: unset means
-1.0, an explicit 0 is refused).
+1.0, an explicit 0 is refused), logprobs and prompt_logprobs unset or in [0, 20].
 """
 from __future__ import annotations
 
@@ -55,6 +55,9 @@ def build_sampling(
     seed: int | None = None,
     stop_token_ids: Iterable[int] = (),
     ignore_eos: bool = False,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    stop: str | Iterable[str] = (),
 ) -> common_pb2.SamplingParams:
     """Encode sampling settings; ValueError only for values the wire types cannot hold."""
     pb = common_pb2.SamplingParams(
@@ -67,6 +70,14 @@ def build_sampling(
     )
     if seed is not None:
         pb.seed = _as_int("seed", seed, 0, UINT64_MAX)
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    pb.stop.extend(stop)  # matched by the router on the decoded text (braid.router.stop)
+    if logprobs is not None:  # unset means none; 0 means the sampled token's own logprob only
+        pb.logprobs = _as_int("logprobs", logprobs, 0, UINT32_MAX)
+    if prompt_logprobs is not None:
+        pb.prompt_logprobs = _as_int("prompt_logprobs", prompt_logprobs, 0, UINT32_MAX)
     return pb
 
 

@@ -38,6 +38,27 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability at its position (mirrors `braid.v1.TokenLogprobs`):
+    log-softmax of the model's raw logits, before temperature, top-k and top-p."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1 = the most likely token at its position."""
+    top: tuple[tuple[int, float], ...] = ()
+    """The most likely (token_id, logprob) alternatives, most likely first."""
+
+    @classmethod
+    def from_proto(cls, pb: common_pb2.TokenLogprobs) -> TokenLogprob:
+        return cls(pb.token_id, pb.logprob, pb.rank, tuple((t.token_id, t.logprob) for t in pb.top))
+
+
+def _logprobs(items) -> tuple[TokenLogprob, ...] | None:
+    return tuple(TokenLogprob.from_proto(pb) for pb in items) if items else None
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One streamed piece of a generation."""
 
@@ -53,6 +74,12 @@ class Chunk:
     """On the last chunk."""
     prompt_tokens: int | None
     """On the first chunk."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per token of this chunk, when the request asked for `logprobs`."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    """First chunk, when the request asked for `prompt_logprobs`: prompt tokens 1.. (the first has none)."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """First chunk, when the request asked for `prompt_logprobs`: the prompt as tokenized."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,10 @@ class Completion:
     finish_reason: str | None
     timings: Timings | None
     prompt_tokens: int | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per generated token, when the request asked for `logprobs`."""
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +152,9 @@ def chunk_from_proto(resp: router_pb2.GenerateResponse) -> Chunk:
         finish_reason=FINISH_REASON_NAMES.get(resp.finish_reason),
         timings=Timings.from_proto(resp.timings) if resp.HasField("timings") else None,
         prompt_tokens=resp.prompt_tokens or None,
+        logprobs=_logprobs(resp.logprobs),
+        prompt_logprobs=_logprobs(resp.prompt_logprobs),
+        prompt_token_ids=tuple(resp.prompt_token_ids) or None,
     )
 
 
@@ -146,6 +180,8 @@ class Assembler:
         self.text: list[str] = []
         self.last: Chunk | None = None
         self.prompt_tokens: int | None = None
+        self.logprobs: list[TokenLogprob] | None = None
+        self.first: Chunk | None = None
 
     def add(self, chunk: Chunk) -> None:
         self.request_id = self.request_id or chunk.request_id
@@ -153,6 +189,9 @@ class Assembler:
         self.text.append(chunk.text)
         if self.prompt_tokens is None:
             self.prompt_tokens = chunk.prompt_tokens
+        if chunk.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(chunk.logprobs)
+        self.first = self.first or chunk
         self.last = chunk
 
     def result(self) -> Completion:
@@ -164,9 +203,13 @@ class Assembler:
             finish_reason=last.finish_reason if last else None,
             timings=last.timings if last else None,
             prompt_tokens=self.prompt_tokens,
+            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            prompt_logprobs=self.first.prompt_logprobs if self.first else None,
+            prompt_token_ids=self.first.prompt_token_ids if self.first else None,
         )
 
 
 __all__ = [
-    "Assembler", "Chunk", "Completion", "Load", "NodeStatus", "Timings", "chunk_from_proto", "node_from_proto",
+    "Assembler", "Chunk", "Completion", "Load", "NodeStatus", "Timings", "TokenLogprob", "chunk_from_proto",
+    "node_from_proto",
 ]

@@ -8,8 +8,8 @@
     braid prefill serve --config YAML [--set ...]
     braid decode serve  --config YAML [--set ...]
     braid up --tls ...                            the same over mutual TLS (throwaway certificates)
-    braid generate "text" --router HOST:PORT [--ca PEM --cert PEM --key PEM]
-                                                 stream a completion through the SDK
+    braid generate "text" [--chat] --router HOST:PORT [--ca PEM --cert PEM --key PEM]
+                                                 stream a completion (--chat: a chat) through the SDK
     braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
     braid certs DIR                               a throwaway CA and certificates for every identity
     braid offline "text"                          the offline engine in this process
@@ -27,6 +27,9 @@ import sys
 
 log = logging.getLogger("braid")
 
+MODEL_HELP = ("HF checkpoint directory or GGUF file (default: SmolLM2-135M-Instruct, installed by "
+              "scripts/setup.sh); \"tiny\": the embedded tiny random model")
+
 
 # -- shared helpers ------------------------------------------------------------------
 
@@ -43,9 +46,14 @@ def _load(args):
 
 
 def _model_path(cfg) -> str:
-    from braid.engine.tiny import ensure_default_model
+    from braid.engine.default_model import resolve_model
 
-    return cfg.model or ensure_default_model()
+    return resolve_model(cfg.model)
+
+
+def _http_url(address: str | None, tls: bool) -> str:
+    """Where the openai client points (base_url), or "off"."""
+    return f"{'https' if tls else 'http'}://{address}/v1" if address else "off"
 
 
 def _write_ready(path: str | None, info: dict) -> None:
@@ -108,7 +116,10 @@ async def _serve_router(args) -> None:
     membership = EtcdMembership(cfg.discovery())
     await membership.start()
     handle = await start_router(cfg.router, membership, tokenizer)
-    _write_ready(args.ready_file, {"role": "router", "address": handle.address, "metrics": handle.metrics_address})
+    _write_ready(args.ready_file, {"role": "router", "address": handle.address, "metrics": handle.metrics_address,
+                                   "http": handle.http_address})
+    print(f"braid: router gRPC at {handle.address}; OpenAI HTTP API at "
+          f"{_http_url(handle.http_address, cfg.router.tls.enabled)}", flush=True)
     try:
         await _wait_for_signal()
         # Running streams finish (new calls are refused) for up to drain_timeout_s.
@@ -142,13 +153,17 @@ def _tls_args(args) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None)}
 
 
-def _stream(address: str, prompt: str, max_tokens: int, temperature: float, **tls) -> None:
+def _stream(address: str, prompt: str, max_tokens: int, temperature: float, chat: bool = False, **tls) -> None:
+    """Stream one answer to stdout; `chat`: the prompt goes as one user message,
+    rendered by the router with the model's chat template."""
     from braid.client import Client
 
     with Client(address, **tls) as c:
         tokens = []
-        print(f"prompt: {prompt!r}\nanswer: ", end="", flush=True)
-        for chunk in c.generate(prompt, max_tokens=max_tokens, temperature=temperature):
+        print(f"{'chat' if chat else 'prompt'}: {prompt!r}\nanswer: ", end="", flush=True)
+        sampling = dict(max_tokens=max_tokens, temperature=temperature)
+        stream = c.chat([{"role": "user", "content": prompt}], **sampling) if chat else c.generate(prompt, **sampling)
+        for chunk in stream:
             tokens += chunk.token_ids
             print(chunk.text, end="", flush=True)
             if chunk.finished:
@@ -162,7 +177,7 @@ def _stream(address: str, prompt: str, max_tokens: int, temperature: float, **tl
 
 
 def _generate(args) -> int:
-    _stream(args.router, args.prompt, args.max_tokens, args.temperature, **_tls_args(args))
+    _stream(args.router, args.prompt, args.max_tokens, args.temperature, chat=args.chat, **_tls_args(args))
     return 0
 
 
@@ -209,9 +224,9 @@ def _add_tls_flags(p) -> None:
 
 def _offline(args) -> int:
     from braid.engine import LLM, SamplingParams
-    from braid.engine.tiny import ensure_default_model
+    from braid.engine.default_model import resolve_model
 
-    model = args.model or ensure_default_model()
+    model = resolve_model(args.model)
     print(f"model: {model}")
     with LLM(
         model,
@@ -254,6 +269,8 @@ def _add_client_commands(sub) -> None:
     """generate, status (both with the TLS flags) and certs."""
     gen = sub.add_parser("generate", help="stream a completion from a router through the SDK")
     gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as one user message, rendered with the model's chat template")
     gen.add_argument("--router", default="127.0.0.1:50051", help="router address HOST:PORT")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -275,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     up = sub.add_parser("up", help="run a whole local cluster (etcd, router, prefill pcp 2, decode tp 2 dcp 2)")
-    up.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny model)")
+    up.add_argument("--model", help=MODEL_HELP)
     up.add_argument("--config", help="cluster YAML (defaults for everything not given)")
     up.add_argument("--port", type=int, default=0, help="router port (default: a free port)")
     up.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
@@ -293,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--config", help="cluster YAML")
         s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a config field (repeatable)")
         s.add_argument("--port", type=int, help=f"gRPC port (overrides {role}.port)")
-        s.add_argument("--model", help="HF checkpoint directory (overrides model)")
+        s.add_argument("--model", help="HF checkpoint directory, GGUF file or \"tiny\" (overrides model)")
         s.add_argument("--ready-file", help="write the bound addresses here as JSON once serving")
         s.set_defaults(func=_serve, role=role)
         p.set_defaults(func=lambda a, p=p: (p.print_help(), 0)[1])
@@ -302,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     off = sub.add_parser("offline", help="generate in this process with the offline engine (no cluster)")
     off.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched)")
-    off.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny model)")
+    off.add_argument("--model", help=MODEL_HELP)
     off.add_argument("--max-tokens", type=int, default=32)
     off.add_argument("--temperature", type=float, default=0.0)
     off.add_argument("--seed", type=int, default=None)

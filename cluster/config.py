@@ -28,7 +28,9 @@ from braid.discovery.base import DiscoveryConfig
 from braid.engine.config import CacheConfig, KVTransferConfig, ParallelConfig
 from braid.node.config import NodeConfig
 from braid.proto.tls import TlsConfig
-from braid.router.config import DEFAULT_ROUTER_METRICS_PORT, DEFAULT_ROUTER_PORT, POLICIES, RouterConfig
+from braid.router.config import (
+    DEFAULT_ROUTER_HTTP_PORT, DEFAULT_ROUTER_METRICS_PORT, DEFAULT_ROUTER_PORT, POLICIES, RouterConfig,
+)
 
 DEFAULT_PREFILL_PORT = 50061
 DEFAULT_PREFILL_METRICS_PORT = 9401
@@ -39,7 +41,7 @@ DEFAULT_TRANSFER_PORT = 50100
 
 __all__ = [
     "DEFAULT_DECODE_METRICS_PORT", "DEFAULT_DECODE_PORT", "DEFAULT_PREFILL_METRICS_PORT", "DEFAULT_PREFILL_PORT",
-    "DEFAULT_ROUTER_METRICS_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_TRANSFER_PORT", "POLICIES",
+    "DEFAULT_ROUTER_HTTP_PORT", "DEFAULT_ROUTER_METRICS_PORT", "DEFAULT_ROUTER_PORT", "DEFAULT_TRANSFER_PORT", "POLICIES",
     "ADMIN_IDENTITY", "NODE_IDENTITY", "ROUTER_IDENTITY",
     "ClusterConfig", "ConfigError", "EtcdConfig", "NodeConfig", "RouterConfig", "TlsConfig", "load_config", "to_dict",
 ]
@@ -116,7 +118,8 @@ class ClusterConfig:
     cluster: str = "braid"
     """Name under /braid/<cluster>/ in etcd; routers only see nodes of their cluster."""
     model: str = ""
-    """HF checkpoint directory; empty = the embedded tiny default model."""
+    """HF checkpoint directory or GGUF file; empty = the default model (SmolLM2-135M-Instruct,
+    installed by scripts/setup.sh); "tiny" = the embedded tiny random model."""
     tls: TlsConfig = field(default_factory=TlsConfig)
     """Shared TLS settings: every field set here fills the same field of router.tls,
     prefill.tls and decode.tls where that section leaves it unset (one CA, one
@@ -228,8 +231,8 @@ def validate(cfg: ClusterConfig) -> ClusterConfig:
     """What no single section can check on its own."""
     if not cfg.cluster or "/" in cfg.cluster:
         raise ConfigError(f"cluster: must be a non-empty name without '/', got {cfg.cluster!r}")
-    if cfg.model and not os.path.isdir(cfg.model):
-        raise ConfigError(f"model: {cfg.model!r} is not a directory")
+    if cfg.model and cfg.model != "tiny" and not os.path.isdir(cfg.model) and not os.path.isfile(cfg.model):
+        raise ConfigError(f"model: {cfg.model!r} is not a directory or a GGUF file (nor \"tiny\", the embedded model)")
     for role in ("prefill", "decode"):
         cache: CacheConfig = cfg.node(role).cache
         if cache.cp_kv_cache_interleave_size not in (None, cache.block_size):

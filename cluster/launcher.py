@@ -120,7 +120,8 @@ class LocalCluster:
         self.etcd = EtcdServer(data_dir=os.path.join(workdir, "etcd"))
         self.etcd.start()
         cfg["etcd"]["endpoints"] = [self.etcd.endpoint]
-        cfg["router"].update(host="127.0.0.1", port=router_port, metrics_port=0)
+        cfg["router"].update(host="127.0.0.1", port=router_port, metrics_port=0,
+                             http_port=0 if cfg["router"].get("http_port", 0) >= 0 else -1)
         for role in ("prefill", "decode"):
             cfg[role].update(host="127.0.0.1", port=0, metrics_port=0, advertise_host=None)
             cfg[role]["transfer"]["port"] = 0
@@ -139,6 +140,11 @@ class LocalCluster:
     def address(self) -> str:
         """The router's address."""
         return self.router.address
+
+    @property
+    def http_address(self) -> str | None:
+        """The router's OpenAI-compatible HTTP API, "host:port" (None when router.http_port is -1)."""
+        return self.router.info.get("http")
 
     def client_tls(self, identity: str = "admin") -> dict:
         """Client keyword arguments (ca, cert, key) of `identity` under TLS; {} without it."""

@@ -6,7 +6,8 @@ and 3 KV heads, so tp 2 cannot split it. `fit_parallel` keeps a node's layout
 when the model can run it, replaces a default one that it cannot by the
 largest layout that fits within the host's cores, and refuses a layout the
 user asked for explicitly, naming the constraint and the layouts that would
-work. All of it happens before any process starts.
+work; `share_cores` then splits the host's cores over the ranks of both nodes.
+All of it happens before any process starts.
 """
 from __future__ import annotations
 
@@ -72,3 +73,20 @@ def fit_parallel(cfg: ClusterConfig, model, explicit: set[str], cores: int) -> t
         cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(node, parallel=par)})
     return cfg, notes
 
+
+
+def share_cores(cfg: ClusterConfig, cores: int) -> ClusterConfig:
+    """`cfg` with threads_per_rank filled in where unset, for nodes sharing one
+    host: the engine's own default splits the host's cores over one instance's
+    ranks, so a tp 1 decode node beside a pcp 2 prefill node on 2 cores would run
+    2 + 1 + 1 intra-op threads on 2 cores, and spinning threads that outnumber
+    the cores make every step several times slower. Here the cores are split
+    over the ranks of both nodes (at least one thread each)."""
+    ranks = cfg.prefill.parallel.topology.world + cfg.decode.parallel.topology.world
+    threads = max(1, cores // ranks)
+    for role in ("prefill", "decode"):
+        node = cfg.node(role)
+        if node.parallel.threads_per_rank is None:
+            par = dataclasses.replace(node.parallel, threads_per_rank=threads)
+            cfg = dataclasses.replace(cfg, **{role: dataclasses.replace(node, parallel=par)})
+    return cfg

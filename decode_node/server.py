@@ -27,6 +27,7 @@ import grpc
 from prometheus_client import Gauge
 
 from braid.node.errors import sampling_from, status_for
+from braid.node.logprobs import events_to_pb, prompt_to_pb
 from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
 from braid.proto.names import FINISH_REASONS_BY_NAME
@@ -116,6 +117,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                 code, msg = status_for(e)
                 await context.abort(code, msg)
         self.rt.inflight += 1
+        wants_logprobs = request.sampling.HasField("logprobs")  # the router sends it on both paths when asked
         finished = False
         first = True
         try:
@@ -130,11 +132,8 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                     code = grpc.StatusCode.ABORTED if first else grpc.StatusCode.UNAVAILABLE
                     self.rt.metrics.transfer_failures.inc()
                     await context.abort(code, ev.error or "request failed")
-                tokens = [e.token_id for e in batch if e.token_id is not None]
                 finished = ev.finished
-                msg = nodes_pb2.DecodeResponse(token_ids=tokens, finished=finished)
-                if finished:
-                    msg.finish_reason = FINISH_REASONS_BY_NAME.get(ev.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+                msg = _message(batch, wants_logprobs)
                 if first:
                     msg.kv_ready_s = time.monotonic() - started
                     first = False
@@ -159,6 +158,21 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
 
     async def GetLoad(self, request, context):
         return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
+
+
+def _message(batch: list, wants_logprobs: bool) -> nodes_pb2.DecodeResponse:
+    """One DecodeResponse for a batch of the request's events (the last may end it), with
+    one TokenLogprobs per token when asked and the prompt's on the first token's event."""
+    ev = batch[-1]
+    msg = nodes_pb2.DecodeResponse(token_ids=[e.token_id for e in batch if e.token_id is not None],
+                                   finished=ev.finished)
+    if wants_logprobs:
+        msg.logprobs.extend(events_to_pb(batch))
+    msg.prompt_logprobs.extend(prompt_to_pb(batch[0].prompt_logprobs))
+    if ev.finished:
+        msg.finish_reason = FINISH_REASONS_BY_NAME.get(ev.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+    return msg
+
 
 async def start_decode_node(node, model_path: str, discovery) -> tuple[NodeRuntime, DecodeServicer]:
     """Start a decode node (a NodeConfig, the model, a DiscoveryConfig); returns its runtime and servicer."""

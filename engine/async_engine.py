@@ -18,7 +18,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from typing import Any, Callable
 
 from braid.engine.config import EngineConfig

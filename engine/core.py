@@ -4,7 +4,7 @@ on every rank, sample, and report what each request produced.
     batch  = scheduler.schedule()
     meta   = kv.build_meta(...)             # the KV connector's orders for the ranks
     result = executor.execute(plan of batch + meta)   # prefill steps push KV layer by layer
-    tokens = sampler(result.logits)
+    tokens = sampler(result.logits)         # + the sampled tokens' logprobs, for requests that asked
     done   = scheduler.postprocess(batch, tokens)
     kv.on_step_done(meta, result)           # transfers that arrived, were delivered or failed
 
@@ -34,6 +34,7 @@ from braid.engine.events import DuplicateRequest, Overloaded, TokenEvent, Unknow
 from braid.engine.kv_connector.metadata import KVConnectorMeta
 from braid.engine.kv_connector.scheduler import KVConnectorScheduler
 from braid.engine.kv_connector.types import Reservation, TransferTarget, check_target
+from braid.engine.logprobs import token_logprobs
 from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
@@ -182,7 +183,10 @@ class EngineCore:
         seqs = []
         for seq in batch.seqs if batch is not None else ():
             if batch.is_prefill:
-                seqs.append(SeqPlan(0, tuple(seq.token_ids), tuple(seq.block_table)))
+                # prompt logprobs once, on the first prefill (not again on a recompute after preemption)
+                plp = seq.params.prompt_logprobs
+                plp = plp if plp is not None and seq.num_output_tokens == 0 else -1
+                seqs.append(SeqPlan(0, tuple(seq.token_ids), tuple(seq.block_table), plp))
             else:
                 seqs.append(SeqPlan(len(seq) - 1, (seq.token_ids[-1],), tuple(seq.block_table)))
         return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv)
@@ -239,19 +243,23 @@ class EngineCore:
             why = f"sampling failed: {type(e).__name__}: {e}"
             tokens, failed = [-1] * len(seqs), {i: why for i in range(len(seqs))}
         ok = [i for i in range(len(seqs)) if i not in failed]
+        lps = _sampled_logprobs(result.logits, seqs, tokens, ok)
+        plps = result.prompt_logprobs
         kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok))
         self.scheduler.postprocess(kept, [tokens[i] for i in ok])
         now = time.monotonic()
         for send in meta.sends:
             if send.seq_index not in failed:
                 seq = seqs[send.seq_index]
+                seq.first_logprobs, seq.prompt_logprobs = lps.get(send.seq_index), plps.get(send.seq_index)
                 self.kv.sent(seq, tokens[send.seq_index], t0, forward_s, result.kv_bytes.get(send.transfer_id, 0), now)
         events = []
         for i, why in failed.items():
             log.warning("request %s failed: %s", seqs[i].request_id, why)
             events.append(self._fail_seq(seqs[i], why))
         return events + [
-            TokenEvent(seqs[i].request_id, tokens[i], seqs[i].is_finished, seqs[i].finish_reason)
+            TokenEvent(seqs[i].request_id, tokens[i], seqs[i].is_finished, seqs[i].finish_reason,
+                       logprobs=lps.get(i), prompt_logprobs=plps.get(i))
             for i in ok
             if seqs[i].transfer is None
         ]
@@ -308,3 +316,15 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _sampled_logprobs(logits: torch.Tensor, seqs, tokens: list[int], rows: list[int]) -> dict:
+    """Row -> the sampled token's TokenLogprob, for the rows (of `rows`) whose request asked;
+    the rows of the others cost nothing."""
+    rows = [i for i in rows if seqs[i].params.logprobs is not None]
+    if not rows:
+        return {}
+    most = max(seqs[i].params.logprobs for i in rows)
+    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+    found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], most)
+    return {i: dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]) for i, lp in zip(rows, found)}

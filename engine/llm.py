@@ -21,6 +21,10 @@ class RequestOutput:
     """stop, length, abort or error."""
     error: str | None = None
     """Why the request was rejected, when it was."""
+    logprobs: list | None = None
+    """One TokenLogprob (braid.engine.logprobs) per generated token, when SamplingParams.logprobs was set."""
+    prompt_logprobs: list | None = None
+    """One TokenLogprob per prompt token after the first, when SamplingParams.prompt_logprobs was set."""
 
 
 class LLM:
@@ -60,6 +64,8 @@ class LLM:
                 outputs.append(RequestOutput("", list(ids), finish_reason="error", error=str(e)))
                 continue
             out = RequestOutput(seq.request_id, seq.prompt_token_ids)
+            if p.logprobs is not None:
+                out.logprobs = []
             outputs.append(out)
             live[seq.request_id] = out
         try:
@@ -68,6 +74,10 @@ class LLM:
                     out = live[ev.request_id]
                     if ev.token_id is not None:  # an error event ends a request without a token
                         out.token_ids.append(ev.token_id)
+                        if out.logprobs is not None:
+                            out.logprobs.append(ev.logprobs)
+                    if ev.prompt_logprobs is not None:
+                        out.prompt_logprobs = ev.prompt_logprobs
                     if ev.finished:
                         out.finish_reason = ev.finish_reason
                         out.error = ev.error or out.error

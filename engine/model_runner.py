@@ -3,6 +3,8 @@
 Each rank derives its own view of the step: its PCP share of the prefill
 tokens, the slot of every new token on its KV shard (-1 where another shard
 stores it) and, for decode, how many tokens of each sequence its shard holds.
+A prefill sequence whose plan asks for prompt logprobs also gets the logits of
+every prompt position (gathered back to prompt order under PCP, chunked).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from braid.engine.kv_layout import ShardLayout
 from braid.engine.layers.attention import AttentionMetadata
+from braid.engine.logprobs import prompt_logprobs
 from braid.engine.pcp import split_prefill
 from braid.engine.step_plan import StepPlan
 from braid.engine.parallel_state import ParallelState
@@ -87,11 +90,34 @@ class ModelRunner:
                 out[s] = hidden[idx]
         return self.par.pcp.all_reduce(out)
 
+    def prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, meta: AttentionMetadata) -> dict[int, list]:
+        """Sequence index -> prompt TokenLogprobs (on rank 0; {} elsewhere), for the
+        sequences of a prefill plan that asked. Under PCP every rank holds only its
+        zigzag share of the hidden states: they are all-gathered back to prompt order
+        first, once for the step and only when some sequence asked."""
+        wanted = [i for i, s in enumerate(plan.seqs) if s.prompt_logprobs >= 0]
+        if not plan.is_prefill or not wanted:
+            return {}
+        full = meta.gather_new_tokens(hidden, self.par)  # [all new tokens, H] in plan order
+        starts, total = [], 0
+        for s in plan.seqs:
+            starts.append(total)
+            total += s.num_new
+        keep = self.par.topo.rank == 0
+        out = {}
+        for i in wanted:
+            s = plan.seqs[i]
+            rows = full[starts[i] : starts[i] + s.num_new]
+            out[i] = prompt_logprobs(rows, list(s.token_ids), s.prompt_logprobs, self.model.compute_logits, keep)
+        return out if keep else {}
+
     @torch.inference_mode()
-    def run(self, plan: StepPlan, on_layer=None) -> torch.Tensor:
-        """Logits [S, vocab] fp32 of each sequence's last token. `on_layer(i)` is
-        called once layer i's KV of this step is in the cache (prefill only)."""
+    def run(self, plan: StepPlan, on_layer=None) -> tuple[torch.Tensor, dict[int, list]]:
+        """(Logits [S, vocab] fp32 of each sequence's last token, the prompt logprobs
+        the plan asked for). `on_layer(i)` is called once layer i's KV of this step is
+        in the cache (prefill only)."""
         ids, positions, meta, last = self.prepare(plan)
         meta.on_layer_written = on_layer
         hidden = self.model(ids, positions, meta)
-        return self.model.compute_logits(self.last_hidden(hidden, last, len(plan.seqs)))
+        logits = self.model.compute_logits(self.last_hidden(hidden, last, len(plan.seqs)))
+        return logits, self.prompt_logprobs(plan, hidden, meta)

@@ -32,12 +32,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     """Tokens that end the request (besides the model's EOS)."""
     ignore_eos: bool = False
+    logprobs: int | None = None
+    """Report each sampled token's logprob and rank plus this many alternatives (0..20); None: none."""
+    prompt_logprobs: int | None = None
+    """Report the logprob of every prompt token after the first, with this many alternatives (0..20)."""
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         # the same rules the router and the nodes apply to the wire message
         check_sampling_values(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+            max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
         )
 
     @property

@@ -35,6 +35,10 @@ class Sequence:
         """Prefill side of a remote prefill: (TransferTarget, timeout_s)."""
         self.holds_kv = False
         """Blocks outlive the sequence's end (they are being sent); the engine frees them."""
+        self.first_logprobs = None
+        self.prompt_logprobs: list | None = None
+        """Prefill side of a transfer: the first token's and the prompt's logprobs (when asked),
+        kept until the "transferred" event carries them."""
 
     def __len__(self) -> int:
         return len(self.token_ids)

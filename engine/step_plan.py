@@ -24,6 +24,8 @@ class SeqPlan:
     token_ids: tuple[int, ...]
     """Tokens to run this step."""
     block_table: tuple[int, ...]
+    prompt_logprobs: int = -1
+    """Prefill only: compute the prompt's logprobs with this many alternatives; -1: not asked."""
 
     @property
     def num_new(self) -> int:
@@ -41,12 +43,12 @@ class StepPlan:
     kv: KVConnectorMeta = KVConnectorMeta()
 
     def to_tensor(self) -> torch.Tensor:
-        """[2 + 3*S + tokens + blocks + kv] int64: is_prefill, S, then per sequence
-        (num_computed, num_new, num_blocks), all tokens, all block tables, then the
-        connector metadata (KVConnectorMeta.encode)."""
+        """[2 + 4*S + tokens + blocks + kv] int64: is_prefill, S, then per sequence
+        (num_computed, num_new, num_blocks, prompt_logprobs), all tokens, all block
+        tables, then the connector metadata (KVConnectorMeta.encode)."""
         head = [int(self.is_prefill), len(self.seqs)]
         for s in self.seqs:
-            head += [s.num_computed, s.num_new, len(s.block_table)]
+            head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
         return torch.tensor(head + body + self.kv.encode(), dtype=torch.int64)
 
@@ -54,15 +56,15 @@ class StepPlan:
     def from_tensor(t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
         is_prefill, n = bool(v[0]), v[1]
-        meta = [v[2 + 3 * i : 5 + 3 * i] for i in range(n)]
-        pos = 2 + 3 * n
+        meta = [v[2 + 4 * i : 6 + 4 * i] for i in range(n)]
+        pos = 2 + 4 * n
         tokens = []
-        for _, num_new, _ in meta:
+        for _, num_new, _, _ in meta:
             tokens.append(tuple(v[pos : pos + num_new]))
             pos += num_new
         seqs = []
-        for (computed, _, nb), toks in zip(meta, tokens):
-            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb])))
+        for (computed, _, nb, plp), toks in zip(meta, tokens):
+            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp))
             pos += nb
         kv, _ = KVConnectorMeta.decode(v, pos)
         return StepPlan(is_prefill, tuple(seqs), kv)
@@ -82,3 +84,5 @@ class StepResult:
     """What rank 0 saw go wrong with a failed transfer ("kind: detail"), if it saw anything."""
     kv_bytes: dict[int, int] = field(default_factory=dict)
     """Outgoing transfer id -> bytes it moves (every layer), from the plan its send made."""
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)
+    """Sequence index -> its prompt's TokenLogprobs (tokens 1..N-1), for the sequences whose plan asked."""

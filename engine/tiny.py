@@ -1,7 +1,8 @@
-"""The embedded default model: a tiny random Llama checkpoint in Hugging Face
-format (config.json, generation_config.json, model.safetensors, tokenizer.json),
-written without downloading anything, so the README's commands, the CLI and
-the tests have a model on a machine that cannot reach a model hub.
+"""The embedded tiny model (`--model tiny`): a random Llama checkpoint in Hugging
+Face format (config.json, generation_config.json, model.safetensors,
+tokenizer.json), written without downloading anything, so the tests and the
+benchmarks that need a fast model have one on a machine that cannot reach a
+model hub. (The default model is SmolLM2: see braid.engine.default_model.)
 
 Its weights are random: it produces token salad, exactly reproducibly.
 """

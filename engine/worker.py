@@ -107,11 +107,11 @@ class Worker:
         sequences (sending KV layer by layer), then report transfer progress."""
         plan = StepPlan.from_tensor(payload)
         on_layer = self.connector.start_step(plan.kv, plan.seqs) if self.connector is not None else None
-        logits = self.runner.run(plan, on_layer) if plan.seqs else None
+        logits, prompt_lps = self.runner.run(plan, on_layer) if plan.seqs else (None, {})
         if self.connector is None:
-            return StepResult(logits)
+            return StepResult(logits, prompt_logprobs=prompt_lps)
         states, firsts, errors, kv_bytes = self.connector.end_step(plan.kv, self.par.world)
-        return StepResult(logits, states, firsts, errors, kv_bytes)
+        return StepResult(logits, states, firsts, errors, kv_bytes, prompt_lps)
 
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""

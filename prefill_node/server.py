@@ -19,6 +19,7 @@ import grpc
 
 from braid.engine.kv_connector.types import TransferTarget, check_target
 from braid.node.errors import sampling_from, status_for
+from braid.node.logprobs import prompt_to_pb, to_pb
 from braid.node.runtime import NodeRuntime, start_node
 from braid.proto import common_pb2, nodes_pb2, nodes_pb2_grpc
 
@@ -83,12 +84,7 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
             self.rt.metrics.prefill_s.observe(elapsed)
             self.rt.metrics.kv_bytes.inc(stats.get("kv_bytes", 0))
             self.rt.metrics.requests.labels("Prefill", "OK").inc()
-            return nodes_pb2.PrefillResponse(
-                first_token=ev.token_id,
-                prefill_s=stats.get("prefill_s", elapsed),
-                transfer_s=stats.get("transfer_s", 0.0),
-                kv_bytes=stats.get("kv_bytes", 0),
-            )
+            return _response(ev, stats, elapsed)
         finally:
             self.rt.inflight -= 1
             self.engine.unsubscribe(rid)
@@ -109,6 +105,20 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
 
     async def GetLoad(self, request, context):
         return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
+
+
+def _response(ev, stats: dict, elapsed: float) -> nodes_pb2.PrefillResponse:
+    """The reply for a delivered transfer: the first token, timings, and the logprobs asked for."""
+    resp = nodes_pb2.PrefillResponse(
+        first_token=ev.token_id,
+        prefill_s=stats.get("prefill_s", elapsed),
+        transfer_s=stats.get("transfer_s", 0.0),
+        kv_bytes=stats.get("kv_bytes", 0),
+        prompt_logprobs=prompt_to_pb(ev.prompt_logprobs),
+    )
+    if ev.logprobs is not None:  # the first token was sampled here: its logprobs travel in this reply
+        resp.first_logprobs.CopyFrom(to_pb(ev.logprobs))
+    return resp
 
 
 async def start_prefill_node(node, model_path: str, discovery) -> tuple[NodeRuntime, PrefillServicer]:

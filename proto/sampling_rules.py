@@ -29,12 +29,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_sampling_values(*, max_tokens, temperature, top_k, top_p) -> None:
+MAX_LOGPROBS = 20
+"""Most alternatives a request may ask for at each position (logprobs, prompt_logprobs)."""
+
+
+def check_sampling_values(*, max_tokens, temperature, top_k, top_p, logprobs=None, prompt_logprobs=None) -> None:
     """Raise ValueError naming the field when a setting is out of its range.
 
     max_tokens: an integer >= 1. temperature: a finite number >= 0 (0 = greedy).
     top_k: -1 or 0 (both: off) or a positive integer. top_p: in (0, 1]; a wire
     message that leaves it unset means 1.0, and the caller resolves that first.
+    logprobs, prompt_logprobs: None (not asked) or an integer in [0, MAX_LOGPROBS].
     """
     if not _is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
@@ -44,6 +49,14 @@ def check_sampling_values(*, max_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {top_k!r}")
     if not (_is_number(top_p) and 0 < top_p <= 1):  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (or unset), got {value!r}")
+
+
+def _optional(pb, name: str):
+    """An optional uint field of the message as an int, None when unset."""
+    return int(getattr(pb, name)) if pb.HasField(name) else None
 
 
 def check_sampling(pb) -> None:
@@ -53,13 +66,16 @@ def check_sampling(pb) -> None:
         temperature=pb.temperature,
         top_k=pb.top_k,
         top_p=pb.top_p if pb.HasField("top_p") else 1.0,  # unset is 1.0; an explicit 0 is refused
+        logprobs=_optional(pb, "logprobs"),
+        prompt_logprobs=_optional(pb, "prompt_logprobs"),
     )
 
 
 def sampling_kwargs(pb) -> dict:
     """A checked SamplingParams message as plain keyword arguments, wire defaults resolved
-    (unset top_p -> 1.0, unset seed -> None); fits `braid.engine.SamplingParams(**kw)`."""
-    return dict(
+    (unset top_p -> 1.0, unset seed -> None, logprobs and prompt_logprobs only when set);
+    fits `braid.engine.SamplingParams(**kw)`."""
+    kw = dict(
         max_tokens=int(pb.max_tokens),
         temperature=float(pb.temperature),
         top_k=int(pb.top_k),
@@ -68,6 +84,11 @@ def sampling_kwargs(pb) -> dict:
         stop_token_ids=tuple(int(t) for t in pb.stop_token_ids),
         ignore_eos=bool(pb.ignore_eos),
     )
+    # only when asked: unset means the engine's default (None, no logprobs)
+    for name in ("logprobs", "prompt_logprobs"):
+        if pb.HasField(name):
+            kw[name] = int(getattr(pb, name))
+    return kw
 
 
-__all__ = ["check_sampling", "check_sampling_values", "sampling_kwargs"]
+__all__ = ["MAX_LOGPROBS", "check_sampling", "check_sampling_values", "sampling_kwargs"]

@@ -8,7 +8,9 @@ Where it sits in a request's life (see braid.router.orchestrator): the retry boo
     local prefill:  D.Decode(local_prefill=True, prompt, sampling);
 
 and succeeds when D's first message (the first token) arrives, whether or not P's
-reply is in yet (it is collected when D finishes, for the timings). It fails with
+reply is in yet (it is collected when D finishes, for the timings); only a request
+that asked for logprobs or prompt_logprobs also waits for P's reply, which carries
+the first token's and the prompt's logprobs. It fails with
 AttemptFailed (a Failure for the retry book) when P's call fails, D refuses the
 reservation, or D's stream ends before the first token; with RequestError when a
 node says the request itself is invalid (never retried). The orchestrator then
@@ -170,8 +172,10 @@ class Attempt:
             await self._start_local(req)
             return
         reserved = await self._reserve(req)
+        # with logprobs asked, D reads the sampling to mark the first token (P's) in its logprobs
+        sampling = req.sampling if req.sampling.HasField("logprobs") else None
         self.reader = DecodeReader(self._call(
-            self.decode, "Decode", nodes_pb2.DecodeRequest(request_id=self.node_request_id),
+            self.decode, "Decode", nodes_pb2.DecodeRequest(request_id=self.node_request_id, sampling=sampling),
             timeout=req.deadline.remaining(),
         ))
         self.prefill_call = self._call(
@@ -190,6 +194,21 @@ class Attempt:
         if not first.done():
             await self._await_first_after_prefill(first, req.deadline)
         self.first = self._first(first.result())
+        if wants_logprobs(req.sampling) and self.prefill_resp is None:
+            await self._await_prefill_reply(req.deadline)
+
+    async def _await_prefill_reply(self, deadline: Deadline) -> None:
+        """The first token's and the prompt's logprobs are in P's reply: a request that
+        asked for them (and only such a request) waits for it before its first chunk.
+        P replies once D has all the KV, which D's first message says it has."""
+        done, _ = await asyncio.wait((self.prefill_task,), timeout=deadline.rpc_timeout(self.calls.node_rpc_timeout_s))
+        if not done:
+            raise AttemptFailed(Failure(self.prefill, "Prefill", "DEADLINE_EXCEEDED",
+                                        "no prefill reply (with the logprobs) after the first token"))
+        exc = None if self.prefill_task.cancelled() else self.prefill_task.exception()
+        if exc is not None or self.prefill_task.cancelled():
+            raise self._node_failed(self.prefill, "Prefill", exc or asyncio.CancelledError()) from None
+        self.prefill_resp = self.prefill_task.result()
 
     async def _start_local(self, req: RequestInput) -> None:
         call = self._call(
@@ -262,6 +281,23 @@ class Attempt:
 
     # -- streaming and the end ---------------------------------------------------------
 
+    def fill_logprobs(self, out, msg: nodes_pb2.DecodeResponse, req: RequestInput) -> None:
+        """Copy what the request asked for of D's message `msg` into the client's chunk `out`:
+        one TokenLogprobs per token (a remote prefill's first token: P's, which sampled it),
+        and on the first chunk the prompt's logprobs (P's or, after a local prefill, D's)
+        with the prompt's ids."""
+        s = req.sampling
+        first = msg is self.first
+        remote = first and self.prefill is not None and self.prefill_resp is not None
+        if s.HasField("logprobs"):
+            lps = list(msg.logprobs)
+            if remote and lps and self.prefill_resp.HasField("first_logprobs"):
+                lps[0] = self.prefill_resp.first_logprobs
+            out.logprobs.extend(lps)
+        if first and s.HasField("prompt_logprobs"):
+            out.prompt_logprobs.extend(self.prefill_resp.prompt_logprobs if remote else msg.prompt_logprobs)
+            out.prompt_token_ids.extend(req.prompt)
+
     async def next_message(self, req: RequestInput, num_tokens: int) -> nodes_pb2.DecodeResponse:
         """D's next message; RequestError (the attempt released) when D fails or ends
         the stream without finishing."""
@@ -325,6 +361,10 @@ class Attempt:
             targets.append((self.prefill, self.node_request_id))
         if targets:
             self.calls.aborts.spawn(targets, reason)
+
+
+def wants_logprobs(sampling: common_pb2.SamplingParams) -> bool:
+    return sampling.HasField("logprobs") or sampling.HasField("prompt_logprobs")
 
 
 def _retrieve(fut: asyncio.Future) -> None:

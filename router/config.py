@@ -7,6 +7,7 @@ from braid.proto.tls import TlsConfig, check_bind
 
 DEFAULT_ROUTER_PORT = 50051
 DEFAULT_ROUTER_METRICS_PORT = 9400
+DEFAULT_ROUTER_HTTP_PORT = 8000
 POLICIES = ("round_robin", "least_loaded", "prefix_aware", "session_affinity")
 
 
@@ -17,6 +18,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_ROUTER_PORT
     metrics_port: int = DEFAULT_ROUTER_METRICS_PORT
+    http_port: int = DEFAULT_ROUTER_HTTP_PORT
+    """The OpenAI-compatible HTTP API (braid.router.http_api) on `host`; 0 = a free port, -1 = off."""
     prefill_policy: str = "least_loaded"
     decode_policy: str = "least_loaded"
     max_inflight: int = 256
@@ -59,7 +62,7 @@ class RouterConfig:
     names who may call ListNodes."""
 
     def __post_init__(self):
-        for name, lo in (("port", 0), ("metrics_port", -1)):
+        for name, lo in (("port", 0), ("metrics_port", -1), ("http_port", -1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 65535:
                 raise ValueError(f"{name}: port {v!r} outside {lo}..65535")

@@ -19,6 +19,9 @@ Names (all prefixed `braid_router_`):
   local_prefill_total            requests prefilled on their decode node
   output_tokens_total            tokens streamed to clients
   nodes{role,reachable}          nodes in the view
+  http_requests_total{route,status}  HTTP API requests (braid.router.http_api) by route and HTTP status
+                                 (route "other" for paths it does not serve); each choice of one is
+                                 also a request in requests_total
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ class RouterMetrics:
         self.local_prefill = Counter(f"{PREFIX}_local_prefill", "Requests prefilled on their decode node", registry=r)
         self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Tokens streamed to clients", registry=r)
         self.nodes = Gauge(f"{PREFIX}_nodes", "Nodes in the router's view", ["role", "reachable"], registry=r)
+        self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP API requests by route and status",
+                                     ["route", "status"], registry=r)
         for phase in PHASES:
             self.phase.labels(phase)  # exported at 0 from the start
         self._httpd = None

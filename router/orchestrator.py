@@ -59,11 +59,13 @@ from braid.client.sampling import check_sampling
 from braid.proto import common_pb2, router_pb2
 from braid.router.admission import AdmissionControl, Overloaded
 from braid.router.attempt import ABORT_TIMEOUT_S, Aborts, Attempt, AttemptFailed, NodeCalls, RequestError, RequestInput
+from braid.router.chat import chat_prompt_ids, check_chat
 from braid.router.config import RouterConfig
 from braid.router.metrics import RouterMetrics
 from braid.router.nodes import NodeEntry, NodeView
 from braid.router.policies import DECODE, NoNodes, Policy, RouteRequest
 from braid.router.retry_book import Deadline, GiveUp, Pair, RetryBook, node_request_id
+from braid.router.stop import StopStrings, check_stop, ids_through
 from braid.tokenizer import IncrementalDetokenizer
 
 __all__ = ["MAX_REQUEST_BYTES", "Deadline", "Orchestrator", "RequestError"]
@@ -215,16 +217,23 @@ class Orchestrator:
         if which == "text" and request.text:
             if self.tokenizer is None:
                 raise RequestError(Code.INVALID_ARGUMENT, "send token ids: the router has no tokenizer")
+        elif which == "chat":
+            check_chat(self.tokenizer, request.chat)
         elif which != "token_ids" or not request.token_ids.ids:
             raise RequestError(Code.INVALID_ARGUMENT, "prompt is empty")
         try:
             check_sampling(request.sampling)
+            check_stop(request.sampling.stop)
         except ValueError as e:
             raise RequestError(Code.INVALID_ARGUMENT, str(e)) from None
+        if request.sampling.stop and self.tokenizer is None:
+            raise RequestError(Code.INVALID_ARGUMENT, "stop strings need the router's tokenizer (use stop_token_ids)")
 
     async def _prompt_ids(self, request: router_pb2.GenerateRequest) -> list[int]:
         if request.WhichOneof("prompt") == "token_ids":
             return list(request.token_ids.ids)
+        if request.WhichOneof("prompt") == "chat":
+            return await chat_prompt_ids(self.tokenizer, request.chat)
         text = request.text
         if len(text) <= TOKENIZE_INLINE_CHARS:
             ids = self.tokenizer.encode(text)
@@ -312,28 +321,51 @@ class Orchestrator:
 
     async def _stream(self, attempt: Attempt, req: _Request, context) -> None:
         detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        stop = StopStrings(req.sampling.stop) if req.sampling.stop and detok is not None else None
         msg = attempt.first
         first_token_s = None
         num_tokens = 0
         while True:
             out = router_pb2.GenerateResponse(request_id=req.request_id, token_ids=msg.token_ids)
+            attempt.fill_logprobs(out, msg, req)  # before a stop string cuts the ids (and their logprobs)
             if detok is not None:
                 out.text = detok.add(list(msg.token_ids), final=msg.finished)
-            num_tokens += len(msg.token_ids)
-            self.metrics.output_tokens.inc(len(msg.token_ids))
             if first_token_s is None:
                 first_token_s = time.monotonic()
                 out.prompt_tokens = len(req.prompt)
                 self.metrics.ttft.observe(first_token_s - req.arrived_s)
-            if msg.finished:
+            stopped = stop is not None and self._apply_stop(stop, out, detok, msg.finished)
+            num_tokens += len(out.token_ids)
+            self.metrics.output_tokens.inc(len(out.token_ids))
+            if msg.finished or stopped:
                 out.finished = True
-                out.finish_reason = msg.finish_reason
-                await attempt.collect_prefill(req)
+                out.finish_reason = common_pb2.FINISH_REASON_STOP if stopped else msg.finish_reason
+                if stopped:  # the nodes are still generating: abort them as a client cancel does
+                    attempt.release("stop string matched")
+                else:
+                    await attempt.collect_prefill(req)
                 out.timings.CopyFrom(self._timings(attempt, req, first_token_s, num_tokens))
                 await context.write(out)
                 return
             await context.write(out)
             msg = await attempt.next_message(req, num_tokens)
+
+    def _apply_stop(self, stop: StopStrings, out: router_pb2.GenerateResponse, detok: IncrementalDetokenizer,
+                    final: bool) -> bool:
+        """Stop strings on this chunk's text (braid.router.stop): True when one matched; then
+        the text ends before it and the ids (and their logprobs) past the token completing it
+        are dropped. Without a match the text that could start one is held back."""
+        text, matched = stop.feed(out.text)
+        if not matched:
+            out.text = text + (stop.flush() if final else "")
+            return False
+        out.text = text
+        chunk = list(out.token_ids)
+        before = detok.ids[: len(detok.ids) - len(chunk)]
+        keep = ids_through(self.tokenizer.decode, before, chunk, stop.match_end)
+        del out.token_ids[keep:]
+        del out.logprobs[keep:]
+        return True
 
     def _timings(self, attempt: Attempt, req: _Request, first_token_s: float, num_tokens: int) -> common_pb2.Timings:
         """The finished request's timings, also accounted in the metrics."""

@@ -3,6 +3,7 @@
     handle = await start_router(config.router, membership, tokenizer)   # membership already started
     handle.address            # "host:port" actually bound (port 0 = a free port)
     handle.metrics_address    # "host:port" of /metrics, or None when metrics_port = -1
+    handle.http_address       # "host:port" of the OpenAI-compatible HTTP API, or None when http_port = -1
     await handle.stop(grace=5.0)
 
 With `tls` set (braid.proto.tls) it serves TLS, requires client certificates
@@ -16,8 +17,11 @@ grpc (RESOURCE_EXHAUSTED). On SIGTERM the CLI calls
 drain(router.drain_timeout_s) first: new Generate calls get UNAVAILABLE while
 running streams finish. stop() turns health to NOT_SERVING, lets running calls
 finish for `grace` seconds, cancels the rest (their nodes get aborts), then
-closes the node channels and the metrics server. The membership belongs to the
-caller: it is neither started nor closed here.
+closes the node channels and the metrics server. The HTTP API
+(braid.router.http_server) runs in the same event loop over the same
+orchestrator: drain refuses its new requests with 503, stop closes it with the
+gRPC server. The membership belongs to the caller: it is neither started nor
+closed here.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from braid.proto import router_pb2, router_pb2_grpc
 from braid.proto.tls import PeerAllowList, TlsConfig, add_port, peer_names
 from braid.router.admission import AdmissionControl
 from braid.router.config import RouterConfig
+from braid.router.http_server import HttpServer, start_http
 from braid.router.metrics import RouterMetrics
 from braid.router.nodes import NodeView
 from braid.router.orchestrator import Orchestrator
@@ -76,7 +81,12 @@ class RouterHandle:
     orchestrator: Orchestrator
     metrics: RouterMetrics
     health: HealthServicer
+    http: HttpServer | None = None
     _stopped: bool = False
+
+    @property
+    def http_address(self) -> str | None:
+        return self.http.address if self.http is not None else None
 
     async def drain(self, timeout: float) -> bool:
         """Before stop (on SIGTERM): health NOT_SERVING, new Generate calls refused with
@@ -90,7 +100,11 @@ class RouterHandle:
             return
         self._stopped = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        self.orchestrator.draining = True  # the HTTP API refuses new requests while both servers stop
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace), self.http.close())
+        else:
+            await self.server.stop(grace)
         await self.orchestrator.close()
         await self.view.close()
         await asyncio.to_thread(self.metrics.close)
@@ -102,6 +116,25 @@ def _load_tokenizer(tokenizer):
 
         return Tokenizer(tokenizer)
     return tokenizer
+
+
+def _grpc_server(rc: RouterConfig, orchestrator: Orchestrator, view: NodeView):
+    """The gRPC server with the Router, health and reflection services (not yet bound)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+        interceptors=[PeerAllowList(rc.tls, (ROUTER_SERVICE,))],
+    )
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(orchestrator, view, rc.tls), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    return server, health
 
 
 async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHandle:
@@ -127,20 +160,7 @@ async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHa
     orchestrator = Orchestrator(
         rc, view, policies[PREFILL], policies[DECODE], admission, metrics, tokenizer=_load_tokenizer(tokenizer)
     )
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
-        interceptors=[PeerAllowList(rc.tls, (ROUTER_SERVICE,))],
-    )
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(orchestrator, view, rc.tls), server)
-    health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    server, health = _grpc_server(rc, orchestrator, view)
     try:
         port = add_port(server, f"{rc.host}:{rc.port}", rc.tls)
     except RuntimeError as e:
@@ -148,12 +168,17 @@ async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHa
     if port == 0:
         raise OSError(f"router: cannot bind {rc.host}:{rc.port}")
     metrics_address = None
+    http = None
     await view.start()
     try:
         if rc.metrics_port >= 0:
             metrics_address = metrics.serve(rc.host, rc.metrics_port)
+        if rc.http_port >= 0:
+            http = await start_http(rc, orchestrator, view, metrics)
         await server.start()
     except BaseException:
+        if http is not None:
+            await http.close()
         await view.close()
         metrics.close()
         await server.stop(None)
@@ -161,5 +186,6 @@ async def start_router(rc: RouterConfig, membership, tokenizer=None) -> RouterHa
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(ROUTER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     address = f"{rc.host}:{port}"
-    log.info("router: serving on %s (metrics: %s)", address, metrics_address or "off")
-    return RouterHandle(address, metrics_address, server, view, orchestrator, metrics, health)
+    log.info("router: serving on %s (metrics: %s, HTTP API: %s)", address, metrics_address or "off",
+             http.address if http is not None else "off")
+    return RouterHandle(address, metrics_address, server, view, orchestrator, metrics, health, http)

@@ -82,17 +82,20 @@ def test_serve_with_a_bad_config_fails_at_start(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_up_demo_serves_one_request_and_shuts_down(tmp_path):
-    env = dict(os.environ, BRAID_HOME=str(tmp_path / "home"))  # the embedded model is created here
-    out = subprocess.run(BRAID + ["up", "--demo", "Hello world", "--max-tokens", "6"], capture_output=True, text=True,
+    env = dict(os.environ, BRAID_HOME=str(tmp_path / "home"))  # the embedded tiny model is created here
+    out = subprocess.run(BRAID + ["up", "--model", "tiny", "--demo", "Hello world", "--max-tokens", "6"],
+                         capture_output=True, text=True,
                          timeout=280, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert any(line.startswith("braid: cluster up; router at 127.0.0.1:") for line in lines)
+    assert any("OpenAI HTTP API at http://127.0.0.1:" in line and line.endswith("/v1") for line in lines)
     tokens = next(line for line in lines if line.startswith("tokens: "))
     assert len(yaml.safe_load(tokens[len("tokens: "):])) == 6
     assert any("prefill on prefill-" in line and "decode on decode-" in line for line in lines)
     assert lines[-1] == "braid: shutting down"
     # the same answer from the offline engine on the same embedded model
-    off = subprocess.run(BRAID + ["offline", "Hello world", "--max-tokens", "6"], capture_output=True, text=True,
+    off = subprocess.run(BRAID + ["offline", "--model", "tiny", "Hello world", "--max-tokens", "6"],
+                         capture_output=True, text=True,
                          timeout=120, env=env)
     assert off.returncode == 0 and tokens in off.stdout

@@ -16,7 +16,7 @@ from braid.discovery import DiscoveryConfig
 from braid.discovery.etcd import EtcdMembership, EtcdRegistration
 from braid.discovery.etcd_server import EtcdServer, _free_ports, find_etcd_binary
 from braid.proto import common_pb2 as pb
-from test_discovery import etcd, needs_etcd, node, run  # noqa: F401 - the etcd fixture
+from test_discovery import needs_etcd, node, run
 
 pytestmark = needs_etcd
 TIMEOUTS = dict(lease_ttl_s=2, call_timeout_s=2.0, backoff_initial_s=0.05, backoff_max_s=0.5, start_timeout_s=10.0)

@@ -260,3 +260,87 @@ def test_sentencepiece_gguf_tokenizer_equals_transformers(tmp_path):
     # with a space; transformers' Metaspace does not, so this one is checked by hand
     ids = mine.encode("  hello")
     assert ids[0] == 1 and "".join(tokens[i] for i in ids[1:]) == "\u2581\u2581\u2581hello"
+
+
+# --- SmolLM2 through the cluster: one cluster (prefill pcp 2 -> decode tp 3) for every check ---
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+FRANCE_ANSWER = "The capital of France is Paris."
+
+
+@pytest.fixture(scope="module")
+def smol_cluster(smol, tmp_path_factory):
+    """SmolLM2 from its GGUF on a LocalCluster: prefill pcp 2 -> decode tp 3 (the layouts
+    its 9 query / 3 KV heads allow), every prompt prefilled remotely, one thread a rank."""
+    from cluster_harness import Cluster
+
+    folder, _, _ = smol
+    par = {"tensor_parallel_size": 1, "prefill_context_parallel_size": 1, "decode_context_parallel_size": 1,
+           "threads_per_rank": 1}
+    c = Cluster(str(tmp_path_factory.mktemp("smol-cluster")), os.path.join(folder, SMOL_FILE), {
+        "prefill": {"parallel": dict(par, prefill_context_parallel_size=2),
+                    "cache": {"block_size": 16, "num_kv_blocks": 128}},
+        "decode": {"parallel": dict(par, tensor_parallel_size=3), "cache": {"block_size": 16, "num_kv_blocks": 128}},
+    })
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def france_expected(smol):
+    """transformers' greedy answer (until its EOS) to the chat, rendered by transformers."""
+    _, model, tok = smol
+    ids = tok.apply_chat_template(FRANCE, tokenize=True, add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=32, do_sample=False, eos_token_id=eos)
+    want = out[0, len(ids):].tolist()
+    assert tok.decode(want, skip_special_tokens=True) == FRANCE_ANSWER  # the issue's reference answer
+    return ids, want
+
+
+@pytest.mark.timeout(1800)
+def test_smollm2_cluster_greedy_equals_transformers(smol_cluster, smol_expected):
+    """The six prompts sent at once (batched on both nodes), 64 greedy tokens each."""
+    import concurrent.futures
+
+    prompts, expected = smol_expected
+    with smol_cluster.client(timeout=600) as c:
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(c.complete, p, max_tokens=64, temperature=0.0, ignore_eos=True) for p in prompts]
+            outs = [f.result() for f in futures]
+    for i, (out, exp) in enumerate(zip(outs, expected)):
+        assert list(out.token_ids) == exp, f"prompt {i}"
+        assert not out.timings.local_prefill and out.timings.kv_bytes > 0  # P -> D over the wire
+
+
+@pytest.mark.timeout(1800)
+def test_smollm2_cluster_answers_the_chat_as_transformers_does(smol_cluster, france_expected):
+    ids, want = france_expected
+    with smol_cluster.client(timeout=300) as cl:
+        chunks = list(cl.chat(FRANCE, max_tokens=32, temperature=0))
+    assert [t for ch in chunks for t in ch.token_ids] == want
+    assert chunks[0].prompt_tokens == len(ids)
+    assert "".join(ch.text for ch in chunks) == FRANCE_ANSWER
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].timings.kv_bytes > 0  # P -> D
+
+
+@pytest.mark.timeout(1800)
+def test_openai_chat_on_smollm2(smol_cluster, france_expected):
+    """The official `openai` client, plain and streamed (no max_tokens: the rest of the context)."""
+    import openai
+
+    with openai.OpenAI(base_url=f"http://{smol_cluster.http_address}/v1", api_key="x", max_retries=0,
+                       timeout=300) as o:
+        model = o.models.list().data[0].id
+        r = o.chat.completions.create(model=model, messages=FRANCE, max_tokens=32, temperature=0)
+        assert r.choices[0].message.content == FRANCE_ANSWER
+        assert r.choices[0].finish_reason == "stop"  # the model's end-of-turn token
+        assert r.usage.completion_tokens == len(france_expected[1])
+        chunks = list(o.chat.completions.create(model=model, messages=FRANCE, temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == FRANCE_ANSWER

@@ -206,7 +206,7 @@ class DecodeOnlyCluster:
             self.nodes[node_id], _ = await start_decode_node(node_config(node_id, tp), self.model, self.disc)
         self.members = EtcdMembership(self.disc)
         await self.members.start()
-        rc = RouterConfig(host="127.0.0.1", port=0, metrics_port=-1, decode_policy="round_robin", load_poll_s=0.1,
+        rc = RouterConfig(host="127.0.0.1", port=0, metrics_port=-1, http_port=-1, decode_policy="round_robin", load_poll_s=0.1,
                           node_rpc_timeout_s=2.0, request_timeout_s=30.0)
         self.router = await start_router(rc, self.members, None)
         self.client = AsyncClient(self.router.address, timeout=30)

@@ -37,6 +37,7 @@ from braid.cluster.config import (
     DEFAULT_PREFILL_PORT,
     DEFAULT_ROUTER_METRICS_PORT,
     DEFAULT_ROUTER_PORT,
+    DEFAULT_ROUTER_HTTP_PORT,
     DEFAULT_TRANSFER_PORT,
     load_config,
 )
@@ -55,7 +56,7 @@ PORTS = {  # role -> (gRPC port, metrics port), the defaults of braid.cluster.co
 # device plugin advertises it), model directory name, and
 # (tp, pcp, dcp) of prefill and decode.
 EXPECTED = {
-    "cpu": dict(device="cpu", resource=None, model="", prefill=(1, 2, 1), decode=(2, 1, 2)),
+    "cpu": dict(device="cpu", resource=None, model="tiny", prefill=(1, 2, 1), decode=(2, 1, 2)),
     # The vllm-ascend context-parallel guide (seeds): DeepSeek-V2-Lite, tp 2, pcp 2, dcp 2.
     "npu": dict(device="npu", resource="huawei.com/Ascend910", model="DeepSeek-V2-Lite", prefill=(2, 2, 1), decode=(2, 1, 2)),
     "cuda": dict(device="cuda", resource="nvidia.com/gpu", model="Qwen2.5-3B-Instruct", prefill=(2, 2, 1), decode=(4, 1, 2)),
@@ -320,10 +321,10 @@ def test_cluster_config_loads_and_binds_all_interfaces(overlay):
         assert (section.port, section.metrics_port) == PORTS[role]
     assert cfg.decode.transfer.port == DEFAULT_TRANSFER_PORT
     exp = EXPECTED[overlay]
-    if exp["model"]:
+    if exp["model"] != "tiny":
         assert model == f"/models/{exp['model']}"
     else:
-        assert model == ""
+        assert model == "tiny"  # the embedded model, named explicitly (the default, SmolLM2, is not in the image)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -340,8 +341,8 @@ def test_etcd_endpoints_are_the_etcd_client_service(overlay):
 
 
 def _model_dir(tmp_path_factory, name: str) -> str:
-    path = tmp_path_factory.mktemp(name or "tiny")
-    if not name:  # the embedded default model, exactly as the pods build it
+    path = tmp_path_factory.mktemp(name)
+    if name == "tiny":  # the embedded tiny model, exactly as the pods build it
         return write_tiny_llama(str(path))
     (path / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS[name]))
     return str(path)
@@ -391,6 +392,11 @@ def test_ports_and_probes_match_the_config(overlay):
         annotations = workload(docs, role)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(metrics_port)
         assert annotations["prometheus.io/path"] == "/metrics"
+    # The router's OpenAI-compatible HTTP API: the configured port, on the pod and its public Service.
+    assert cfg.router.http_port == DEFAULT_ROUTER_HTTP_PORT
+    assert {p["name"]: p["containerPort"] for p in container(docs, "router")["ports"]}["http"] == cfg.router.http_port
+    (svc,) = find(docs, "Service", "braid-router")
+    assert {"name": "http", "port": cfg.router.http_port} in [{k: p[k] for k in ("name", "port")} for p in svc["spec"]["ports"]]
     # One KV data port per decode rank: 50100 + r for r < world.
     kv = sorted(p["containerPort"] for p in container(docs, "decode")["ports"] if p["name"].startswith("kv-"))
     assert kv == [cfg.decode.transfer.port + r for r in range(world(cfg, "decode"))]

@@ -314,7 +314,7 @@ class Cluster:
             await self._serve(p.node_id, common_pb2.ROLE_PREFILL, p)
         self.membership = StaticMembership(self.infos.values())
         opts = dict(
-            host="127.0.0.1", port=0, metrics_port=0, prefill_policy="round_robin", decode_policy="round_robin",
+            host="127.0.0.1", port=0, metrics_port=0, http_port=0, prefill_policy="round_robin", decode_policy="round_robin",
             load_poll_s=0.1, node_rpc_timeout_s=2.0, request_timeout_s=30.0,
         )
         opts.update(router_opts)

@@ -274,7 +274,9 @@ class KVConnectorScheduler:
         seq.block_table = []
         self._releases[ref] = None
         stats = {"prefill_s": out.forward_s, "transfer_s": now - out.started, "kv_bytes": out.kv_bytes}
-        self.events.append(TokenEvent(seq.request_id, seq.output_token_ids[0], True, "transferred", stats=stats))
+        self.events.append(TokenEvent(seq.request_id, seq.output_token_ids[0], True, "transferred", stats=stats,
+                                      logprobs=getattr(seq, "first_logprobs", None),
+                                      prompt_logprobs=getattr(seq, "prompt_logprobs", None)))
 
     # -- what the driver asks ------------------------------------------------------
     def take_events(self) -> list[TokenEvent]:
