@@ -91,25 +91,30 @@ def _tokenizer_config(model_path: str, tok: _HFTokenizer) -> tuple[str | None, i
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a growing list of token ids. Holds back output while the
-    tail decodes to an incomplete UTF-8 sequence (U+FFFD)."""
+    """Text deltas for a growing list of token ids, at a cost that does not grow
+    with the output: each call decodes only a window, the ids of the last delta
+    (context for merges and leading-space rules) plus the new ones, and emits what
+    the window's text adds to the text of its context. Holds back output while the
+    tail decodes to an incomplete UTF-8 sequence (U+FFFD); the window then grows
+    until the character is complete."""
 
     def __init__(self, tokenizer: Tokenizer | None):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self._start = 0
+        """First id of the window: ids before it are settled text."""
+        self._read = 0
+        """ids[:_read] are in the text emitted so far."""
 
     def add(self, new_ids: list[int], final: bool = False) -> str:
         if self.tokenizer is None:
             return ""
         self.ids.extend(new_ids)
-        text = self.tokenizer.decode(self.ids)
+        context = self.tokenizer.decode(self.ids[self._start : self._read])
+        text = self.tokenizer.decode(self.ids[self._start :])
         if text.endswith("\ufffd") and not final:
             return ""
-        if not text.startswith(self.emitted):
-            # a merge changed earlier text; emit only what extends the common prefix
-            common = os.path.commonprefix([text, self.emitted])
-            self.emitted = common
-        delta = text[len(self.emitted):]
-        self.emitted = text
+        # a merge that rewrote the context's text cannot be taken back: emit what extends it
+        delta = text[len(os.path.commonprefix([text, context])) :]
+        self._start, self._read = self._read, len(self.ids)
         return delta
