@@ -25,3 +25,16 @@ def Cluster(workdir: str, model: str, overrides: dict | None = None) -> LocalClu
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
     return LocalCluster(workdir, data=data, model=model)
+
+
+def start_pair(c: LocalCluster) -> LocalCluster:
+    """Spawn one prefill node, one decode node and the router (kept as c.prefill, c.decode,
+    c.router) and wait until the router can route to both; returns `c`."""
+    from braid.client import Client
+
+    c.prefill = c.spawn("prefill")
+    c.decode = c.spawn("decode")
+    c.router = c.spawn("router")
+    with Client(c.router.address) as cl:
+        c.wait_nodes(cl, {"prefill": {c.prefill.node_id}, "decode": {c.decode.node_id}})
+    return c

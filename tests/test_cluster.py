@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from braid.client import Client, InvalidArgument, ResourceExhausted, Unavailable
-from cluster_harness import Cluster
+from cluster_harness import Cluster, start_pair
 from conftest import VOCAB, prompt_of
 
 NAME = "kv1"  # one KV head: decode tp 2 can shard it with dcp 2
@@ -37,12 +37,7 @@ def _eventually(cond, timeout: float, what: str):
 def cluster(checkpoints, tmp_path_factory):
     c = Cluster(str(tmp_path_factory.mktemp("cluster")), checkpoints.get(NAME))
     try:
-        c.prefill = c.spawn("prefill")
-        c.decode = c.spawn("decode")
-        c.router = c.spawn("router")
-        with Client(c.router.address) as cl:
-            c.wait_nodes(cl, {"prefill": {c.prefill.node_id}, "decode": {c.decode.node_id}})
-        yield c
+        yield start_pair(c)
     finally:
         c.close()
 

@@ -10,7 +10,7 @@ import torch
 
 from braid.engine import LLM, SamplingParams
 from braid.engine.step_plan import SeqPlan, StepPlan
-from cluster_harness import Cluster
+from cluster_harness import Cluster, start_pair
 from conftest import prompt_of
 
 NAME = "kv1"  # one KV head: tp 2 with dcp 2 can shard it, like the cluster's decode node
@@ -129,17 +129,10 @@ def test_offline_logprobs_equal_transformers(checkpoints, layout):
 
 @pytest.fixture(scope="module")
 def cluster(checkpoints, tmp_path_factory):
-    from braid.client import Client
-
     c = Cluster(str(tmp_path_factory.mktemp("lp-cluster")), checkpoints.get(NAME),
                 {"router": {"local_prefill_max_tokens": LOCAL_MAX}})
     try:
-        c.prefill = c.spawn("prefill")
-        c.decode = c.spawn("decode")
-        c.router = c.spawn("router")
-        with Client(c.router.address) as cl:
-            c.wait_nodes(cl, {"prefill": {c.prefill.node_id}, "decode": {c.decode.node_id}})
-        yield c
+        yield start_pair(c)
     finally:
         c.close()
 
