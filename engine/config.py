@@ -94,10 +94,15 @@ class CacheConfig:
     """Physical KV blocks per rank; None sizes the cache from kv_cache_bytes."""
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
     """Per-rank KV memory when num_kv_blocks is None."""
+    enable_prefix_caching: bool = True
+    """Keep full KV blocks after their request ends and reuse them for prompts that
+    start with the same tokens (hits counted in blocks of block_size tokens)."""
 
     def __post_init__(self):
         check_positive(self, ("block_size", "kv_cache_bytes"))
         check_positive(self, ("num_kv_blocks", "cp_kv_cache_interleave_size"), optional=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching: must be true or false, got {self.enable_prefix_caching!r}")
         ShardLayout(self.block_size, 1, self.cp_kv_cache_interleave_size)
 
 
@@ -110,7 +115,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     """Sequences in one batch at most."""
     max_num_batched_tokens: int = 8192
-    """Prompt tokens in one prefill batch at most (a longer prompt runs alone)."""
+    """Prompt tokens computed in one step at most: a longer prompt is prefilled in
+    chunks over several steps while running sequences keep decoding (a prompt that
+    asks for prompt logprobs runs whole, alone if it must)."""
 
     def __post_init__(self):
         check_positive(self, ("max_num_seqs", "max_num_batched_tokens"))

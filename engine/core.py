@@ -35,6 +35,8 @@ from braid.engine.kv_connector.metadata import KVConnectorMeta
 from braid.engine.kv_connector.scheduler import KVConnectorScheduler
 from braid.engine.kv_connector.types import Reservation, TransferTarget, check_target
 from braid.engine.logprobs import token_logprobs
+from braid.engine.prefix_cache import PrefixCache
+from braid.proto.prefix_hash import cache_seed
 from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
@@ -59,10 +61,12 @@ class EngineCore:
         except FileNotFoundError:
             self.tokenizer = None
         self.blocks = BlockManager(cfg.cache.num_kv_blocks, cfg.layout.virtual_block_size)
+        self.prefix_cache = make_prefix_cache(cfg, self.model_config, self.blocks)
         self.scheduler = Scheduler(
             cfg.scheduler,
             self.blocks,
             self.model_config.eos_token_ids,
+            self.prefix_cache,
         )
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
@@ -179,17 +183,19 @@ class EngineCore:
 
     # -- steps ---------------------------------------------------------------
     @staticmethod
-    def plan_for(batch: ScheduledBatch | None, kv: KVConnectorMeta = KVConnectorMeta()) -> StepPlan:
+    def plan_for(batch: ScheduledBatch | None, kv: KVConnectorMeta = KVConnectorMeta(),
+                 copies: tuple[tuple[int, int], ...] = ()) -> StepPlan:
         seqs = []
-        for seq in batch.seqs if batch is not None else ():
-            if batch.is_prefill:
-                # prompt logprobs once, on the first prefill (not again on a recompute after preemption)
-                plp = seq.params.prompt_logprobs
-                plp = plp if plp is not None and seq.num_output_tokens == 0 else -1
-                seqs.append(SeqPlan(0, tuple(seq.token_ids), tuple(seq.block_table), plp))
-            else:
-                seqs.append(SeqPlan(len(seq) - 1, (seq.token_ids[-1],), tuple(seq.block_table)))
-        return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv)
+        for i, seq in enumerate(batch.seqs if batch is not None else ()):
+            start = seq.num_cached_tokens
+            new = tuple(seq.token_ids[start : start + batch.new_tokens(i)])
+            # prompt logprobs once, over the whole prompt (never a chunk or a cache hit: the
+            # scheduler runs such a prompt whole), not again on a recompute after preemption
+            plp = seq.params.prompt_logprobs
+            whole = batch.is_prefill and start == 0 and seq.num_output_tokens == 0 and len(new) == len(seq)
+            seqs.append(SeqPlan(start, new, tuple(seq.block_table), plp if plp is not None and whole else -1))
+        copies = batch.copies if batch is not None else copies
+        return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv, copies)
 
     def step(self) -> list[TokenEvent]:
         """One engine step; `ran_batch` tells afterwards whether the model ran
@@ -222,10 +228,14 @@ class EngineCore:
         """Run `batch` (or no sequences) with the connector's metadata; the model's events."""
         sends = self.kv.sends_for(batch) if batch is not None and batch.is_prefill else ()
         meta = self.kv.build_meta(time.monotonic(), sends)
-        if batch is None and meta.is_empty:
+        copies = self.scheduler.take_copies() if batch is None else ()
+        if batch is None and meta.is_empty and not copies:
             return []
         t0 = time.monotonic()
-        result = self.executor.execute(self.plan_for(batch, meta))
+        try:
+            result = self.executor.execute(self.plan_for(batch, meta, copies))
+        finally:  # the copies ran (or never will): their sources may go
+            self.scheduler.step_done()
         try:
             events = self._postprocess(batch, meta, result, t0) if batch is not None else []
         finally:  # the ranks ran this step: its transfer progress is taken in whatever happened
@@ -237,15 +247,12 @@ class EngineCore:
         sampled ends its own request with an error event, the others go on."""
         forward_s = time.monotonic() - t0
         seqs = batch.seqs
-        try:
-            tokens, failed = self.sampler.sample(result.logits, [s.params for s in seqs], [s.generator for s in seqs])
-        except Exception as e:  # noqa: BLE001 - a sampler bug fails this step's requests, not the engine
-            why = f"sampling failed: {type(e).__name__}: {e}"
-            tokens, failed = [-1] * len(seqs), {i: why for i in range(len(seqs))}
+        tokens, failed = self._sample(batch, result.logits)
         ok = [i for i in range(len(seqs)) if i not in failed]
-        lps = _sampled_logprobs(result.logits, seqs, tokens, ok)
+        sampled = [i for i in ok if batch.completes(i)]  # a prompt chunk that did not finish samples nothing
+        lps = _sampled_logprobs(result.logits, seqs, tokens, sampled)
         plps = result.prompt_logprobs
-        kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok))
+        kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok), tuple(batch.new_tokens(i) for i in ok))
         self.scheduler.postprocess(kept, [tokens[i] for i in ok])
         now = time.monotonic()
         for send in meta.sends:
@@ -259,10 +266,29 @@ class EngineCore:
             events.append(self._fail_seq(seqs[i], why))
         return events + [
             TokenEvent(seqs[i].request_id, tokens[i], seqs[i].is_finished, seqs[i].finish_reason,
-                       logprobs=lps.get(i), prompt_logprobs=plps.get(i))
-            for i in ok
+                       logprobs=lps.get(i), prompt_logprobs=plps.get(i), cached_tokens=seqs[i].num_prefix_hit_tokens)
+            for i in sampled
             if seqs[i].transfer is None
         ]
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[int], dict[int, str]]:
+        """A token for each row that completes its sequence (-1 for the others: a chunk
+        samples nothing and draws nothing from a seeded generator); {row: why} for the
+        rows that failed."""
+        seqs = batch.seqs
+        rows = [i for i in range(len(seqs)) if batch.completes(i)]
+        tokens = [-1] * len(seqs)
+        if not rows:
+            return tokens, {}
+        picked = logits if len(rows) == len(seqs) else logits[torch.tensor(rows, device=logits.device)]
+        try:
+            got, bad = self.sampler.sample(picked, [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
+        except Exception as e:  # noqa: BLE001 - a sampler bug fails this step's requests, not the engine
+            why = f"sampling failed: {type(e).__name__}: {e}"
+            return tokens, {i: why for i in rows}
+        for j, i in enumerate(rows):
+            tokens[i] = got[j]
+        return tokens, {rows[j]: why for j, why in bad.items()}
 
     def _fail_seq(self, seq: Sequence, why: str) -> TokenEvent:
         """End one request of a step alone, with an error event. Its blocks are freed
@@ -328,3 +354,13 @@ def _sampled_logprobs(logits: torch.Tensor, seqs, tokens: list[int], rows: list[
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
     found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], most)
     return {i: dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]) for i, lp in zip(rows, found)}
+
+
+def make_prefix_cache(cfg: EngineConfig, model_config, blocks: BlockManager) -> PrefixCache | None:
+    """The instance's prefix cache (None when switched off). Its hash chain is seeded
+    with what else decides a block's KV: the model's configuration, the cache dtype
+    and the block size."""
+    if not cfg.cache.enable_prefix_caching:
+        return None
+    seed = cache_seed(repr(model_config), cfg.dtype, cfg.cache.block_size)
+    return PrefixCache(blocks, cfg.cache.block_size, cfg.layout.num_shards, seed)

@@ -37,3 +37,5 @@ class TokenEvent:
     prompt_logprobs: list | None = None
     """On the event of the first token (or a transfer's "transferred" event): the prompt's
     TokenLogprobs, tokens 1..N-1, when the request asked for prompt_logprobs."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from a prefix cache instead of being computed."""

@@ -1,8 +1,10 @@
 """Turns a StepPlan into this rank's model inputs and runs the model.
 
 Each rank derives its own view of the step: its PCP share of the prefill
-tokens, the slot of every new token on its KV shard (-1 where another shard
-stores it) and, for decode, how many tokens of each sequence its shard holds.
+tokens (each chunk zigzag-split on its own), the slot of every new token on
+its KV shard (-1 where another shard stores it), how many tokens of each
+sequence's cached context its shard holds (decode, and prefill chunks after a
+cached prefix or an earlier chunk).
 A prefill sequence whose plan asks for prompt logprobs also gets the logits of
 every prompt position (gathered back to prompt order under PCP, chunked).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from braid.engine.kv_layout import ShardLayout
-from braid.engine.layers.attention import AttentionMetadata
+from braid.engine.layers.attention import AttentionMetadata, ContextMeta
 from braid.engine.logprobs import prompt_logprobs
 from braid.engine.pcp import split_prefill
 from braid.engine.step_plan import StepPlan
@@ -54,19 +56,18 @@ class ModelRunner:
             lens = [self.layout.local_len(s.end, self.shard) for s in plan.seqs]
             meta = AttentionMetadata(False, slots, block_tables=tables, local_seq_lens=self._tensor(lens))
             return self._tensor(all_ids), self._tensor(positions), meta, None
-        for s in plan.seqs:
-            if s.num_computed:
-                raise NotImplementedError("prefill over cached context (chunked prefill, prefix cache)")
         lengths = [s.num_new for s in plan.seqs]
         pcp = self.par.pcp
         if pcp.size == 1:
-            positions = [p for n in lengths for p in range(n)]
+            positions = [s.num_computed + p for s in plan.seqs for p in range(s.num_new)]
             rows = VarlenRows.packed(lengths, lengths)
             last = torch.cumsum(self._tensor(lengths), 0) - 1
-            meta = AttentionMetadata(True, slots, rows=rows)
+            meta = AttentionMetadata(True, slots, rows=rows, context=self._context(plan, tables, None))
             return self._tensor(all_ids), self._tensor(positions), meta, last
         split = split_prefill(lengths, pcp.size, pcp.rank_in_group)
         ids = [all_ids[i] for i in split.token_index]
+        offset = [s.num_computed for s in plan.seqs for _ in range(s.num_new)]  # of each token, full order
+        positions = [p + offset[i] for p, i in zip(split.positions, split.token_index)]
         q_start, q_len, k_start, k_len = zip(*split.rows) if split.rows else ((), (), (), ())
         meta = AttentionMetadata(
             True,
@@ -74,8 +75,18 @@ class ModelRunner:
             rows=VarlenRows(q_start, q_len, k_start, k_len),
             pcp_restore=self._tensor(split.restore),
             pcp_pad=split.pad,
+            context=self._context(plan, tables, split.token_index),
         )
-        return self._tensor(ids), self._tensor(split.positions), meta, split.last_local
+        return self._tensor(ids), self._tensor(positions), meta, split.last_local
+
+    def _context(self, plan: StepPlan, tables: torch.Tensor, local_tokens: list[int] | None) -> ContextMeta | None:
+        """What the new tokens need to attend to their cached context, when some have one."""
+        if not any(s.num_computed for s in plan.seqs):
+            return None
+        local_lens = [self.layout.local_len(s.num_computed, self.shard) for s in plan.seqs]
+        rows = VarlenRows.packed([s.num_new for s in plan.seqs], local_lens)
+        index = None if local_tokens is None else self._tensor(local_tokens)
+        return ContextMeta(tables, local_lens, rows, index)
 
     def last_hidden(self, hidden: torch.Tensor, last, num_seqs: int) -> torch.Tensor:
         """Hidden state of each sequence's last token, [S, hidden], on every rank."""

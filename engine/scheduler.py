@@ -1,14 +1,26 @@
-"""Continuous batching on one instance.
+"""Continuous batching on one instance, with chunked prefill and prefix caching.
 
-A sequence's life: WAITING -> (prefill step) RUNNING -> (decode steps) ->
-FINISHED. Each step is either a prefill batch (waiting sequences that fit the
-token budget and the free KV blocks) or a decode batch (every running
-sequence, one token each); prefill goes first so new requests join the batch
-quickly. When a decode step cannot get a block for a sequence, the most
-recently started sequence is preempted: its blocks are freed and it waits to
-be prefilled again over all its tokens (recompute). A remotely prefilled
-sequence holds reserved blocks in WAITING_FOR_KV until its KV and first token
-arrive, then joins the running set.
+A sequence's life: WAITING -> RUNNING (prefilled chunk by chunk, then one
+token per step) -> FINISHED. Every step runs each running sequence that has
+one token left to compute (its decode) and fills the rest of the token budget
+(`max_num_batched_tokens`) with chunks of prompts: first those already being
+prefilled, then newly admitted ones. A prompt longer than the budget is thus
+prefilled over several steps while the running sequences keep decoding in
+every one of them: no decode waits for more than one chunk. A step of decodes
+only is a decode step (the fast path); anything else is a prefill step in
+which a decode is a one-token chunk over its cached context.
+
+Admission allocates KV for the whole prompt. With a prefix cache, the leading
+full blocks the cache holds are reused (braid.engine.prefix_cache): the
+sequence starts with those tokens computed, and a partly hit virtual block is
+copied by the ranks at the start of the step (`copies`). Blocks are named in
+the cache as soon as their KV is computed, decode tokens included.
+
+When a step cannot get a block for a running sequence, the most recently
+started sequence is preempted: its blocks are freed and it waits to be
+prefilled again over all its tokens (recompute; its cached blocks make that
+cheap). A remotely prefilled sequence holds reserved blocks in WAITING_FOR_KV
+until its KV and first token arrive, then joins the running set.
 
 Plain Python over ids and integers; no torch.
 """
@@ -19,7 +31,9 @@ from dataclasses import dataclass
 
 from braid.engine.block_manager import BlockManager
 from braid.engine.config import SchedulerConfig
+from braid.engine.prefix_cache import PrefixCache
 from braid.engine.sequence import Sequence, SeqStatus
+from braid.proto.prefix_hash import extend_hashes
 
 
 class RequestRejected(ValueError):
@@ -30,23 +44,49 @@ class RequestRejected(ValueError):
 class ScheduledBatch:
     is_prefill: bool
     seqs: tuple[Sequence, ...]
+    num_new: tuple[int, ...] = ()
+    """Tokens each sequence computes this step (from its num_cached_tokens); empty:
+    all its uncomputed tokens (a whole prefill, or one decode token)."""
+    copies: tuple[tuple[int, int], ...] = ()
+    """(source, destination) virtual blocks the ranks copy before running the step."""
+
+    def new_tokens(self, i: int) -> int:
+        if self.num_new:
+            return self.num_new[i]
+        seq = self.seqs[i]
+        return len(seq) - seq.num_cached_tokens
+
+    def completes(self, i: int) -> bool:
+        """Whether sequence i's tokens are all computed after this step (it samples a token)."""
+        seq = self.seqs[i]
+        return seq.num_cached_tokens + self.new_tokens(i) >= len(seq)
 
 
 class Scheduler:
     """Rank 0's choice of what the next step runs: the waiting queue, the
     running set and the sequences holding reserved blocks for remote KV.
-    `schedule()` returns one ScheduledBatch (prefill first, else decode);
-    `postprocess()` appends the sampled tokens and retires finished
-    sequences, freeing their blocks. Never touches a tensor."""
+    `schedule()` returns one ScheduledBatch; `postprocess()` advances the
+    computed tokens, appends the sampled tokens of sequences that completed
+    and retires finished ones, freeing their blocks. Never touches a tensor."""
 
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, eos_token_ids: tuple[int, ...] = (),
+                 prefix: PrefixCache | None = None):
         self.cfg = cfg
         self.blocks = blocks
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefix = prefix
+        if prefix is not None:
+            blocks.cache = prefix
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.remote: dict[str, Sequence] = {}  # WAITING_FOR_KV, by request id
         self.num_preemptions = 0
+        self.num_chunks = 0
+        """Prefill chunks that did not finish their prompt."""
+        self._copies: list[tuple[int, int]] = []
+        """(source, destination) blocks to copy at the start of the next step."""
+        self._pinned: list[int] = []
+        """Sources of those copies, held until the step ran."""
 
     # -- admission -----------------------------------------------------------
     def check(self, num_prompt_tokens: int) -> None:
@@ -65,12 +105,74 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.remote)
 
+    # -- prefix cache ----------------------------------------------------------
+    def hashes(self, seq: Sequence) -> list[int]:
+        """The hash chain of the sequence's full blocks (extended as it grows)."""
+        p = self.prefix
+        return extend_hashes(seq.block_hashes, seq.token_ids, p.block_size, p.seed)
+
+    def _allocate_with_hits(self, seq: Sequence, num_tokens: int, max_hit_tokens: int) -> bool:
+        """Give `seq` blocks for `num_tokens` tokens, reusing cached leading blocks
+        (at most `max_hit_tokens` tokens of them); False if the pool cannot."""
+        p = self.prefix
+        hit = None
+        if p is not None and max_hit_tokens >= p.block_size:
+            hit = p.match(self.hashes(seq), max_hit_tokens // p.block_size)
+        held = list(hit.shared) if hit is not None else []
+        if hit is not None and hit.copy_from is not None:
+            held.append(hit.copy_from)  # pinned until the step has copied it
+        for b in held:  # first: an idle cached block must not be evicted by the allocation below
+            self.blocks.share(b)
+        need = self.blocks.blocks_for(num_tokens) - (len(hit.shared) if hit is not None else 0)
+        if not self.blocks.can_allocate(need):
+            self.blocks.free(held)
+            return False
+        fresh = self.blocks.allocate(need)
+        if hit is None:
+            seq.block_table = fresh
+            seq.num_cached_tokens = 0
+            return True
+        seq.block_table = list(hit.shared) + fresh
+        seq.num_cached_tokens = hit.num_blocks * p.block_size
+        seq.num_prefix_hit_tokens = max(seq.num_prefix_hit_tokens, seq.num_cached_tokens)
+        p.stats.queried_blocks += max_hit_tokens // p.block_size
+        p.stats.hit_blocks += hit.num_blocks
+        if hit.copy_from is not None:
+            self._copies.append((hit.copy_from, fresh[0]))
+            self._pinned.append(hit.copy_from)
+            p.stats.copied_blocks += 1
+        return True
+
+    def take_copies(self) -> tuple[tuple[int, int], ...]:
+        """The block copies the next step must run first (and forget them here)."""
+        copies, self._copies = tuple(self._copies), []
+        return copies
+
+    def register(self, seq: Sequence) -> None:
+        """Name in the cache every full block of `seq` whose KV is computed."""
+        p = self.prefix
+        if p is None or not seq.block_table:
+            return
+        hashes = self.hashes(seq)
+        full = min(len(hashes), seq.num_cached_tokens // p.block_size)
+        for g in range(seq.num_registered_blocks, full):
+            p.insert(hashes[g], seq.block_table[g // p.num_shards])
+        seq.num_registered_blocks = max(seq.num_registered_blocks, full)
+
+    def step_done(self) -> None:
+        """The ranks ran the scheduled step (or will never run it): unpin its copy sources."""
+        pinned, self._pinned = self._pinned, []
+        if pinned:
+            self.blocks.free(pinned)
+
     # -- remote prefill (blocks reserved for KV pushed by a prefill node) -----
     def reserve_remote(self, seq: Sequence) -> list[int]:
-        """Allocate blocks for the prompt's KV; the sequence waits for it."""
+        """Allocate blocks for the prompt's KV (reusing cached leading blocks: those
+        need not be sent); the sequence waits for the rest."""
         self.check(seq.num_prompt_tokens)
-        need = self.blocks.blocks_for(seq.num_prompt_tokens + 1)
-        seq.block_table = self.blocks.allocate(need)
+        if not self._allocate_with_hits(seq, seq.num_prompt_tokens + 1, seq.num_prompt_tokens - 1):
+            need = self.blocks.blocks_for(seq.num_prompt_tokens + 1)
+            raise RuntimeError(f"need {need} KV blocks, {self.blocks.num_free} free")
         seq.status = SeqStatus.WAITING_FOR_KV
         self.remote[seq.request_id] = seq
         return seq.block_table
@@ -79,6 +181,7 @@ class Scheduler:
         """The prompt's KV is in place and the first token sampled: start decoding."""
         seq = self.remote.pop(request_id)
         seq.num_cached_tokens = seq.num_prompt_tokens
+        self.register(seq)
         seq.token_ids.append(first_token)
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
@@ -89,36 +192,55 @@ class Scheduler:
 
     # -- scheduling ----------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
-        if batch:
-            return ScheduledBatch(True, tuple(batch))
-        batch = self._schedule_decode()
-        return ScheduledBatch(False, tuple(batch)) if batch else None
+        decodes = self._schedule_decode()
+        # decode tokens do not count against the budget: it bounds the prompt tokens of a step
+        chunks = self._schedule_chunks(self.cfg.max_num_batched_tokens)
+        if not decodes and not chunks:
+            return None
+        seqs = tuple(decodes) + tuple(s for s, _ in chunks)
+        num_new = (1,) * len(decodes) + tuple(n for _, n in chunks)
+        return ScheduledBatch(bool(chunks), seqs, num_new, self.take_copies())
 
-    def _schedule_prefill(self) -> list[Sequence]:
-        batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.cfg.max_num_seqs:
+    def _schedule_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
+        """Prompt chunks for this step: sequences being prefilled first, then new ones."""
+        out: list[tuple[Sequence, int]] = []
+        for seq in self.running:
+            left = len(seq) - seq.num_cached_tokens
+            if left > 1 and budget > 0 and not self._whole_only(seq):
+                n = min(left, budget)
+                out.append((seq, n))
+                budget -= n
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            n = len(seq)
-            if batch and tokens + n > self.cfg.max_num_batched_tokens:
+            whole = self._whole_only(seq)
+            if budget <= 0 or (whole and out and len(seq) > budget):
                 break
-            need = self.blocks.blocks_for(n)
-            if not self.blocks.can_allocate(need):
+            hit_limit = 0 if whole else len(seq) - 1  # the last token is always computed
+            if not self._allocate_with_hits(seq, len(seq), hit_limit):
                 break
             self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(need)
             seq.status = SeqStatus.RUNNING
-            batch.append(seq)
-            tokens += n
-        self.running.extend(batch)
-        return batch
+            self.running.append(seq)
+            left = len(seq) - seq.num_cached_tokens
+            n = left if whole else min(left, budget)
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    @staticmethod
+    def _whole_only(seq: Sequence) -> bool:
+        """Prompt logprobs need every prompt position's hidden state in one step."""
+        return seq.params.prompt_logprobs is not None and seq.num_output_tokens == 0
 
     def _schedule_decode(self) -> list[Sequence]:
+        """Every running sequence with exactly one token to compute, with room for it."""
         batch: list[Sequence] = []
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if len(seq) - seq.num_cached_tokens != 1:
+                i += 1
+                continue
             need = self.blocks.blocks_for(len(seq)) - len(seq.block_table)
             while need > 0 and not self.blocks.can_allocate(need):
                 victim = self.running[-1]
@@ -139,16 +261,24 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_cached_tokens = 0
+        seq.num_registered_blocks = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     # -- results -------------------------------------------------------------
     def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
-        """Append each sequence's new token; return the sequences that finished."""
+        """Advance each sequence by the tokens it computed; those that completed get
+        their sampled token (`tokens[i]`; ignored for a chunk that did not). Returns
+        the sequences that finished."""
         finished = []
-        for seq, tok in zip(batch.seqs, tokens):
-            seq.num_cached_tokens = len(seq)
+        for i, (seq, tok) in enumerate(zip(batch.seqs, tokens)):
+            done = batch.completes(i)
+            seq.num_cached_tokens = min(len(seq), seq.num_cached_tokens + batch.new_tokens(i))
+            self.register(seq)
+            if not done:
+                self.num_chunks += 1
+                continue
             seq.token_ids.append(tok)
             self._check_finished(seq, tok)
             if seq.is_finished:

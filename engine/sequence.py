@@ -29,6 +29,12 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         """Tokens whose KV is in the cache; the scheduler advances it toward len(token_ids)."""
+        self.block_hashes: list[int] = []
+        """Hash chain of the full blocks of token_ids (prefix cache), extended as they fill."""
+        self.num_registered_blocks = 0
+        """Leading blocks of this sequence named in the prefix cache."""
+        self.num_prefix_hit_tokens = 0
+        """Prompt tokens whose KV came from the prefix cache (this node's, or the decode node's)."""
         self.finish_reason: str | None = None
         self.generator = None  # torch.Generator when the request is seeded
         self.transfer = None

@@ -41,23 +41,30 @@ class StepPlan:
     is_prefill: bool
     seqs: tuple[SeqPlan, ...]
     kv: KVConnectorMeta = KVConnectorMeta()
+    copies: tuple[tuple[int, int], ...] = ()
+    """(source, destination) block ids every rank copies (all layers) before the step runs:
+    a prefix-cache hit's partly shared block (copy on write)."""
 
     def to_tensor(self) -> torch.Tensor:
-        """[2 + 4*S + tokens + blocks + kv] int64: is_prefill, S, then per sequence
-        (num_computed, num_new, num_blocks, prompt_logprobs), all tokens, all block
-        tables, then the connector metadata (KVConnectorMeta.encode)."""
-        head = [int(self.is_prefill), len(self.seqs)]
+        """[3 + 4*S + 2*copies + tokens + blocks + kv] int64: is_prefill, S, number of
+        copies, then per sequence (num_computed, num_new, num_blocks, prompt_logprobs),
+        the copies' (source, destination) pairs, all tokens, all block tables, then
+        the connector metadata (KVConnectorMeta.encode)."""
+        head = [int(self.is_prefill), len(self.seqs), len(self.copies)]
         for s in self.seqs:
             head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs]
+        head += [b for pair in self.copies for b in pair]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
         return torch.tensor(head + body + self.kv.encode(), dtype=torch.int64)
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
-        is_prefill, n = bool(v[0]), v[1]
-        meta = [v[2 + 4 * i : 6 + 4 * i] for i in range(n)]
-        pos = 2 + 4 * n
+        is_prefill, n, nc = bool(v[0]), v[1], v[2]
+        meta = [v[3 + 4 * i : 7 + 4 * i] for i in range(n)]
+        pos = 3 + 4 * n
+        copies = tuple((v[pos + 2 * i], v[pos + 2 * i + 1]) for i in range(nc))
+        pos += 2 * nc
         tokens = []
         for _, num_new, _, _ in meta:
             tokens.append(tuple(v[pos : pos + num_new]))
@@ -67,7 +74,7 @@ class StepPlan:
             seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp))
             pos += nb
         kv, _ = KVConnectorMeta.decode(v, pos)
-        return StepPlan(is_prefill, tuple(seqs), kv)
+        return StepPlan(is_prefill, tuple(seqs), kv, copies)
 
 
 @dataclass(frozen=True)

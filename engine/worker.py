@@ -106,6 +106,8 @@ class Worker:
         """Apply the step's connector metadata, run the model if the step has
         sequences (sending KV layer by layer), then report transfer progress."""
         plan = StepPlan.from_tensor(payload)
+        for src, dst in plan.copies:  # copy on write of a partly shared prefix block, before anything writes it
+            self.kv_cache[:, dst] = self.kv_cache[:, src]
         on_layer = self.connector.start_step(plan.kv, plan.seqs) if self.connector is not None else None
         logits, prompt_lps = self.runner.run(plan, on_layer) if plan.seqs else (None, {})
         if self.connector is None:

@@ -129,7 +129,7 @@ class KVLayout(_message.Message):
     def __init__(self, format: _Optional[_Union[KVFormat, str]] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., interleave_size: _Optional[int] = ..., num_shards: _Optional[int] = ..., tp_size: _Optional[int] = ..., pcp_size: _Optional[int] = ..., dcp_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankLayout, _Mapping]]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
-    __slots__ = ("decode_node_id", "layout", "block_ids", "transfer_id", "transport", "lease_deadline_unix", "num_tokens", "secret")
+    __slots__ = ("decode_node_id", "layout", "block_ids", "transfer_id", "transport", "lease_deadline_unix", "num_tokens", "secret", "cached_blocks")
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class KVDestination(_message.Message):
     LEASE_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     decode_node_id: str
     layout: KVLayout
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -146,7 +147,8 @@ class KVDestination(_message.Message):
     lease_deadline_unix: float
     num_tokens: int
     secret: bytes
-    def __init__(self, decode_node_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_id: _Optional[int] = ..., transport: _Optional[str] = ..., lease_deadline_unix: _Optional[float] = ..., num_tokens: _Optional[int] = ..., secret: _Optional[bytes] = ...) -> None: ...
+    cached_blocks: int
+    def __init__(self, decode_node_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., transfer_id: _Optional[int] = ..., transport: _Optional[str] = ..., lease_deadline_unix: _Optional[float] = ..., num_tokens: _Optional[int] = ..., secret: _Optional[bytes] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class Capacity(_message.Message):
     __slots__ = ("num_kv_blocks", "tokens_per_block", "max_num_seqs", "max_model_len")

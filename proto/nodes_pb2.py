@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from braid.proto import common_pb2 as braid_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62raid/proto/nodes.proto\x12\x08\x62raid.v1\x1a\x18\x62raid/proto/common.proto\"\x91\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.braid.v1.KVDestination\"\xc2\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12/\n\x0e\x66irst_logprobs\x18\x05 \x01(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\"{\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"?\n\x0fReserveResponse\x12,\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x17.braid.v1.KVDestination\"\x80\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rlocal_prefill\x18\x02 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.braid.v1.SamplingParams\"\xd5\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.braid.v1.FinishReason\x12\x12\n\nkv_ready_s\x18\x04 \x01(\x01\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs2\xb9\x01\n\x0bPrefillNode\x12>\n\x07Prefill\x12\x18.braid.v1.PrefillRequest\x1a\x19.braid.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.braid.v1.AbortRequest\x1a\x17.braid.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.braid.v1.LoadRequest\x1a\x0e.braid.v1.Load2\xf7\x01\n\nDecodeNode\x12>\n\x07Reserve\x12\x18.braid.v1.ReserveRequest\x1a\x19.braid.v1.ReserveResponse\x12=\n\x06\x44\x65\x63ode\x12\x17.braid.v1.DecodeRequest\x1a\x18.braid.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.braid.v1.AbortRequest\x1a\x17.braid.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.braid.v1.LoadRequest\x1a\x0e.braid.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62raid/proto/nodes.proto\x12\x08\x62raid.v1\x1a\x18\x62raid/proto/common.proto\"\x91\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12,\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x17.braid.v1.KVDestination\"\xd9\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x04\x12/\n\x0e\x66irst_logprobs\x18\x05 \x01(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x07 \x01(\r\"{\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"?\n\x0fReserveResponse\x12,\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x17.braid.v1.KVDestination\"\x80\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rlocal_prefill\x18\x02 \x01(\x08\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.braid.v1.SamplingParams\"\xec\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.braid.v1.FinishReason\x12\x12\n\nkv_ready_s\x18\x04 \x01(\x01\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x15\n\rcached_tokens\x18\x07 \x01(\r2\xb9\x01\n\x0bPrefillNode\x12>\n\x07Prefill\x12\x18.braid.v1.PrefillRequest\x1a\x19.braid.v1.PrefillResponse\x12\x38\n\x05\x41\x62ort\x12\x16.braid.v1.AbortRequest\x1a\x17.braid.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.braid.v1.LoadRequest\x1a\x0e.braid.v1.Load2\xf7\x01\n\nDecodeNode\x12>\n\x07Reserve\x12\x18.braid.v1.ReserveRequest\x1a\x19.braid.v1.ReserveResponse\x12=\n\x06\x44\x65\x63ode\x12\x17.braid.v1.DecodeRequest\x1a\x18.braid.v1.DecodeResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.braid.v1.AbortRequest\x1a\x17.braid.v1.AbortResponse\x12\x30\n\x07GetLoad\x12\x15.braid.v1.LoadRequest\x1a\x0e.braid.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=64
   _globals['_PREFILLREQUEST']._serialized_end=209
   _globals['_PREFILLRESPONSE']._serialized_start=212
-  _globals['_PREFILLRESPONSE']._serialized_end=406
-  _globals['_RESERVEREQUEST']._serialized_start=408
-  _globals['_RESERVEREQUEST']._serialized_end=531
-  _globals['_RESERVERESPONSE']._serialized_start=533
-  _globals['_RESERVERESPONSE']._serialized_end=596
-  _globals['_DECODEREQUEST']._serialized_start=599
-  _globals['_DECODEREQUEST']._serialized_end=727
-  _globals['_DECODERESPONSE']._serialized_start=730
-  _globals['_DECODERESPONSE']._serialized_end=943
-  _globals['_PREFILLNODE']._serialized_start=946
-  _globals['_PREFILLNODE']._serialized_end=1131
-  _globals['_DECODENODE']._serialized_start=1134
-  _globals['_DECODENODE']._serialized_end=1381
+  _globals['_PREFILLRESPONSE']._serialized_end=429
+  _globals['_RESERVEREQUEST']._serialized_start=431
+  _globals['_RESERVEREQUEST']._serialized_end=554
+  _globals['_RESERVERESPONSE']._serialized_start=556
+  _globals['_RESERVERESPONSE']._serialized_end=619
+  _globals['_DECODEREQUEST']._serialized_start=622
+  _globals['_DECODEREQUEST']._serialized_end=750
+  _globals['_DECODERESPONSE']._serialized_start=753
+  _globals['_DECODERESPONSE']._serialized_end=989
+  _globals['_PREFILLNODE']._serialized_start=992
+  _globals['_PREFILLNODE']._serialized_end=1177
+  _globals['_DECODENODE']._serialized_start=1180
+  _globals['_DECODENODE']._serialized_end=1427
 # @@protoc_insertion_point(module_scope)

@@ -110,17 +110,31 @@ def test_random_workloads_finish_without_leaks(seed, num_blocks, block_size, max
 
 
 def test_prefill_admission_respects_blocks_and_token_budget():
-    bm = BlockManager(10, 4)
+    bm = BlockManager(20, 4)
     sched = Scheduler(SchedulerConfig(40, max_num_seqs=8, max_num_batched_tokens=10), bm)
     seqs = [Sequence(f"r{i}", [5] * n, SamplingParams(max_tokens=4)) for i, n in enumerate((6, 3, 20, 2))]
     for s in seqs:
         sched.add(s)
+
+    def planned(batch):
+        return [(s.request_id, batch.new_tokens(i)) for i, s in enumerate(batch.seqs)]
+
     batch = sched.schedule()
-    # 6 + 3 fit the 10-token budget; the 20-token prompt waits (FIFO, so the 2-token one waits too)
-    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["r0", "r1"]
-    sched.postprocess(batch, [7, 7])
+    # 6 + 3 + the first token of the 20-token prompt fill the 10-token budget (FIFO: the 2-token one waits)
+    assert batch.is_prefill and planned(batch) == [("r0", 6), ("r1", 3), ("r2", 1)]
+    sched.postprocess(batch, [7, 7, 7])
+    assert seqs[2].output_token_ids == [] and seqs[2].num_cached_tokens == 1  # a chunk samples nothing
     batch = sched.schedule()
-    assert batch.is_prefill and [s.request_id for s in batch.seqs] == ["r2"]  # alone: longer than the budget
+    # r0 and r1 decode (not counted against the prompt budget) while r2's prompt goes on
+    assert batch.is_prefill and planned(batch) == [("r0", 1), ("r1", 1), ("r2", 10)]
+    sched.postprocess(batch, [8, 8, 8])
+    batch = sched.schedule()
+    assert planned(batch) == [("r0", 1), ("r1", 1), ("r2", 9), ("r3", 1)]
+    sched.postprocess(batch, [9, 9, 9, 9])
+    assert seqs[2].output_token_ids == [9] and seqs[0].output_token_ids == [7, 8, 9]
+    batch = sched.schedule()
+    # r3's last prompt token runs as a one-token row beside the decodes: a pure decode step
+    assert not batch.is_prefill and planned(batch) == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 1)]
 
 
 def test_decode_preempts_the_newest_sequence_and_recomputes_it():

@@ -152,10 +152,11 @@ class KVConnectorScheduler:
     # -- prefill side ----------------------------------------------------------
     @staticmethod
     def sends_for(batch) -> tuple[KVSend, ...]:
-        """The sends of a prefill batch: every sequence that has a transfer target."""
+        """The sends of a prefill batch: every sequence that has a transfer target and
+        whose prompt this step finishes (earlier chunks' KV waits in the cache)."""
         sends = []
         for i, seq in enumerate(batch.seqs):
-            if seq.transfer is None:
+            if seq.transfer is None or not batch.completes(i):
                 continue
             target, timeout_s = seq.transfer
             layout = target.layout.SerializeToString()

@@ -3,11 +3,17 @@
 One step of one layer, on one rank:
 
 prefill  1. (PCP) all-gather the new tokens' KV over the PCP group and restore
-            token order, so every rank sees the whole prompt's K/V.
+            token order, so every rank sees the whole chunk's K/V.
          2. write each token's KV on its owner shard only (slot -1 elsewhere).
-         3. attend each local query row against the prompt's K/V, causal
+         3. attend each local query row against the chunk's K/V, causal
             (PCP query chunks are rows whose keys are the prefix up to the
             chunk's end). No communication: every rank has all the new K/V.
+         4. (a chunk after cached context: chunked prefill, a prefix-cache hit,
+            a decode token batched with prefill chunks) the context's KV is
+            sharded over the KV shards: all-gather the chunk's queries (PCP:
+            tokens, DCP: heads), attend them to the local shard of the context
+            without a mask, merge the shards by LSE as decode does, keep the
+            local tokens, and merge that with step 3's result by LSE.
 decode   1. write the new token's KV on its owner shard.
          2. (DCP) all-gather the query over the DCP group along heads: the
             group shares its KV heads, so each rank can serve every query head.
@@ -25,8 +31,23 @@ import torch
 from torch import nn
 
 from braid.kernels import ops
-from braid.kernels.reference import VarlenRows, merge_attn_states
+from braid.kernels.reference import VarlenRows, gather_paged, merge_attn_states
 from braid.engine.parallel_state import ParallelState
+
+
+@dataclass
+class ContextMeta:
+    """Prefill over cached context: what every rank needs to attend the step's new
+    tokens (in full order) to the context tokens its own shard stores."""
+
+    block_tables: torch.Tensor
+    """[S, max_blocks] block ids of each sequence."""
+    local_lens: list[int]
+    """Context tokens of each sequence on this rank's shard (those before its new tokens)."""
+    rows: VarlenRows
+    """New tokens (full order) against the concatenated local contexts, one row per sequence."""
+    local_tokens: torch.Tensor | None = None
+    """Under PCP: the full-order index of each of this rank's new tokens."""
 
 
 @dataclass
@@ -48,6 +69,8 @@ class AttentionMetadata:
     """Decode: [S] tokens of each sequence stored on this rank, the new one included."""
     on_layer_written: Callable[[int], None] | None = None
     """Prefill with KV transfer: called with the layer index once its KV is in the cache."""
+    context: ContextMeta | None = None
+    """Prefill: the cached context some sequences' new tokens also attend to."""
 
     def layer_written(self, layer_idx: int) -> None:
         if self.on_layer_written is not None:
@@ -68,8 +91,9 @@ def merge_over_shards(
     out: torch.Tensor,  # [S, H * dcp, Dv] partial attention over this rank's shard
     lse: torch.Tensor,  # [S, H * dcp]
     par: ParallelState,
-) -> torch.Tensor:
-    """Combine the partial results of all KV shards; returns this rank's heads [S, H, Dv] (fp32)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine the partial results of all KV shards; returns this rank's heads
+    (out [S, H, Dv] fp32, lse [S, H])."""
     packed = torch.cat([out.float(), lse[..., None]], dim=-1)  # [S, Hg, Dv+1]
     if par.pcp.size > 1:
         parts = par.pcp.all_gather(packed)  # [pcp, S, Hg, Dv+1]
@@ -79,9 +103,16 @@ def merge_over_shards(
         s, hg, d1 = packed.shape
         send = packed.view(s, par.dcp.size, hg // par.dcp.size, d1).transpose(0, 1)  # [dcp, S, H, Dv+1]
         parts = par.dcp.all_to_all(send)
-        o, _ = merge_attn_states(parts[..., :-1], parts[..., -1])
-        return o
-    return packed[..., :-1]
+        return merge_attn_states(parts[..., :-1], parts[..., -1])
+    return packed[..., :-1], packed[..., -1]
+
+
+def _gather_heads(q: torch.Tensor, par: ParallelState) -> torch.Tensor:
+    """[T, H, D] this rank's query heads -> [T, H * dcp, D] the DCP group's (it shares KV heads)."""
+    if par.dcp.size == 1:
+        return q
+    t, h, _ = q.shape
+    return par.dcp.all_gather(q).permute(1, 0, 2, 3).reshape(t, par.dcp.size * h, -1)
 
 
 def cp_decode_attention(
@@ -93,14 +124,51 @@ def cp_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """Decode attention over a token-sharded cache; returns [S, H, Dv] in q's dtype."""
-    s, h, _ = q.shape
     sharded = par.pcp.size > 1 or par.dcp.size > 1
-    if par.dcp.size > 1:
-        q = par.dcp.all_gather(q).permute(1, 0, 2, 3).reshape(s, par.dcp.size * h, -1)
+    dtype = q.dtype
+    q = _gather_heads(q, par)
     out, lse = ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.local_seq_lens, scale)
     if not sharded:
         return out
-    return merge_over_shards(out, lse, par).to(q.dtype)
+    return merge_over_shards(out, lse, par)[0].to(dtype)
+
+
+def context_attention(
+    q: torch.Tensor,  # [T_local, H, Dk] this rank's new tokens, its query heads
+    k_cache: torch.Tensor,  # [num_blocks, Hkv, B, Dk]
+    v_cache: torch.Tensor,  # [num_blocks, Hkv, B, Dv]
+    meta: AttentionMetadata,
+    par: ParallelState,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens' attention to their sequences' cached context (no mask: every
+    context token precedes every new one), over all KV shards. Returns this rank's
+    tokens' (out [T_local, H, Dv] fp32, lse [T_local, H]). Every rank of the instance
+    calls it in the same steps (it runs collectives)."""
+    ctx = meta.context
+    q_all = _gather_heads(meta.gather_new_tokens(q, par), par)  # [T_full, H * dcp, Dk]
+    ks, vs = [], []
+    for s, n in enumerate(ctx.local_lens):
+        if n:
+            ks.append(gather_paged(k_cache, ctx.block_tables[s], n))
+            vs.append(gather_paged(v_cache, ctx.block_tables[s], n))
+    if ks:
+        out, lse = ops.prefill_attention(q_all, torch.cat(ks), torch.cat(vs), ctx.rows, scale, causal=False)
+    else:  # this shard holds none of the context: an empty partial
+        out = q_all.new_zeros(*q_all.shape[:2], v_cache.shape[-1])
+        lse = torch.full(q_all.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    if par.pcp.size > 1 or par.dcp.size > 1:
+        out, lse = merge_over_shards(out, lse, par)
+    if ctx.local_tokens is not None:
+        out, lse = out.index_select(0, ctx.local_tokens), lse.index_select(0, ctx.local_tokens)
+    return out.float(), lse
+
+
+def with_context(out: torch.Tensor, lse: torch.Tensor, ctx_out: torch.Tensor, ctx_lse: torch.Tensor) -> torch.Tensor:
+    """Merge attention over the new tokens with attention over the cached context (both
+    partial results over disjoint keys) by LSE; returns out's dtype."""
+    merged, _ = merge_attn_states(torch.stack([out.float(), ctx_out]), torch.stack([lse, ctx_lse]))
+    return merged.to(out.dtype)
 
 
 class Attention(nn.Module):
@@ -123,7 +191,10 @@ class Attention(nn.Module):
             kv = meta.gather_new_tokens(kv, self.par)  # [T_full, 2, Hkv, D]
             ops.write_kv_cache(self.cache, kv, meta.slot_mapping)
             meta.layer_written(self.layer_idx)
-            out, _ = ops.prefill_attention(q, kv[:, 0], kv[:, 1], meta.rows, self.scale)
-            return out
+            out, lse = ops.prefill_attention(q, kv[:, 0], kv[:, 1], meta.rows, self.scale)
+            if meta.context is None:
+                return out
+            ctx = context_attention(q, self.cache[:, 0], self.cache[:, 1], meta, self.par, self.scale)
+            return with_context(out, lse, *ctx)
         ops.write_kv_cache(self.cache, kv, meta.slot_mapping)
         return cp_decode_attention(q, self.cache[:, 0], self.cache[:, 1], meta, self.par, self.scale)

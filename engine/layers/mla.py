@@ -14,6 +14,9 @@ prefill (un-absorbed)
   3. write each token's latent on its owner shard.
   4. decompress K/V of all new tokens for this rank's heads with kv_b_proj
      and attend causally (q/k head dim nope + rope, v head dim v_head_dim).
+  5. (cached context: a later chunk, a prefix hit) attend the absorbed query
+     to the sharded latent cache as decode does, map the result through W_UV
+     and merge it with step 4's by LSE.
 decode (absorbed)
   1. write the new token's latent on its owner shard.
   2. absorb W_UK into the query: q_nope [S, H, nope] -> [S, H, kv_lora_rank],
@@ -28,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from braid.engine.layers.attention import AttentionMetadata, cp_decode_attention
+from braid.engine.layers.attention import AttentionMetadata, context_attention, cp_decode_attention, with_context
 from braid.engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from braid.engine.layers.norm import RMSNorm
 from braid.engine.layers.rotary import RotaryEmbedding, yarn_softmax_scale
@@ -106,8 +109,16 @@ class MLAAttention(nn.Module):
         k_pe = latent[:, None, self.kv_lora_rank :].expand(-1, self.num_heads, -1)  # [T_full, H, R]
         k = torch.cat([k_nope, k_pe], dim=-1)  # [T_full, H, nope + R]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + R]
-        out, _ = ops.prefill_attention(q, k, v, meta.rows, self.scale)
-        return out
+        out, lse = ops.prefill_attention(q, k, v, meta.rows, self.scale)
+        if meta.context is None:
+            return out
+        # the cached context in the absorbed form (as decode reads it); W_UV is linear, so
+        # it can be applied before the LSE merge: both partials are then in v space
+        w_uk, w_uv = self.up_weights()
+        q_cat = torch.cat([torch.einsum("thn,hnl->thl", q_nope, w_uk), q_pe], dim=-1)
+        k_cache, v_cache = latent_views(self.cache, self.kv_lora_rank)
+        ctx_out, ctx_lse = context_attention(q_cat, k_cache, v_cache, meta, self.par, self.scale)
+        return with_context(out, lse, torch.einsum("thl,hvl->thv", ctx_out, w_uv.float()), ctx_lse)
 
     def decode(self, q_nope, q_pe, latent, meta: AttentionMetadata) -> torch.Tensor:
         """Absorbed: MQA over the latent cache; returns [S, H, v]."""
