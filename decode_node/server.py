@@ -87,6 +87,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
             num_tokens=res.num_tokens,
             decode_node_id=self.rt.node_id,
             secret=res.secret,
+            cached_blocks=res.cached_blocks,
         )
 
     async def Decode(self, request, context):
@@ -136,6 +137,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
                 msg = _message(batch, wants_logprobs)
                 if first:
                     msg.kv_ready_s = time.monotonic() - started
+                    msg.cached_tokens = batch[0].cached_tokens
                     first = False
                 yield msg
             self.rt.metrics.requests.labels("Decode", "OK").inc()
@@ -157,7 +159,7 @@ class DecodeServicer(nodes_pb2_grpc.DecodeNodeServicer):
         return common_pb2.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):
-        return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
+        return await self.rt.get_load(context, request)  # UNAVAILABLE once the engine died
 
 
 def _message(batch: list, wants_logprobs: bool) -> nodes_pb2.DecodeResponse:

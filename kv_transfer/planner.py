@@ -154,16 +154,28 @@ def _segment_tables(p: KVLayout, d: KVLayout) -> list[tuple[int, dict[tuple[int,
     return out
 
 
+def check_first_block(first_block: int, num_tokens: int, block_size: int) -> None:
+    """The blocks a decode node already holds (its prefix cache) precede the prompt's
+    last token: at least the block holding it is always sent."""
+    if not 0 <= first_block < max(1, num_global_blocks(num_tokens, block_size)):
+        raise ValueError(
+            f"cached_blocks {first_block} must be in [0, {num_global_blocks(num_tokens, block_size)}) "
+            f"for {num_tokens} tokens in blocks of {block_size}: the block of the last prompt token is always sent"
+        )
+
+
 def plan(
     p: KVLayout,
     d: KVLayout,
     num_tokens: int,
     p_block_ids: Sequence[int],
     d_block_ids: Sequence[int],
+    first_block: int = 0,
 ) -> list[BlockMove]:
     """The block moves that bring the KV of the first `num_tokens` tokens from
     prefill layout `p` (blocks `p_block_ids`) to decode layout `d` (blocks
-    `d_block_ids`), ordered by global block, then D rank, then head.
+    `d_block_ids`), ordered by global block, then D rank, then head. Global
+    blocks before `first_block` are not moved (the decode side holds them).
 
     Raises LayoutMismatch when the layouts cannot exchange KV and ValueError
     when a block table is too short, repeats an id or leaves the pool."""
@@ -172,9 +184,10 @@ def plan(
     p_ids = _used_block_ids(p, "prefill", p_block_ids, num_tokens)
     d_ids = _used_block_ids(d, "decode", d_block_ids, num_tokens)
     b, n_p, n_d = p.block_size, p.num_shards, d.num_shards
+    check_first_block(first_block, num_tokens, b)
     tables = _segment_tables(p, d)
     moves: list[BlockMove] = []
-    for g in range(num_global_blocks(num_tokens, b)):
+    for g in range(first_block, num_global_blocks(num_tokens, b)):
         k = g // n_p  # the block's index on its P shard g % n_p
         period, table = tables[g % n_p]
         src_block, dst_block = p_ids[k], d_ids[g // n_d]
@@ -301,10 +314,11 @@ def expected_ranges(
     d_block_ids: Sequence[int],
     layers: int | Iterable[int],
     coalesce: bool = True,
+    first_block: int = 0,
 ) -> list[tuple[int, int]]:
     """(offset, length) byte ranges of D rank `d_rank`'s cache that a transfer
     of `num_tokens` tokens fills: the whole [C, H_local, B, head_dim] chunk of
-    every (layer, block) that rank stores. The planner's pieces for this rank
+    every (layer, block) that rank stores, from global block `first_block` on. The planner's pieces for this rank
     cover exactly these bytes, each byte once. With `coalesce` the ranges are
     sorted and touching ones merged, so every (coalesced) piece lies inside
     one range; without it, one range per (layer, block) in that order."""
@@ -314,6 +328,7 @@ def expected_ranges(
         raise ValueError(f"decode rank {d_rank} outside the layout's {len(d.ranks)} ranks")
     geo = _geometry(d, d_rank)
     shard, n_d = d.ranks[d_rank].cp_rank, d.num_shards
-    blocks = [ids[g // n_d] for g in range(shard, num_global_blocks(num_tokens, d.block_size), n_d)]
+    check_first_block(first_block, num_tokens, d.block_size)
+    blocks = [ids[g // n_d] for g in range(shard, num_global_blocks(num_tokens, d.block_size), n_d) if g >= first_block]
     ranges = [(geo.offset(layer, blk, 0, 0), geo.block) for layer in _as_layers(d, layers) for blk in blocks]
     return _merge_ranges(ranges) if coalesce else ranges

@@ -28,7 +28,8 @@ SERVICE = nodes_pb2.DESCRIPTOR.services_by_name["PrefillNode"].full_name
 
 def target_from(dest: common_pb2.KVDestination) -> TransferTarget:
     """The engine's form of the decode node's KVDestination."""
-    return TransferTarget(dest.transfer_id, dest.layout, tuple(dest.block_ids), dest.num_tokens, bytes(dest.secret))
+    return TransferTarget(dest.transfer_id, dest.layout, tuple(dest.block_ids), dest.num_tokens, bytes(dest.secret),
+                          dest.cached_blocks)
 
 
 class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
@@ -104,7 +105,7 @@ class PrefillServicer(nodes_pb2_grpc.PrefillNodeServicer):
         return common_pb2.AbortResponse(found=found)
 
     async def GetLoad(self, request, context):
-        return await self.rt.get_load(context)  # UNAVAILABLE once the engine died
+        return await self.rt.get_load(context, request)  # UNAVAILABLE once the engine died
 
 
 def _response(ev, stats: dict, elapsed: float) -> nodes_pb2.PrefillResponse:
@@ -115,6 +116,7 @@ def _response(ev, stats: dict, elapsed: float) -> nodes_pb2.PrefillResponse:
         transfer_s=stats.get("transfer_s", 0.0),
         kv_bytes=stats.get("kv_bytes", 0),
         prompt_logprobs=prompt_to_pb(ev.prompt_logprobs),
+        cached_tokens=ev.cached_tokens,
     )
     if ev.logprobs is not None:  # the first token was sampled here: its logprobs travel in this reply
         resp.first_logprobs.CopyFrom(to_pb(ev.logprobs))

@@ -4,8 +4,11 @@ Where it sits in a request's life (see braid.router.orchestrator): the retry boo
 (braid.router.retry_book) chose the pair; the attempt then runs
 
     remote prefill: D.Reserve -> D.Decode stream opened (read by a task into a
-        queue) -> P.Prefill(destination), concurrently with the stream;
-    local prefill:  D.Decode(local_prefill=True, prompt, sampling);
+        queue) -> P.Prefill(destination), concurrently with the stream; P skips
+        sending the leading blocks D's reservation says its cache holds;
+    local prefill:  D.Decode(local_prefill=True, prompt, sampling); also when D's
+        reservation says its prefix cache holds all the prompt but the last
+        token's block (the reservation is dropped first: no P at all);
 
 and succeeds when D's first message (the first token) arrives, whether or not P's
 reply is in yet (it is collected when D finishes, for the timings); only a request
@@ -172,6 +175,14 @@ class Attempt:
             await self._start_local(req)
             return
         reserved = await self._reserve(req)
+        if fully_cached(reserved.destination) and not req.sampling.HasField("prompt_logprobs"):
+            # D holds every block of the prompt but the last token's: it computes that
+            # block itself, faster than a prefill node could send it; no P at all (unless the
+            # prompt's logprobs are asked: the prompt is computed whole then, P does it under PCP)
+            await self._drop_reservation()
+            self.prefill = None
+            await self._start_local(req)
+            return
         # with logprobs asked, D reads the sampling to mark the first token (P's) in its logprobs
         sampling = req.sampling if req.sampling.HasField("logprobs") else None
         self.reader = DecodeReader(self._call(
@@ -221,6 +232,16 @@ class Attempt:
         )
         self.reader = DecodeReader(call)
         self.first = self._first(await self.reader.get())
+
+    async def _drop_reservation(self) -> None:
+        """Free the reservation on D (its cached blocks stay in D's cache) before the
+        same request id is prefilled there locally."""
+        try:
+            await self._call(self.decode, "Abort",
+                             common_pb2.AbortRequest(request_id=self.node_request_id, reason="fully cached on decode"),
+                             timeout=self.calls.aborts.timeout)
+        except grpc.RpcError as e:
+            raise self._node_failed(self.decode, "Abort", e) from None
 
     async def _reserve(self, req: RequestInput) -> nodes_pb2.ReserveResponse:
         try:
@@ -361,6 +382,13 @@ class Attempt:
             targets.append((self.prefill, self.node_request_id))
         if targets:
             self.calls.aborts.spawn(targets, reason)
+
+
+def fully_cached(dest: common_pb2.KVDestination) -> bool:
+    """Whether a decode node's reservation says it holds the whole prompt but the
+    block of its last token (which is always computed: its logits give the first token)."""
+    block = dest.layout.block_size
+    return dest.cached_blocks > 0 and block > 0 and dest.num_tokens - dest.cached_blocks * block <= block
 
 
 def wants_logprobs(sampling: common_pb2.SamplingParams) -> bool:

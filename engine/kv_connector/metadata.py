@@ -40,6 +40,8 @@ class KVExpect:
     block_ids: tuple[int, ...]
     secret: bytes = b""
     """What a sender must present on its connection before its frames count."""
+    first_block: int = 0
+    """Leading global blocks already here (prefix cache): not expected."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class KVSend:
     dest_block_ids: tuple[int, ...]
     secret: bytes = b""
     """The reservation's secret, presented to the decode ranks' receivers."""
+    first_block: int = 0
+    """Leading global blocks the decode side holds already: not sent."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,11 @@ class KVConnectorMeta:
     def encode(self) -> list[int]:
         out = [len(self.expects)]
         for e in self.expects:
-            out += [e.transfer_id, e.num_tokens, len(e.block_ids), len(e.secret), *e.block_ids, *e.secret]
+            out += [e.transfer_id, e.num_tokens, e.first_block, len(e.block_ids), len(e.secret), *e.block_ids, *e.secret]
         out.append(len(self.sends))
         for s in self.sends:
-            out += [s.seq_index, s.transfer_id, s.timeout_ms, len(s.dest_layout), len(s.dest_block_ids), len(s.secret)]
+            out += [s.seq_index, s.transfer_id, s.timeout_ms, s.first_block, len(s.dest_layout), len(s.dest_block_ids),
+                    len(s.secret)]
             out += [*s.dest_layout, *s.dest_block_ids, *s.secret]
         for pairs in (self.finishes, self.releases, self.progress):
             out.append(len(pairs))
@@ -95,21 +100,21 @@ class KVConnectorMeta:
         """The metadata encoded at v[pos:], and the position after it."""
         expects = []
         for _ in range(v[pos]):
-            tid, num_tokens, nb, ns = v[pos + 1 : pos + 5]
-            start = pos + 5
+            tid, num_tokens, first, nb, ns = v[pos + 1 : pos + 6]
+            start = pos + 6
             secret = bytes(v[start + nb : start + nb + ns])
-            expects.append(KVExpect(tid, num_tokens, tuple(v[start : start + nb]), secret))
-            pos += 4 + nb + ns
+            expects.append(KVExpect(tid, num_tokens, tuple(v[start : start + nb]), secret, first))
+            pos += 5 + nb + ns
         pos += 1
         sends = []
         for _ in range(v[pos]):
-            seq_index, tid, timeout_ms, nbytes, nb, ns = v[pos + 1 : pos + 7]
-            start = pos + 7
+            seq_index, tid, timeout_ms, first, nbytes, nb, ns = v[pos + 1 : pos + 8]
+            start = pos + 8
             layout = bytes(v[start : start + nbytes])
             blocks = tuple(v[start + nbytes : start + nbytes + nb])
             secret = bytes(v[start + nbytes + nb : start + nbytes + nb + ns])
-            sends.append(KVSend(seq_index, tid, timeout_ms, layout, blocks, secret))
-            pos += 6 + nbytes + nb + ns
+            sends.append(KVSend(seq_index, tid, timeout_ms, layout, blocks, secret, first))
+            pos += 7 + nbytes + nb + ns
         pos += 1
         lists = []
         for kind in (KVFinish, TransferRef, TransferRef):

@@ -118,8 +118,10 @@ class KVConnectorScheduler:
         self._by_request[seq.request_id] = TransferRef(INCOMING, tid)
         blocks = tuple(seq.block_table)
         secret = secrets.token_bytes(SECRET_BYTES)  # only the holder of the destination may write these blocks
-        self._expects.append(KVExpect(tid, seq.num_prompt_tokens, blocks, secret))
-        return Reservation(seq.request_id, tid, blocks, seq.num_prompt_tokens, time.time() + lease_s, secret)
+        prefix = self.scheduler.prefix
+        cached = seq.num_cached_tokens // prefix.block_size if prefix is not None else 0  # held here: not sent
+        self._expects.append(KVExpect(tid, seq.num_prompt_tokens, blocks, secret, cached))
+        return Reservation(seq.request_id, tid, blocks, seq.num_prompt_tokens, time.time() + lease_s, secret, cached)
 
     def claim(self, request_id: str) -> None:
         """A Decode stream takes the reservation; its events flow from now on."""
@@ -137,7 +139,8 @@ class KVConnectorScheduler:
     def _start_decoding(self, lease: Lease) -> None:
         self._forget(lease, INCOMING)
         seq = self.scheduler.remote_ready(lease.seq.request_id, lease.first_token)
-        self.events.append(TokenEvent(seq.request_id, lease.first_token, seq.is_finished, seq.finish_reason))
+        self.events.append(TokenEvent(seq.request_id, lease.first_token, seq.is_finished, seq.finish_reason,
+                                      cached_tokens=seq.num_prefix_hit_tokens))
 
     def discard(self, request_id: str) -> None:
         """Forget a reservation whose expect never reached the ranks (the step failed)."""
@@ -161,7 +164,7 @@ class KVConnectorScheduler:
             target, timeout_s = seq.transfer
             layout = target.layout.SerializeToString()
             sends.append(KVSend(i, target.transfer_id, int(timeout_s * 1000), layout, tuple(target.block_ids),
-                                bytes(target.secret)))
+                                bytes(target.secret), target.cached_blocks))
         return tuple(sends)
 
     def sent(self, seq, first_token: int, started: float, forward_s: float, kv_bytes: int, now: float) -> None:
@@ -277,7 +280,8 @@ class KVConnectorScheduler:
         stats = {"prefill_s": out.forward_s, "transfer_s": now - out.started, "kv_bytes": out.kv_bytes}
         self.events.append(TokenEvent(seq.request_id, seq.output_token_ids[0], True, "transferred", stats=stats,
                                       logprobs=getattr(seq, "first_logprobs", None),
-                                      prompt_logprobs=getattr(seq, "prompt_logprobs", None)))
+                                      prompt_logprobs=getattr(seq, "prompt_logprobs", None),
+                                      cached_tokens=seq.num_prefix_hit_tokens))
 
     # -- what the driver asks ------------------------------------------------------
     def take_events(self) -> list[TokenEvent]:

@@ -24,6 +24,9 @@ class Reservation:
     secret: bytes = b""
     """Random per reservation: the decode ranks take KV only from senders that
     present it (it travels to the prefill node in the KVDestination)."""
+    cached_blocks: int = 0
+    """Leading blocks of block_size tokens the decode instance holds already (its
+    prefix cache): the prefill node does not send them."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class TransferTarget:
     num_tokens: int
     secret: bytes = b""
     """The reservation's secret, presented to the decode ranks' receivers."""
+    cached_blocks: int = 0
+    """Leading blocks the decode instance holds already: not sent."""
 
     @staticmethod
     def of(reservation: Reservation, layout) -> "TransferTarget":
@@ -45,7 +50,7 @@ class TransferTarget:
         own = type(layout)()
         own.CopyFrom(layout)
         return TransferTarget(reservation.transfer_id, own, reservation.block_ids, reservation.num_tokens,
-                              reservation.secret)
+                              reservation.secret, reservation.cached_blocks)
 
 
 MAX_TRANSFER_ID = 1 << 63
@@ -60,12 +65,13 @@ def check_target(target: TransferTarget, own_layout, transport: str, num_prompt_
     the request arrives, so a bad destination never reaches a rank's step."""
     from braid.kv_transfer.common import MAX_SECRET, parse_endpoint
     from braid.kv_transfer.layout import check_compatible
-    from braid.kv_transfer.planner import check_block_ids
+    from braid.kv_transfer.planner import check_block_ids, check_first_block
 
     check_compatible(own_layout, target.layout)
     if target.num_tokens != num_prompt_tokens or num_prompt_tokens < 1:
         raise ValueError(f"destination expects {target.num_tokens} tokens, the prompt has {num_prompt_tokens}")
     check_block_ids(target.layout, target.block_ids, target.num_tokens)
+    check_first_block(target.cached_blocks, target.num_tokens, target.layout.block_size)
     if not 0 <= target.transfer_id < MAX_TRANSFER_ID:
         raise ValueError(f"destination transfer_id {target.transfer_id} outside [0, 2^63)")
     if len(target.secret) > MAX_SECRET:

@@ -151,7 +151,8 @@ class KVConnectorWorker:
 
     # -- decode side -------------------------------------------------------------
     def _expect(self, e: KVExpect) -> None:
-        ranges = expected_ranges(self.layout, self.rank, e.num_tokens, list(e.block_ids), range(self.layout.num_layers))
+        ranges = expected_ranges(self.layout, self.rank, e.num_tokens, list(e.block_ids), range(self.layout.num_layers),
+                                 first_block=e.first_block)
         ref = TransferRef(INCOMING, e.transfer_id)
         want_trailer = self.rank == 0
         if not ranges and not want_trailer:
@@ -184,7 +185,7 @@ class KVConnectorWorker:
     def _begin(self, send: KVSend, seq) -> int:
         """Plan the transfer's moves (once, here) and keep this rank's pieces."""
         dest = KVLayout.FromString(send.dest_layout)
-        moves = plan(self.layout, dest, seq.end, list(seq.block_table), list(send.dest_block_ids))
+        moves = plan(self.layout, dest, seq.end, list(seq.block_table), list(send.dest_block_ids), send.first_block)
         mine = [m for m in moves if m.src_rank == self.rank]
         targets = {
             dst: (dest.ranks[dst].endpoint, pieces)
