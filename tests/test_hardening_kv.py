@@ -166,8 +166,8 @@ def test_the_secret_reaches_every_rank_in_the_step_plan():
     from braid.engine.kv_connector.metadata import KVConnectorMeta, KVExpect, KVFinish, KVSend, TransferRef
 
     meta = KVConnectorMeta(
-        expects=(KVExpect(5, 9, (3, 4, 7), bytes(range(200, 216))), KVExpect(6, 1, (1,), b"")),
-        sends=(KVSend(0, 8, 1500, b"\x01layout\xff", (2, 9), b"\x00" + bytes(range(255, 240, -1))),),
+        expects=(KVExpect(5, 9, (3, 4, 7), bytes(range(200, 216)), 2), KVExpect(6, 1, (1,), b"")),
+        sends=(KVSend(0, 8, 1500, b"\x01layout\xff", (2, 9), b"\x00" + bytes(range(255, 240, -1)), 3),),
         finishes=(KVFinish(8, 42),), releases=(TransferRef(0, 5),), progress=(TransferRef(1, 8),),
     )
     words = [99] + meta.encode() + [77]
@@ -580,7 +580,8 @@ def test_bad_destinations_are_refused_on_arrival_and_the_prefill_engine_lives(no
                 s.sendall(frame(FINISH, good.transfer_id, 1))
                 assert read_reply(s)[0] == ERROR
             bad = []
-            for mutate in ("no-blocks", "too-many-blocks", "few-tokens", "bad-endpoint", "block-size", "block-past-pool"):
+            for mutate in ("no-blocks", "too-many-blocks", "few-tokens", "bad-endpoint", "block-size", "block-past-pool",
+                           "cached-past-end"):
                 d = type(good)()
                 d.CopyFrom(good)
                 if mutate == "no-blocks":
@@ -593,6 +594,8 @@ def test_bad_destinations_are_refused_on_arrival_and_the_prefill_engine_lives(no
                     d.layout.ranks[1].endpoint = "nowhere"
                 elif mutate == "block-size":
                     d.layout.block_size = 8
+                elif mutate == "cached-past-end":  # "D holds every block": the last one must always be sent
+                    d.cached_blocks = -(-d.num_tokens // d.layout.block_size)
                 else:
                     d.block_ids[0] = 10**9
                 bad.append((mutate, d))

@@ -366,11 +366,14 @@ def test_each_block_head_leaves_prefill_once_and_reaches_every_replica(case):
 
 
 @settings(max_examples=150, deadline=None)
-@given(scenarios(), st.booleans())
-def test_pieces_cover_exactly_the_expected_ranges(case, coalesce):
+@given(scenarios(), st.booleans(), st.data())
+def test_pieces_cover_exactly_the_expected_ranges(case, coalesce, data):
     p, d, num_tokens, dtype = case
     pl, dl = p.describe(dtype), d.describe(dtype)
-    moves = plan(pl, dl, num_tokens, p.block_ids, d.block_ids)
+    # the leading blocks D already holds (its prefix cache) are neither sent nor expected
+    first = data.draw(st.integers(0, max(0, -(-num_tokens // pl.block_size) - 1)))
+    moves = plan(pl, dl, num_tokens, p.block_ids, d.block_ids, first)
+    assert moves == [m for m in plan(pl, dl, num_tokens, p.block_ids, d.block_ids) if m.global_block >= first]
     layers = range(NUM_LAYERS)
     by_pair = pieces_by_pair(moves, pl, dl, layers, coalesce=coalesce)
     if not coalesce:  # exactly the per-move pieces, layer-major
@@ -384,11 +387,12 @@ def test_pieces_cover_exactly_the_expected_ranges(case, coalesce):
     for r in range(d.world):
         # independent: the byte extent of cache[layer, block] for every block this rank stores
         probe = torch.empty(d.shape(r), dtype=INT_FOR_SIZE[elt])
-        blocks = sorted({d.place(x)[1] for x in range(num_tokens) if d.place(x)[0] == d.topos[r].cp_rank})
+        tokens = range(first * pl.block_size, num_tokens)
+        blocks = sorted({d.place(x)[1] for x in tokens if d.place(x)[0] == d.topos[r].cp_rank})
         want = {(probe[layer, blk].storage_offset() * elt, probe[layer, blk].numel() * elt) for layer in layers for blk in blocks}
-        plain = expected_ranges(dl, r, num_tokens, d.block_ids, layers, coalesce=False)
+        plain = expected_ranges(dl, r, num_tokens, d.block_ids, layers, coalesce=False, first_block=first)
         assert len(plain) == len(want) and set(plain) == want
-        merged = expected_ranges(dl, r, num_tokens, d.block_ids, layers)
+        merged = expected_ranges(dl, r, num_tokens, d.block_ids, layers, first_block=first)
         assert covered(merged) == covered(plain)
         spans = sorted((pc.dst_offset, pc.length) for (s, dr), items in by_pair.items() if dr == r for pc in items)
         for (o1, n1), (o2, _) in zip(spans, spans[1:]):

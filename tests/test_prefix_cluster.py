@@ -18,11 +18,13 @@ NEW = 6
 SHARED = prompt_of(40, seed=901)  # ten blocks
 
 
-def _cluster(tmp_path_factory, checkpoints, p_cache: bool, d_cache: bool, blocks: int = 256):
+def _cluster(tmp_path_factory, checkpoints, p_cache: bool, d_cache: bool, blocks: int = 256, more: dict | None = None):
     over = {
         "prefill": {"cache": {"block_size": B, "num_kv_blocks": blocks, "enable_prefix_caching": p_cache}},
         "decode": {"cache": {"block_size": B, "num_kv_blocks": blocks, "enable_prefix_caching": d_cache}},
     }
+    for section, values in (more or {}).items():
+        over.setdefault(section, {}).update(values)
     return Cluster(str(tmp_path_factory.mktemp("prefix")), checkpoints.get(NAME), over)
 
 
@@ -84,3 +86,28 @@ def test_small_pools_evict_in_the_middle_of_a_workload(tmp_path_factory, checkpo
         assert list(out.token_ids) == checkpoints.greedy(NAME, p, NEW)
     # prompts[5] was just served: D still holds it whole (the repeat needs no prefill node)
     assert outs[7].timings.local_prefill
+
+
+def test_chunked_prefill_on_both_nodes_with_hits(tmp_path_factory, checkpoints):
+    """Prompt budgets of 3 tokens on P (less than a block, each chunk split over
+    pcp 2) and 5 on D (odd; D prefills short prompts and fully cached ones
+    itself), with prefix hits on both sides: every answer exact."""
+    from braid.client import Client
+
+    cold = SHARED + prompt_of(5, seed=902)
+    warm = SHARED + prompt_of(7, seed=903)
+    short = prompt_of(11, seed=905)  # at most local_prefill_max_tokens: prefilled on D, in chunks of 5
+    prompts = [cold, short, warm, cold, short]
+    more = {"prefill": {"scheduler": {"max_num_batched_tokens": 3}},
+            "decode": {"scheduler": {"max_num_batched_tokens": 5}},
+            "router": {"local_prefill_max_tokens": 12}}
+    c = _cluster(tmp_path_factory, checkpoints, True, True, more=more)
+    try:
+        start_pair(c)
+        with Client(c.router.address, timeout=120) as cl:
+            outs = [_run(cl, p) for p in prompts]
+    finally:
+        c.close()
+    for p, out in zip(prompts, outs):
+        assert list(out.token_ids) == checkpoints.greedy(NAME, p, NEW)
+    assert [o.timings.local_prefill for o in outs] == [False, True, False, True, True]
