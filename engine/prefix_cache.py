@@ -81,8 +81,7 @@ class PrefixCache:
         limit = min(len(hashes), max_blocks)
         while k < limit and hashes[k] in self.index:
             k += 1
-        self.stats.queried_blocks += limit
-        self.stats.hit_blocks += k
+        # (stats are counted by the caller, once the hit is taken)
         n = self.num_shards
         shared = tuple(self.index[hashes[j * n + n - 1]] for j in range(k // n))
         tail = self.index[hashes[k - 1]] if k % n else None

@@ -126,6 +126,11 @@ class Scheduler:
         need = self.blocks.blocks_for(num_tokens) - (len(hit.shared) if hit is not None else 0)
         if not self.blocks.can_allocate(need):
             self.blocks.free(held)
+            if hit is not None and hit.copy_from is not None:
+                # the copy source's pin can take the very block a pool-filling prompt needs (and
+                # nothing running would ever free one): recompute the partly hit group instead
+                full_groups = hit.num_blocks // p.num_shards
+                return self._allocate_with_hits(seq, num_tokens, full_groups * p.num_shards * p.block_size)
             return False
         fresh = self.blocks.allocate(need)
         if hit is None:

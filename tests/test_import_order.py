@@ -22,7 +22,7 @@ NEVER = {"router": {"kernels", "engine", "node"}, "client": {"kernels", "engine"
          "engine": set()}
 NO_WIRE = {"engine": ("grpc", "google.protobuf")}
 """The engine knows nothing of gRPC; protobuf reaches it only as the KV layout through kv_transfer."""
-PLAIN_PROTO = {"braid.proto.sampling_rules"}
+PLAIN_PROTO = {"braid.proto.sampling_rules", "braid.proto.prefix_hash"}
 """Plain-Python parts of the wire contract (no protobuf import) that the engine shares with the router."""
 
 
