@@ -31,10 +31,15 @@ class Timings:
     decode_node: str = ""
     local_prefill: bool = False
     prefill_attempts: int = 0
+    cached_prompt_tokens: int = 0
+    """Prompt tokens whose KV came from a node's prefix cache instead of being computed
+    (GenerateResponse.cached_prompt_tokens of the last chunk)."""
 
     @classmethod
-    def from_proto(cls, pb: common_pb2.Timings) -> Timings:
-        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls)})
+    def from_proto(cls, pb: common_pb2.Timings, cached_prompt_tokens: int = 0) -> Timings:
+        wire = pb.DESCRIPTOR.fields_by_name
+        return cls(**{f.name: getattr(pb, f.name) for f in fields(cls) if f.name in wire},
+                   cached_prompt_tokens=cached_prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ def chunk_from_proto(resp: router_pb2.GenerateResponse) -> Chunk:
         text=resp.text,
         finished=resp.finished,
         finish_reason=FINISH_REASON_NAMES.get(resp.finish_reason),
-        timings=Timings.from_proto(resp.timings) if resp.HasField("timings") else None,
+        timings=Timings.from_proto(resp.timings, resp.cached_prompt_tokens) if resp.HasField("timings") else None,
         prompt_tokens=resp.prompt_tokens or None,
         logprobs=_logprobs(resp.logprobs),
         prompt_logprobs=_logprobs(resp.prompt_logprobs),

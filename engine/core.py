@@ -21,6 +21,7 @@ requests alone with an error TokenEvent (their blocks freed); the engine goes on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
@@ -281,6 +282,10 @@ class EngineCore:
         if not rows:
             return tokens, {}
         picked = logits if len(rows) == len(seqs) else logits[torch.tensor(rows, device=logits.device)]
+        for i in rows:
+            seq = seqs[i]
+            if seq.generator is not None:  # output token k draws from (seed, k) alone: see draw_seed
+                seq.generator.manual_seed(draw_seed(seq.params.seed, seq.num_output_tokens))
         try:
             got, bad = self.sampler.sample(picked, [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
         except Exception as e:  # noqa: BLE001 - a sampler bug fails this step's requests, not the engine
@@ -354,6 +359,16 @@ def _sampled_logprobs(logits: torch.Tensor, seqs, tokens: list[int], rows: list[
     index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
     found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], most)
     return {i: dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]) for i, lp in zip(rows, found)}
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The generator seed of a seeded request's output token `index`. Each token's draw
+    depends on the request's seed and the token's index only, not on the draws before
+    it: the same seed gives the same tokens whether the first one was sampled on a
+    prefill node or on the decode node (a prompt its prefix cache holds), after a
+    preemption, or beside other requests."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def make_prefix_cache(cfg: EngineConfig, model_config, blocks: BlockManager) -> PrefixCache | None:

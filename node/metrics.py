@@ -1,4 +1,19 @@
-"""A node's Prometheus metrics (its own registry, so several nodes can share a process in tests)."""
+"""A node's Prometheus metrics (its own registry, so several nodes can share a process in tests).
+
+Load gauges come from the engine's load snapshot; the prefix cache and chunked
+prefill counters from the engine reading the node takes on the engine thread
+(braid.node.prefix_publish.EngineReading), every 0.5 s:
+
+  braid_node_prefix_queried_blocks_total   full prompt blocks looked up in the prefix cache
+  braid_node_prefix_hit_blocks_total       of those, found (reused)
+  braid_node_prefix_hit_rate               hit / queried blocks since the engine started
+  braid_node_prefix_cached_tokens_total    prompt tokens reused from the cache (hit blocks * block size)
+  braid_node_prefix_evicted_blocks_total   cached virtual blocks evicted to make room
+  braid_node_prefix_copied_blocks_total    partly hit virtual blocks copied (copy on write)
+  braid_node_prefix_cached_blocks          virtual blocks the cache holds now (idle or in use)
+  braid_node_prefill_partial_chunks_total  prompt chunks that did not finish their prompt (a prompt over
+                                           the step's token budget runs in several chunks: all but its last)
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,9 +35,41 @@ class NodeMetrics:
         self.engine_up = Gauge("braid_node_engine_up", "1 while the engine runs; 0 once it died (the node then exits)",
                                registry=r)
         self.engine_up.set(1)
+        self._cache_counters = {
+            name: Counter(f"braid_node_prefix_{name}", doc, registry=r) for name, doc in (
+                ("queried_blocks", "Full prompt blocks looked up in the prefix cache"),
+                ("hit_blocks", "Prompt blocks found in the prefix cache"),
+                ("cached_tokens", "Prompt tokens reused from the prefix cache"),
+                ("evicted_blocks", "Cached KV blocks evicted to make room"),
+                ("copied_blocks", "Partly hit KV blocks copied (copy on write)"),
+            )
+        }
+        self._cache_counters["num_chunks"] = Counter("braid_node_prefill_partial_chunks",
+                                                     "Prompt chunks that did not finish their prompt", registry=r)
+        self.prefix_hit_rate = Gauge("braid_node_prefix_hit_rate", "Prefix cache hit blocks / queried blocks",
+                                     registry=r)
+        self.prefix_cached_blocks = Gauge("braid_node_prefix_cached_blocks", "KV blocks the prefix cache holds",
+                                          registry=r)
+        self._cache_seen: dict[str, int] = {}
+        """The cumulative engine counts already added to the counters."""
 
     def observe_load(self, load) -> None:
         self.free_blocks.set(load.free_kv_blocks)
         self.reserved_blocks.set(load.reserved_blocks)
         self.running.set(load.running_seqs)
         self.waiting.set(load.waiting_seqs)
+
+    def observe_cache(self, reading) -> None:
+        """Counters from an EngineReading (cumulative engine counts: each adds what is new)."""
+        totals = dict(reading.stats)
+        totals["cached_tokens"] = totals.get("hit_blocks", 0) * reading.block_size
+        totals["num_chunks"] = reading.num_chunks
+        for name, counter in self._cache_counters.items():
+            value = int(totals.get(name, 0))
+            new = value - self._cache_seen.get(name, 0)
+            if new > 0:
+                counter.inc(new)
+                self._cache_seen[name] = value
+        queried = totals.get("queried_blocks", 0)
+        self.prefix_hit_rate.set(totals.get("hit_blocks", 0) / queried if queried else 0.0)
+        self.prefix_cached_blocks.set(reading.cached_blocks)

@@ -9,7 +9,9 @@ A node's life:
   serve   while etcd is merely unreachable it keeps serving (routers keep their
           last view too); only a lease etcd confirms gone makes it refuse new
           work (UNAVAILABLE) until it has re-registered; requests in flight go on.
-          Load reports are clamped into the wire's ranges, so they never fail.
+          Load reports are clamped into the wire's ranges, so they never fail; each
+          carries what the prefix cache gained and lost since what the asking router
+          holds (node.prefix_publish), read on the engine thread.
   death   the engine died (a rank process died): health NOT_SERVING, GetLoad
           UNAVAILABLE, lease revoked (routers drop it at once), `failed` set;
           the serve command then stops it and exits non-zero (to be restarted)
@@ -33,6 +35,7 @@ from braid.discovery.base import LOST_LEASE_GONE, DiscoveryConfig
 from braid.engine.async_engine import AsyncEngine, EngineDead
 from braid.node.config import NodeConfig
 from braid.node.metrics import NodeMetrics
+from braid.node.prefix_publish import PrefixPublisher, read_engine
 from braid.proto import common_pb2
 from braid.proto.names import ROLES_BY_NAME
 from braid.proto.tls import PeerAllowList, add_port
@@ -40,6 +43,9 @@ from braid.proto.tls import PeerAllowList, add_port
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PREFIX_REFRESH_S = 0.1
+"""A GetLoad finding the prefix mirror older than this starts a refresh (it answers at once
+from the mirror, so a router sees a change one poll later at most)."""
 
 
 class NodeRuntime:
@@ -60,6 +66,10 @@ class NodeRuntime:
         self.inflight = 0
         self._metrics_server = None
         self._load_task: asyncio.Task | None = None
+        self.prefix = PrefixPublisher()
+        """The mirror of the engine's prefix cache that load reports publish (node.prefix_publish)."""
+        self._prefix_task: asyncio.Task | None = None
+        self._prefix_read_s = 0.0
         self._stopping = False
         self.service_name = ""
         self.fatal: BaseException | None = None
@@ -177,11 +187,31 @@ class NodeRuntime:
     async def _publish_load(self) -> None:
         while True:
             if self.engine is not None and self.engine.dead is None:
+                self._refresh_prefix()
                 try:
                     self.metrics.observe_load(self.load())
+                    self.metrics.observe_cache(self.prefix.reading)
                 except Exception:  # noqa: BLE001 - metrics must not stop on one bad report
                     log.exception("load metrics failed")
             await asyncio.sleep(0.5)
+
+    def _refresh_prefix(self) -> None:
+        """Start reading the engine's prefix cache into the mirror, unless a read is under way.
+        The read runs on the engine thread (between steps): the cache is never iterated
+        while the engine mutates it."""
+        if self._prefix_task is not None and not self._prefix_task.done():
+            return
+        self._prefix_read_s = time.monotonic()
+        self._prefix_task = asyncio.get_running_loop().create_task(self._read_prefix())
+
+    async def _read_prefix(self) -> None:
+        since = self.prefix.seq_no
+        try:
+            reading = await self.engine.call(lambda core: read_engine(core, since))
+        except Exception as e:  # noqa: BLE001 - a dead engine ends the node elsewhere; keep the last mirror
+            log.debug("prefix cache read failed: %r", e)
+            return
+        self.prefix.apply(reading)
 
     def load(self) -> common_pb2.Load:
         """The engine's load as the wire message; EngineDead once the engine died (a
@@ -190,12 +220,20 @@ class NodeRuntime:
             raise EngineDead(str(self.fatal or "engine stopped"))
         return clamp_load(self.engine.load)
 
-    async def get_load(self, context) -> common_pb2.Load:
-        """GetLoad's answer: the load, or UNAVAILABLE once the engine died."""
+    async def get_load(self, context, request: common_pb2.LoadRequest | None = None) -> common_pb2.Load:
+        """GetLoad's answer: the load with the prefix cache's changes since what the
+        asking router holds (`request`), or UNAVAILABLE once the engine died."""
         try:
-            return self.load()
+            load = self.load()
         except EngineDead as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.role} node {self.node_id}: engine stopped: {e}")
+        if time.monotonic() - self._prefix_read_s > PREFIX_REFRESH_S:
+            self._refresh_prefix()
+        req = request or common_pb2.LoadRequest()
+        delta = self.prefix.delta(req.cache_generation, req.cache_seq_no)
+        if delta is not None:
+            load.prefix_cache.CopyFrom(delta)
+        return load
 
     # -- stop ------------------------------------------------------------------
     async def stop(self) -> None:
@@ -217,6 +255,8 @@ class NodeRuntime:
             self.server = None
         if self._load_task is not None:
             self._load_task.cancel()
+        if self._prefix_task is not None:
+            self._prefix_task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
@@ -233,6 +273,8 @@ def clamp_load(values: dict) -> common_pb2.Load:
 
     out = {}
     for f in common_pb2.Load.DESCRIPTOR.fields:
+        if f.type == FieldDescriptor.TYPE_MESSAGE:  # prefix_cache: added by get_load, not a number
+            continue
         try:
             v = int(values.get(f.name, 0))
         except (TypeError, ValueError, OverflowError):  # None, NaN, inf

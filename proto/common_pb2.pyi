@@ -163,20 +163,46 @@ class Capacity(_message.Message):
     def __init__(self, num_kv_blocks: _Optional[int] = ..., tokens_per_block: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("queued_prefill_tokens", "free_kv_blocks", "total_kv_blocks", "running_seqs", "waiting_seqs", "reserved_blocks")
+    __slots__ = ("queued_prefill_tokens", "free_kv_blocks", "total_kv_blocks", "running_seqs", "waiting_seqs", "reserved_blocks", "prefix_cache")
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQS_FIELD_NUMBER: _ClassVar[int]
     WAITING_SEQS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     queued_prefill_tokens: int
     free_kv_blocks: int
     total_kv_blocks: int
     running_seqs: int
     waiting_seqs: int
     reserved_blocks: int
-    def __init__(self, queued_prefill_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., reserved_blocks: _Optional[int] = ...) -> None: ...
+    prefix_cache: PrefixCacheDelta
+    def __init__(self, queued_prefill_tokens: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheDelta, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheDelta(_message.Message):
+    __slots__ = ("seed", "block_size", "generation", "seq_no", "snapshot", "added", "evicted", "since_seq_no", "truncated", "num_hashes")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_NO_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQ_NO_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    NUM_HASHES_FIELD_NUMBER: _ClassVar[int]
+    seed: bytes
+    block_size: int
+    generation: int
+    seq_no: int
+    snapshot: bool
+    added: _containers.RepeatedScalarFieldContainer[int]
+    evicted: _containers.RepeatedScalarFieldContainer[int]
+    since_seq_no: int
+    truncated: bool
+    num_hashes: int
+    def __init__(self, seed: _Optional[bytes] = ..., block_size: _Optional[int] = ..., generation: _Optional[int] = ..., seq_no: _Optional[int] = ..., snapshot: _Optional[bool] = ..., added: _Optional[_Iterable[int]] = ..., evicted: _Optional[_Iterable[int]] = ..., since_seq_no: _Optional[int] = ..., truncated: _Optional[bool] = ..., num_hashes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "role", "address", "model_id", "layout", "capacity", "cluster", "transport", "started_at_ms", "metrics_address")
@@ -249,5 +275,9 @@ class AbortResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cache_generation", "cache_seq_no")
+    CACHE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SEQ_NO_FIELD_NUMBER: _ClassVar[int]
+    cache_generation: int
+    cache_seq_no: int
+    def __init__(self, cache_generation: _Optional[int] = ..., cache_seq_no: _Optional[int] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from braid.proto import common_pb2 as braid_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62raid/proto/router.proto\x12\x08\x62raid.v1\x1a\x18\x62raid/proto/common.proto\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.braid.v1.TokenIdsH\x00\x12\x1e\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x0e.braid.v1.ChatH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\xba\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.braid.v1.FinishReason\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.braid.v1.Timings\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.braid.v1.ChatMessage\"\x12\n\x10ListNodesRequest\"_\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.braid.v1.NodeInfo\x12\x1c\n\x04load\x18\x02 \x01(\x0b\x32\x0e.braid.v1.Load\x12\x11\n\treachable\x18\x03 \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.braid.v1.NodeStatus2\x93\x01\n\x06Router\x12\x43\n\x08Generate\x12\x19.braid.v1.GenerateRequest\x1a\x1a.braid.v1.GenerateResponse0\x01\x12\x44\n\tListNodes\x12\x1a.braid.v1.ListNodesRequest\x1a\x1b.braid.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62raid/proto/router.proto\x12\x08\x62raid.v1\x1a\x18\x62raid/proto/common.proto\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.braid.v1.TokenIdsH\x00\x12\x1e\n\x04\x63hat\x18\x06 \x01(\x0b\x32\x0e.braid.v1.ChatH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.braid.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\xd8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.braid.v1.FinishReason\x12\"\n\x07timings\x18\x06 \x01(\x0b\x32\x11.braid.v1.Timings\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.braid.v1.TokenLogprobs\x12\x18\n\x10prompt_token_ids\x18\n \x03(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x0b \x01(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"/\n\x04\x43hat\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.braid.v1.ChatMessage\"\x12\n\x10ListNodesRequest\"_\n\nNodeStatus\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.braid.v1.NodeInfo\x12\x1c\n\x04load\x18\x02 \x01(\x0b\x32\x0e.braid.v1.Load\x12\x11\n\treachable\x18\x03 \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.braid.v1.NodeStatus2\x93\x01\n\x06Router\x12\x43\n\x08Generate\x12\x19.braid.v1.GenerateRequest\x1a\x1a.braid.v1.GenerateResponse0\x01\x12\x44\n\tListNodes\x12\x1a.braid.v1.ListNodesRequest\x1a\x1b.braid.v1.ListNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=65
   _globals['_GENERATEREQUEST']._serialized_end=265
   _globals['_GENERATERESPONSE']._serialized_start=268
-  _globals['_GENERATERESPONSE']._serialized_end=582
-  _globals['_CHATMESSAGE']._serialized_start=584
-  _globals['_CHATMESSAGE']._serialized_end=628
-  _globals['_CHAT']._serialized_start=630
-  _globals['_CHAT']._serialized_end=677
-  _globals['_LISTNODESREQUEST']._serialized_start=679
-  _globals['_LISTNODESREQUEST']._serialized_end=697
-  _globals['_NODESTATUS']._serialized_start=699
-  _globals['_NODESTATUS']._serialized_end=794
-  _globals['_LISTNODESRESPONSE']._serialized_start=796
-  _globals['_LISTNODESRESPONSE']._serialized_end=852
-  _globals['_ROUTER']._serialized_start=855
-  _globals['_ROUTER']._serialized_end=1002
+  _globals['_GENERATERESPONSE']._serialized_end=612
+  _globals['_CHATMESSAGE']._serialized_start=614
+  _globals['_CHATMESSAGE']._serialized_end=658
+  _globals['_CHAT']._serialized_start=660
+  _globals['_CHAT']._serialized_end=707
+  _globals['_LISTNODESREQUEST']._serialized_start=709
+  _globals['_LISTNODESREQUEST']._serialized_end=727
+  _globals['_NODESTATUS']._serialized_start=729
+  _globals['_NODESTATUS']._serialized_end=824
+  _globals['_LISTNODESRESPONSE']._serialized_start=826
+  _globals['_LISTNODESRESPONSE']._serialized_end=882
+  _globals['_ROUTER']._serialized_start=885
+  _globals['_ROUTER']._serialized_end=1032
 # @@protoc_insertion_point(module_scope)

@@ -338,6 +338,14 @@ class Attempt:
         self.release(f"decode node failed: {why}")
         raise RequestError(Code.UNAVAILABLE, f"decode node {node.node_id} failed after {num_tokens} tokens: {why}")
 
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens whose KV came from a prefix cache, for the client's usage: the
+        prefill node's own hit (its reply) after a remote prefill, the decode node's (its
+        first message) after a local one; 0 while P's reply is not in."""
+        if self.prefill is None:
+            return self.first.cached_tokens if self.first is not None else 0
+        return self.prefill_resp.cached_tokens if self.prefill_resp is not None else 0
+
     async def collect_prefill(self, req: RequestInput) -> None:
         """D finished: wait briefly for P's reply (its timings), then close the attempt;
         a reply still missing is cancelled and P told to abort."""

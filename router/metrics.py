@@ -18,6 +18,7 @@ Names (all prefixed `braid_router_`):
   prefill_failures_total{code}   failed prefill attempts by status (node side)
   local_prefill_total            requests prefilled on their decode node
   output_tokens_total            tokens streamed to clients
+  cached_prompt_tokens_total     prompt tokens the nodes took from their prefix caches (as reported in usage)
   nodes{role,reachable}          nodes in the view
   http_requests_total{route,status}  HTTP API requests (braid.router.http_api) by route and HTTP status
                                  (route "other" for paths it does not serve); each choice of one is
@@ -63,6 +64,8 @@ class RouterMetrics:
         self.prefill_failures = Counter(f"{PREFIX}_prefill_failures", "Failed prefill attempts by status", ["code"], registry=r)
         self.local_prefill = Counter(f"{PREFIX}_local_prefill", "Requests prefilled on their decode node", registry=r)
         self.output_tokens = Counter(f"{PREFIX}_output_tokens", "Tokens streamed to clients", registry=r)
+        self.cached_prompt_tokens = Counter(f"{PREFIX}_cached_prompt_tokens",
+                                            "Prompt tokens taken from the nodes' prefix caches", registry=r)
         self.nodes = Gauge(f"{PREFIX}_nodes", "Nodes in the router's view", ["role", "reachable"], registry=r)
         self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP API requests by route and status",
                                      ["route", "status"], registry=r)

@@ -22,6 +22,12 @@ Life of a node in the view:
 4. Discovery drops it: the poller stops, the policies forget it, and its
    channel closes once the calls still running on it end (bounded by a grace
    period), so requests in flight are not cut by a membership blip.
+
+Prefix caches: each poll tells the node what the entry holds of its prefix cache
+(`PublishedPrefixes`, braid.router.prefix_view) and applies the changes the node
+answers with; the set lives and dies with the entry (a restarted node is a new
+entry with an empty set), and is emptied when the node stops publishing. The
+load kept for ListNodes keeps the node's report without its hash lists.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ from braid.proto.names import ROLE_NAMES
 from braid.proto import common_pb2, nodes_pb2_grpc, router_pb2
 from braid.proto.tls import TlsConfig, open_channel
 from braid.router.policies import Candidate, NodeLoad, Policy
+from braid.router.prefix_view import PublishedPrefixes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,8 @@ class NodeEntry:
     """The rule that takes it out of routing and back (the view sets the configured one)."""
     polls: int = 0
     """Polls done (answered or not)."""
+    prefix: PublishedPrefixes = field(default_factory=PublishedPrefixes)
+    """What the node's prefix cache holds, as it published it."""
 
     @property
     def node_id(self) -> str:
@@ -85,7 +94,19 @@ class NodeEntry:
             role=self.role,
             load=NodeLoad.from_proto(self.load),
             max_num_seqs=int(self.info.capacity.max_num_seqs),
+            prefix=self.prefix if self.prefix.synced else None,
         )
+
+    def take_load(self, load: common_pb2.Load) -> None:
+        """Keep an answered poll's load, applying its prefix cache changes."""
+        if load.HasField("prefix_cache"):
+            if not self.prefix.apply(load.prefix_cache):
+                log.info("router: node %s: prefix cache report out of step; resyncing", self.node_id)
+            del load.prefix_cache.added[:]  # applied: ListNodes need not carry them
+            del load.prefix_cache.evicted[:]
+        elif self.prefix.synced:
+            self.prefix.reset()  # it publishes no more (caching off, or an older build)
+        self.load = load
 
     def status(self) -> router_pb2.NodeStatus:
         return router_pb2.NodeStatus(info=self.info, load=self.load, reachable=self.reachable)
@@ -243,7 +264,8 @@ class NodeView:
     async def _poll(self, entry: NodeEntry) -> None:
         while True:
             try:
-                load = await entry.stub.GetLoad(common_pb2.LoadRequest(), timeout=self._rpc_timeout_s)
+                load = await entry.stub.GetLoad(common_pb2.LoadRequest(**entry.prefix.request_fields()),
+                                                timeout=self._rpc_timeout_s)
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as e:
@@ -254,7 +276,7 @@ class NodeView:
             except Exception as e:  # a poll must never kill the poller
                 self._mark(entry, False, repr(e))
             else:
-                entry.load = load
+                entry.take_load(load)
                 entry.last_poll_s = time.monotonic()
                 self._mark(entry, True, "")
             entry.polls += 1

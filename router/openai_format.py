@@ -95,6 +95,8 @@ class Choice:
         """Logprob entries (token_id, logprob or None, top alternatives or None)."""
         self.finish: str | None = None
         self.prompt_tokens = 0
+        self.cached_tokens = 0
+        """Prompt tokens the nodes took from a prefix cache (the last chunk says)."""
         self.started = False
         self.max_model_len = max_model_len
         self.budget: int | None = None
@@ -104,6 +106,8 @@ class Choice:
         """(new text, new logprob entries, cut): `cut` when the context budget ended the
         output here (the request must be cancelled on its nodes)."""
         text, entries = "", []
+        if msg.finished:
+            self.cached_tokens = msg.cached_prompt_tokens
         if not self.started:
             self.started = True
             self.prompt_tokens = msg.prompt_tokens
@@ -178,11 +182,17 @@ def chat_logprobs(tt: TokenText, entries: list) -> dict:
 
 
 def usage(choices: list[Choice]) -> dict:
-    """Prompt tokens once per prompt; completion tokens of every choice."""
+    """Prompt tokens once per prompt; completion tokens of every choice; cached prompt
+    tokens (`prompt_tokens_details.cached_tokens`, as OpenAI reports them) once per
+    prompt: the fewest any of its choices found cached (the prompt as computed once)."""
     prompts = {c.job.prompt_index: c.prompt_tokens for c in choices}
+    cached: dict[int, int] = {}
+    for c in choices:
+        cached[c.job.prompt_index] = min(cached.get(c.job.prompt_index, c.cached_tokens), c.cached_tokens)
     prompt = sum(prompts.values())
     completion = sum(len(c.ids) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
 
 def _envelope(req: OpenAIRequest, obj: str, model: str, choices: list, usage_: dict | None) -> dict:

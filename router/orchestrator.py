@@ -28,7 +28,8 @@
         prefill node has failed the request it fails: no silent recompute on D.
         INVALID_ARGUMENT from a node goes to the client as is, never retried.
     STREAMING: each DecodeResponse becomes a GenerateResponse (prompt_tokens on
-        the first, finished + finish_reason + Timings on the last) -> DONE.
+        the first, finished + finish_reason + Timings + cached_prompt_tokens on
+        the last) -> DONE.
     STREAMING fails (D errors or ends without finishing): P and D are aborted;
         the client gets UNAVAILABLE (DEADLINE_EXCEEDED once the deadline passed).
     Client cancel or deadline, in any state: the current attempt's calls are
@@ -345,6 +346,8 @@ class Orchestrator:
                 else:
                     await attempt.collect_prefill(req)
                 out.timings.CopyFrom(self._timings(attempt, req, first_token_s, num_tokens))
+                out.cached_prompt_tokens = attempt.cached_prompt_tokens()
+                self.metrics.cached_prompt_tokens.inc(out.cached_prompt_tokens)
                 await context.write(out)
                 return
             await context.write(out)

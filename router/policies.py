@@ -5,7 +5,8 @@ policy object per pool (one for prefill nodes, one for decode nodes) and, for
 each request:
 
 1. builds the candidates from its membership view: one `Candidate` per node
-   that may take work, with the node's latest reported `NodeLoad`;
+   that may take work, with the node's latest reported `NodeLoad` and the
+   block hashes its prefix cache published (`PublishedPrefixes`, or None);
 2. calls `policy.choose(candidates, RouteRequest(prompt_token_ids, session_id))`,
    which returns one of the candidates or raises `NoNodes` when there are none
    (the router answers UNAVAILABLE);
@@ -24,13 +25,14 @@ import hashlib
 import inspect
 import random
 from abc import ABC, abstractmethod
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from braid.client.types import Load
+from braid.proto.prefix_hash import block_hashes
+from braid.router.prefix_view import PublishedPrefixes
 
 NodeLoad = Load
 """A node's latest reported load: the client's `Load` record (one definition for both)."""
@@ -58,6 +60,8 @@ class Candidate:
     load: NodeLoad = NodeLoad()
     max_num_seqs: int = 0
     """The node's batch limit (Capacity.max_num_seqs); 0 = unknown."""
+    prefix: PublishedPrefixes | None = None
+    """What the node's prefix cache holds, as it published it; None: it publishes nothing."""
 
     def __post_init__(self):
         if self.role not in (PREFILL, DECODE):
@@ -70,9 +74,20 @@ class RouteRequest:
 
     prompt_token_ids: tuple[int, ...] = ()
     session_id: str = ""
+    _hashes: dict = field(default_factory=dict, compare=False, repr=False)
+    """(seed, block_size) -> the prompt's block hashes: computed once per request, shared
+    by its prefill and decode choices and its retries."""
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))
+
+    def block_hashes(self, block_size: int, seed: bytes = b"") -> list[int]:
+        """The prompt's chained block hashes (braid.proto.prefix_hash) for this seed and block size."""
+        key = (seed, block_size)
+        hashes = self._hashes.get(key)
+        if hashes is None:
+            hashes = self._hashes[key] = block_hashes(self.prompt_token_ids, block_size, seed)
+        return hashes
 
 
 def load_score(c: Candidate) -> float:
@@ -165,30 +180,32 @@ class LeastLoaded(Policy):
         return b if self._score(b) < self._score(a) else a
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the full `block_size`-token blocks of a prompt.
-
-    Hash i covers blocks 0..i (it is seeded with hash i-1), so equal hashes mean
-    equal prefixes. A trailing partial block is not hashed: it cannot be shared.
-    """
-    out: list[int] = []
-    prev = b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = array("I", token_ids[start : start + block_size]).tobytes()
-        prev = hashlib.blake2b(prev + block, digest_size=8).digest()
-        out.append(int.from_bytes(prev, "little"))
-    return out
+DECODE_LOAD_SLACK = 0.5
+"""prefix_aware: how much higher a decode node's load score (KV fraction + batch fraction)
+than the least loaded candidate's may be before its cached prefix no longer counts."""
 
 
 class PrefixAware(Policy):
-    """The node that was recently sent the longest prefix of this prompt.
+    """The node holding the longest prefix of the prompt, unless it is much busier.
 
-    Per node it keeps an LRU set of at most `max_blocks_per_node` block hashes it
-    was sent. The match of a node is the number of leading prompt blocks in its
-    set. The longest match wins; ties go to the lower load score, then to a
-    random one of the tied (`rng`). The chosen node then records all the prompt's
-    blocks, the last block first so that a prefix outlives its continuations
-    under eviction (the first block is the most recently used).
+    Each node's match is a number of prompt tokens:
+      - a node that publishes its prefix cache (`Candidate.prefix`): its cached
+        prefix, the leading prompt blocks (hashed with the node's own seed and block
+        size) found in its published set, times its block size;
+      - any other node (caching off, an older node): the guess from recent routing,
+        the leading prompt blocks (of `block_size` tokens, unseeded hashes) found in
+        an LRU set of at most `max_blocks_per_node` hashes of the blocks it was sent,
+        times `block_size`.
+    A published match only counts while the node is not much busier than the least
+    loaded candidate (load score `base`): it is dropped to 0 when, for a prefill
+    node, its score (queued prefill tokens) exceeds `base` by more than the matched
+    tokens (the queue ahead of it costs more than its cache saves), and for a decode
+    node when its score exceeds `base` by more than `decode_load_slack`. A guessed
+    match always counts (as before nodes published their caches). The largest
+    counted match wins; ties go to the lower load score, then to a random one of the
+    tied (`rng`). A chosen node that publishes nothing then records all the
+    prompt's blocks in its guess set, the last block first so that a prefix
+    outlives its continuations under eviction.
     """
 
     name = "prefix_aware"
@@ -199,19 +216,23 @@ class PrefixAware(Policy):
         max_blocks_per_node: int = 1 << 16,
         rng: random.Random | None = None,
         score: ScoreFn = load_score,
+        decode_load_slack: float = DECODE_LOAD_SLACK,
     ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if max_blocks_per_node < 1:
             raise ValueError(f"max_blocks_per_node must be >= 1, got {max_blocks_per_node}")
+        if decode_load_slack < 0:
+            raise ValueError(f"decode_load_slack must be >= 0, got {decode_load_slack}")
         self.block_size = block_size
         self.max_blocks_per_node = max_blocks_per_node
+        self.decode_load_slack = decode_load_slack
         self._rng = rng if rng is not None else random.Random()
         self._score = score
         self._blocks: dict[str, OrderedDict[int, None]] = {}
 
     def matched_blocks(self, node_id: str, hashes: Sequence[int]) -> int:
-        """How many leading blocks of `hashes` the node holds."""
+        """How many leading blocks of `hashes` the node holds by the routing guess."""
         held = self._blocks.get(node_id, {})
         n = 0
         while n < len(hashes) and hashes[n] in held:
@@ -219,16 +240,36 @@ class PrefixAware(Policy):
         return n
 
     def held_blocks(self, node_id: str) -> list[int]:
-        """The node's block hashes, least recently used first."""
+        """The node's guessed block hashes, least recently used first."""
         return list(self._blocks.get(node_id, ()))
 
+    def cached_tokens(self, node: Candidate, request: RouteRequest) -> tuple[int, bool]:
+        """(prompt tokens the node holds, whether it published them rather than guessed)."""
+        p = node.prefix
+        if p is not None:
+            return p.matched_blocks(request.block_hashes(p.block_size, p.seed)) * p.block_size, True
+        return self.matched_blocks(node.node_id, request.block_hashes(self.block_size)) * self.block_size, False
+
+    def _counted(self, node: Candidate, tokens: int, published: bool, base: float) -> int:
+        """The match that counts, given the least load score `base` (see the class docstring)."""
+        if not published or tokens == 0:
+            return tokens
+        extra = self._score(node) - base
+        slack = tokens if node.role == PREFILL else self.decode_load_slack
+        return 0 if extra > slack else tokens
+
     def _choose(self, nodes, request):
-        hashes = block_hashes(request.prompt_token_ids, self.block_size)
-        keys = {n.node_id: (-self.matched_blocks(n.node_id, hashes), self._score(n)) for n in nodes}
+        scores = {n.node_id: self._score(n) for n in nodes}
+        base = min(scores.values())
+        keys = {}
+        for n in nodes:
+            tokens, published = self.cached_tokens(n, request)
+            keys[n.node_id] = (-self._counted(n, tokens, published, base), scores[n.node_id])
         best = min(keys.values())
         tied = [n for n in nodes if keys[n.node_id] == best]
         pick = tied[0] if len(tied) == 1 else self._rng.choice(tied)
-        self.record(pick.node_id, hashes)
+        if pick.prefix is None:
+            self.record(pick.node_id, request.block_hashes(self.block_size))
         return pick
 
     def record(self, node_id: str, hashes: Sequence[int]) -> None:

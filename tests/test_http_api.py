@@ -191,6 +191,22 @@ def test_async_streaming_with_usage(cluster, checkpoints, tok):
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (9, 14)
 
 
+def test_usage_reports_cached_prompt_tokens(cluster, oai, checkpoints, tok):
+    """A repeated prompt's usage counts the tokens its node took from a prefix cache, as
+    OpenAI's prompt_tokens_details.cached_tokens: every full block of the prompt but the
+    one holding its last token (always computed: it yields the first token); block size 4
+    (tests/cluster_harness.py), in streamed usage too."""
+    prompt = prompt_of(4 * 6 + 3, seed=77)
+    cold = oai.completions.create(model=NAME, prompt=prompt, max_tokens=5, **GREEDY)
+    warm = oai.completions.create(model=NAME, prompt=prompt, max_tokens=5, **GREEDY)
+    assert cold.choices[0].text == warm.choices[0].text == tok.decode(_greedy(checkpoints, prompt, 5))
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert warm.usage.prompt_tokens_details.cached_tokens == (len(prompt) - 1) // 4 * 4 == 24
+    stream = oai.completions.create(model=NAME, prompt=prompt, max_tokens=5, stream=True,
+                                    stream_options={"include_usage": True}, **GREEDY)
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == 24
+
+
 # -- stop strings through the cluster ---------------------------------------------------
 
 

@@ -33,7 +33,8 @@ def test_token_ids_round_trip_and_fake_model_listed():
         assert status == 200
         assert await c.metric('braid_router_http_requests_total{route="/v1/completions",status="200"}') == 1.0
         out = json.loads(raw)
-        assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 4, "total_tokens": len(PROMPT) + 4}
+        assert out["usage"] == {"prompt_tokens": len(PROMPT), "completion_tokens": 4, "total_tokens": len(PROMPT) + 4,
+                                "prompt_tokens_details": {"cached_tokens": 0}}
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://{c.router.http_address}/v1/models") as r:
                 assert [m["id"] for m in (await r.json())["data"]] == ["fake"]

@@ -27,10 +27,10 @@ from braid.router.policies import (
     RoundRobin,
     RouteRequest,
     SessionAffinity,
-    block_hashes,
     load_score,
     make_policy,
 )
+from braid.proto.prefix_hash import block_hashes
 
 pytestmark = pytest.mark.timeout(120)
 

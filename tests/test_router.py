@@ -103,6 +103,10 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
         """Requests (reserved or streaming) it holds at most; Reserve beyond that
         answers RESOURCE_EXHAUSTED, as a node with no free KV blocks does."""
         self.peak = 0
+        self.cached_tokens = 0
+        """DecodeResponse.cached_tokens of each stream's first message."""
+        self.publisher = None
+        """A braid.node.prefix_publish.PrefixPublisher whose set GetLoad publishes, or None."""
 
     def held(self) -> int:
         return len(self.reservations) + len(self.streams)
@@ -206,6 +210,7 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
                     nodes_pb2.DecodeResponse(
                         token_ids=[tok], finished=finished, finish_reason=reason,
                         kv_ready_s=time.monotonic() - started if i == 0 else 0.0,
+                        cached_tokens=self.cached_tokens if i == 0 else 0,
                     )
                 )
                 if finished:
@@ -226,9 +231,9 @@ class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
     async def GetLoad(self, request, context):
         await self._alive(context)
         reserved = self.reserved_blocks()
-        return common_pb2.Load(
+        return published(self.publisher, request, common_pb2.Load(
             free_kv_blocks=100 - reserved, total_kv_blocks=100, running_seqs=len(self.streams), reserved_blocks=reserved,
-        )
+        ))
 
 
 class FakePrefill(nodes_pb2_grpc.PrefillNodeServicer):
@@ -242,6 +247,10 @@ class FakePrefill(nodes_pb2_grpc.PrefillNodeServicer):
         self.reply_delay = 0.0
         """Seconds between completing the KV on D and replying (D streams first)."""
         self.aborted: set[str] = set()
+        self.cached_tokens = 0
+        """PrefillResponse.cached_tokens."""
+        self.publisher = None
+        """As FakeDecode.publisher."""
 
     async def Prefill(self, request, context):
         rid = request.request_id
@@ -263,7 +272,7 @@ class FakePrefill(nodes_pb2_grpc.PrefillNodeServicer):
         await asyncio.sleep(self.reply_delay)
         return nodes_pb2.PrefillResponse(
             first_token=first, prefill_s=self.delay, transfer_s=self.delay / 2,
-            kv_bytes=len(request.token_ids) * KV_BYTES_PER_TOKEN,
+            kv_bytes=len(request.token_ids) * KV_BYTES_PER_TOKEN, cached_tokens=self.cached_tokens,
         )
 
     async def Abort(self, request, context):
@@ -272,7 +281,15 @@ class FakePrefill(nodes_pb2_grpc.PrefillNodeServicer):
         return common_pb2.AbortResponse(found=True)
 
     async def GetLoad(self, request, context):
-        return common_pb2.Load(queued_prefill_tokens=0)
+        return published(self.publisher, request, common_pb2.Load(queued_prefill_tokens=0))
+
+
+def published(publisher, request, load):
+    """`load` with the prefix cache changes `publisher` has for the asking router, as a node adds them."""
+    delta = publisher.delta(request.cache_generation, request.cache_seq_no) if publisher is not None else None
+    if delta is not None:
+        load.prefix_cache.CopyFrom(delta)
+    return load
 
 
 # ---------------------------------------------------------------- harness
