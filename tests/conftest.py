@@ -176,3 +176,6 @@ def _etcd_children() -> list[int]:
         if comm == "etcd" and int(fields[1]) == me and fields[0] != "Z":
             found.append(int(entry))
     return found
+
+
+from deepseek_fixtures import ds  # noqa: E402,F401  (registers the DeepSeek-V2 checkpoint fixture for every test)

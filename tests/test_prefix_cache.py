@@ -23,7 +23,6 @@ import torch
 
 from braid.engine import LLM, SamplingParams
 from conftest import build_checkpoint, prompt_of
-from test_deepseek_v2 import ds  # noqa: F401  (fixture: DeepSeek-V2 tiny checkpoints, MLA)
 
 B = 4
 NEW = 5
