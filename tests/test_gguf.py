@@ -271,7 +271,11 @@ FRANCE_ANSWER = "The capital of France is Paris."
 @pytest.fixture(scope="module")
 def smol_cluster(smol, tmp_path_factory):
     """SmolLM2 from its GGUF on a LocalCluster: prefill pcp 2 -> decode tp 3 (the layouts
-    its 9 query / 3 KV heads allow), every prompt prefilled remotely, one thread a rank."""
+    its 9 query / 3 KV heads allow), every prompt prefilled remotely, one thread a rank.
+    The decode node caches no prefix: with its cache on, a chat prompt sharing the
+    template's default system prompt (two blocks) with an earlier one would be served
+    on D alone, and these tests are about the P -> D path; the prefill node's cache is
+    on (its hits run chunks over cached context under PCP)."""
     from cluster_harness import Cluster
 
     folder, _, _ = smol
@@ -280,7 +284,8 @@ def smol_cluster(smol, tmp_path_factory):
     c = Cluster(str(tmp_path_factory.mktemp("smol-cluster")), os.path.join(folder, SMOL_FILE), {
         "prefill": {"parallel": dict(par, prefill_context_parallel_size=2),
                     "cache": {"block_size": 16, "num_kv_blocks": 128}},
-        "decode": {"parallel": dict(par, tensor_parallel_size=3), "cache": {"block_size": 16, "num_kv_blocks": 128}},
+        "decode": {"parallel": dict(par, tensor_parallel_size=3),
+                   "cache": {"block_size": 16, "num_kv_blocks": 128, "enable_prefix_caching": False}},
     })
     try:
         c.start()

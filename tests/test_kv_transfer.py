@@ -23,7 +23,7 @@ def model_path(checkpoints, name: str) -> str:
     if name.startswith("ds-"):
         import os
 
-        from test_deepseek_v2 import CONFIGS, build_deepseek
+        from deepseek_fixtures import CONFIGS, build_deepseek
 
         path = os.path.join(checkpoints.root, name)
         if not os.path.isfile(os.path.join(path, "config.json")):
