@@ -146,7 +146,13 @@ class PrefixCache:
             return []
         if not self.events or self.events[0][0] > seq_no + 1:
             return None
-        return [e for e in self.events if e[0] > seq_no]
+        out = []
+        for e in reversed(self.events):  # newest first: a reader polling often needs only a few
+            if e[0] <= seq_no:
+                break
+            out.append(e)
+        out.reverse()
+        return out
 
     def hashes(self) -> list[int]:
         """Every block hash the cache holds now."""

@@ -282,3 +282,33 @@ def test_eviction_takes_a_finished_requests_tail_first():
     _run(sched, kv, [c], rng)
     assert c.num_prefix_hit_tokens == 6  # a's first three blocks are all still there
     check_refs(bm, cache, [], [])
+
+
+def test_events_since_returns_exactly_the_later_events_or_none_once_dropped():
+    """The cache's add/evict log, read from any point, against a full record kept here."""
+    from collections import deque
+
+    bm = BlockManager(64, 2)  # never full: every eviction below is an explicit one
+    cache = PrefixCache(bm, 2, 1, b"s")
+    bm.cache = cache
+    cache.events = deque(maxlen=16)  # a short log, so that old readers fall off it
+    record = []
+    rng = random.Random(5)
+    for _ in range(60):
+        if cache.num_idle and rng.random() < 0.4:
+            victim = next(iter(cache.lru))
+            record += [(False, h) for h in cache.names[victim]]  # one hash per block here
+            bm.free([cache.evict()])  # the cache's reference: the block is free again
+        else:
+            (b,) = bm.allocate(1)
+            h = rng.getrandbits(60)
+            cache.insert(h, b)
+            record.append((True, h))
+            bm.free([b])  # only the cache holds it now: idle
+        assert bm.num_unreferenced + len(cache.names) == bm.num_blocks
+        assert cache.seq_no == len(record)
+        for since in range(cache.seq_no + 1):
+            got = cache.events_since(since)
+            assert (got is None) == (since < cache.seq_no - 16)
+            if got is not None:
+                assert got == [(i + 1, a, h) for i, (a, h) in enumerate(record) if i + 1 > since]
