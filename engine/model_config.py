@@ -21,7 +21,7 @@ class CheckpointError(ValueError):
     """The checkpoint directory is unusable; the message names the file and field."""
 
 
-GQA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+GQA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
 SUPPORTED_ARCHITECTURES = GQA_ARCHITECTURES + MLA_ARCHITECTURES
 
@@ -48,31 +48,40 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class MLAConfig:
-    """DeepSeek-V2 multi-head latent attention and MoE settings."""
+    """DeepSeek-V2 multi-head latent attention settings (its MoE is `ModelConfig.moe`)."""
 
     q_lora_rank: int | None
     kv_lora_rank: int
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
-    n_routed_experts: int | None
-    n_shared_experts: int | None
-    num_experts_per_tok: int | None
-    moe_intermediate_size: int
-    first_k_dense_replace: int
-    moe_layer_freq: int
-    n_group: int | None
-    topk_group: int | None
-    topk_method: str
-    routed_scaling_factor: float
-    norm_topk_prob: bool
-    scoring_func: str
     attention_bias: bool = False
     """Bias on q_a_proj, kv_a_proj_with_mqa and o_proj (transformers' `attention_bias`)."""
 
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts (DeepSeek-V2, Qwen3-MoE): which layers are sparse and how
+    a token picks its experts (braid.engine.layers.moe)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    sparse_layers: frozenset[int]
+    """Layers whose MLP is the sparse block; the others are dense (`intermediate_size`)."""
+    n_shared_experts: int = 0
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+    """Renormalise the chosen top-k softmax scores to sum to 1 (Qwen3-MoE)."""
+    fp32_router: bool = True
+    """Router logits in fp32 (DeepSeek-V2); else in the activations' dtype with the
+    softmax in fp32 and the weights cast back (transformers' Qwen3MoeTopKRouter)."""
+
     def is_moe_layer(self, layer: int) -> bool:
-        """Routed experts from layer `first_k_dense_replace` on (moe_layer_freq is 1)."""
-        return bool(self.n_routed_experts) and layer >= self.first_k_dense_replace
+        return layer in self.sparse_layers
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     mla: MLAConfig | None = None
+    moe: MoEConfig | None = None
+    """None for a model without routed experts."""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -229,9 +240,11 @@ def load_model_config(model_path: str) -> ModelConfig:
         head_dim=head_dim,
         rope=RopeConfig(theta, head_dim, scaling, max_pos),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-        o_bias=arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias", False)),
+        o_bias=arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+        and bool(cfg.get("attention_bias", False)),  # Qwen2 biases q/k/v only
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+        moe=_qwen3_moe_config(cfg, path, common["num_layers"]) if arch == "Qwen3MoeForCausalLM" else None,
         **common,
     )
 
@@ -243,60 +256,100 @@ def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
         qk_nope_head_dim=int(_require(cfg, "qk_nope_head_dim", path)),
         qk_rope_head_dim=int(_require(cfg, "qk_rope_head_dim", path)),
         v_head_dim=int(_require(cfg, "v_head_dim", path)),
-        n_routed_experts=cfg.get("n_routed_experts"),
-        n_shared_experts=cfg.get("n_shared_experts"),
-        num_experts_per_tok=cfg.get("num_experts_per_tok"),
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or 0),
-        first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
-        moe_layer_freq=int(cfg.get("moe_layer_freq") or 1),
-        n_group=cfg.get("n_group"),
-        topk_group=cfg.get("topk_group"),
-        topk_method=cfg.get("topk_method") or "greedy",
-        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-        scoring_func=cfg.get("scoring_func") or "softmax",
         attention_bias=bool(cfg.get("attention_bias", False)),
     )
-    _check_mla(mla, cfg, path)
+    if mla.qk_rope_head_dim % 2:
+        raise CheckpointError(f"{path}: qk_rope_head_dim {mla.qk_rope_head_dim} must be even")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path}: mlp_bias=true is not supported for DeepseekV2ForCausalLM")
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     return ModelConfig(
         num_kv_heads=1,
         head_dim=qk_head_dim,
         rope=RopeConfig(theta, mla.qk_rope_head_dim, scaling, max_pos),
         mla=mla,
+        moe=_deepseek_moe_config(cfg, path, common["num_layers"]),
         **common,
     )
 
 
-def _check_mla(mla: MLAConfig, cfg: dict, path: str) -> None:
-    """Refuse the settings on which transformers (our reference) and DeepSeek's
-    own code disagree, or that no DeepSeek-V2 checkpoint uses."""
-    if mla.scoring_func != "softmax":
-        raise CheckpointError(f"{path}: unsupported scoring_func {mla.scoring_func!r} (supported: softmax)")
-    if mla.topk_method not in ("greedy", "group_limited_greedy"):
-        raise CheckpointError(f"{path}: unsupported topk_method {mla.topk_method!r} (supported: greedy, group_limited_greedy)")
-    if mla.qk_rope_head_dim % 2:
-        raise CheckpointError(f"{path}: qk_rope_head_dim {mla.qk_rope_head_dim} must be even")
-    if cfg.get("mlp_bias"):
-        raise CheckpointError(f"{path}: mlp_bias=true is not supported for DeepseekV2ForCausalLM")
-    if not mla.n_routed_experts:
-        return
-    if mla.moe_layer_freq != 1:
+def _deepseek_moe_config(cfg: dict, path: str, num_layers: int) -> MoEConfig | None:
+    """Routed experts from layer `first_k_dense_replace` on. Refuses the settings
+    on which transformers (our reference) and DeepSeek's own code disagree, or
+    that no DeepSeek-V2 checkpoint uses."""
+    scoring = cfg.get("scoring_func") or "softmax"
+    if scoring != "softmax":
+        raise CheckpointError(f"{path}: unsupported scoring_func {scoring!r} (supported: softmax)")
+    method = cfg.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise CheckpointError(f"{path}: unsupported topk_method {method!r} (supported: greedy, group_limited_greedy)")
+    e = cfg.get("n_routed_experts")
+    if not e:
+        return None
+    if int(cfg.get("moe_layer_freq") or 1) != 1:
         # transformers ignores moe_layer_freq; DeepSeek's code uses layer % freq == 0
-        raise CheckpointError(f"{path}: moe_layer_freq {mla.moe_layer_freq} is not supported (only 1)")
-    if mla.norm_topk_prob:
+        raise CheckpointError(f"{path}: moe_layer_freq {cfg['moe_layer_freq']} is not supported (only 1)")
+    if cfg.get("norm_topk_prob", False):
         # transformers ignores norm_topk_prob; DeepSeek's code renormalises the top-k weights
         raise CheckpointError(f"{path}: norm_topk_prob=true is not supported for DeepseekV2ForCausalLM")
-    k, e = mla.num_experts_per_tok, mla.n_routed_experts
-    if not k or not 1 <= k <= e:
-        raise CheckpointError(f"{path}: num_experts_per_tok {k} must be between 1 and n_routed_experts {e}")
-    if mla.moe_intermediate_size < 1:
-        raise CheckpointError(f"{path}: moe_intermediate_size must be set for a MoE model")
-    if mla.topk_method == "group_limited_greedy":
-        g, tg = mla.n_group, mla.topk_group
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    moe = MoEConfig(
+        num_experts=int(e),
+        num_experts_per_tok=_experts_per_tok(cfg, path, int(e), "n_routed_experts"),
+        moe_intermediate_size=_moe_intermediate_size(cfg, path),
+        sparse_layers=frozenset(range(first_dense, num_layers)),
+        n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+        topk_method=method,
+        n_group=cfg.get("n_group"),
+        topk_group=cfg.get("topk_group"),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+    )
+    if method == "group_limited_greedy":
+        g, tg, k = moe.n_group, moe.topk_group, moe.num_experts_per_tok
         if not g or e % g:
             raise CheckpointError(f"{path}: group_limited_greedy needs n_group dividing n_routed_experts {e}, got n_group {g}")
         if not tg or not 1 <= tg <= g or tg * (e // g) < k:
             raise CheckpointError(
                 f"{path}: topk_group {tg} must be in 1..n_group {g} and its groups must hold num_experts_per_tok {k} experts"
             )
+    return moe
+
+
+def _experts_per_tok(cfg: dict, path: str, e: int, experts_key: str) -> int:
+    k = cfg.get("num_experts_per_tok")
+    if not k or not 1 <= int(k) <= e:
+        raise CheckpointError(f"{path}: num_experts_per_tok {k} must be between 1 and {experts_key} {e}")
+    return int(k)
+
+
+def _moe_intermediate_size(cfg: dict, path: str) -> int:
+    size = int(cfg.get("moe_intermediate_size") or 0)
+    if size < 1:
+        raise CheckpointError(f"{path}: moe_intermediate_size must be set for a MoE model")
+    return size
+
+
+def _qwen3_moe_config(cfg: dict, path: str, num_layers: int) -> MoEConfig | None:
+    """Qwen3-MoE's sparse blocks, by transformers' Qwen3MoeDecoderLayer rule: layer
+    i is sparse when i is not in `mlp_only_layers` and (i + 1) % decoder_sparse_step
+    == 0. transformers 5 writes `num_experts` as `num_local_experts`."""
+    if cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{path}: use_sliding_window=true is not supported for Qwen3MoeForCausalLM")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path}: mlp_bias=true is not supported for Qwen3MoeForCausalLM")
+    key = "num_experts" if "num_experts" in cfg else "num_local_experts"
+    e = int(cfg.get(key) or 0)
+    if e <= 0:
+        return None
+    step = cfg.get("decoder_sparse_step", 1)
+    if not isinstance(step, int) or step < 1:
+        raise CheckpointError(f"{path}: decoder_sparse_step must be a positive integer, got {step!r}")
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return MoEConfig(
+        num_experts=e,
+        num_experts_per_tok=_experts_per_tok(cfg, path, e, key),
+        moe_intermediate_size=_moe_intermediate_size(cfg, path),
+        sparse_layers=frozenset(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        fp32_router=False,
+    )

@@ -103,9 +103,13 @@ def validate_for_model(topo: Topology, model: ModelConfig) -> None:
     if model.num_heads % tp:
         raise ValueError(f"tensor_parallel_size {tp} must divide num_attention_heads {model.num_heads}")
     check_parallel("mla" if model.is_mla else "gqa", 1 if model.is_mla else model.num_kv_heads, tp, topo.pcp, topo.dcp)
-    inter = [model.intermediate_size]
-    if model.mla is not None and model.mla.n_routed_experts:
-        inter.append(model.mla.moe_intermediate_size)
-    for size in inter:
+    moe = model.moe
+    inter = [("MLP intermediate size", model.intermediate_size)]
+    if moe is not None:
+        # TP slices every expert's intermediate dimension; dense layers only where some layer is dense
+        inter = [("MoE moe_intermediate_size", moe.moe_intermediate_size)]
+        if len(moe.sparse_layers) < model.num_layers:
+            inter.append(("MLP intermediate size", model.intermediate_size))
+    for what, size in inter:
         if size % tp:
-            raise ValueError(f"tensor_parallel_size {tp} must divide the MLP intermediate size {size}")
+            raise ValueError(f"tensor_parallel_size {tp} must divide the {what} {size}")

@@ -39,6 +39,7 @@ CHECKPOINTS = {
     "qwen2-mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1), {}),
     "qwen3-norm": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32), {}),
     "qwen3-gqa4": ("qwen3", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16), {}),
+    "qwen3-bias": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True), {}),
     # for DCP/PCP: one and two KV heads, four query heads
     "kv1": ("llama", dict(num_attention_heads=4, num_key_value_heads=1), {}),
     "kv2": ("llama", dict(num_attention_heads=4, num_key_value_heads=2), {}),
@@ -76,6 +77,10 @@ def build_checkpoint(path: str, arch: str, overrides: dict, save: dict, dtype=to
         kwargs.setdefault("use_sliding_window", False)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs)).to(dtype).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: random ones make loading them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.2)
     model.save_pretrained(path, **save)
     save_tokenizer(path, VOCAB)
     return path

@@ -197,7 +197,7 @@ def test_routing_matches_transformers(tmp_path, method):
     with torch.no_grad():
         _, hf_w, hf_ids = router(x)
     scores = torch.nn.functional.linear(x, router.weight).softmax(dim=-1)
-    w, ids = select_experts(scores, cfg.mla)
+    w, ids = select_experts(scores, cfg.moe)
 
     def canonical(weights, experts):
         experts, order = experts.sort(dim=-1)

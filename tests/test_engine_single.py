@@ -26,6 +26,7 @@ ARCH_CONFIGS = [
     "qwen2-mqa",
     "qwen3-norm",
     "qwen3-gqa4",
+    "qwen3-bias",
 ]
 
 

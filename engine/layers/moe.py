@@ -1,15 +1,21 @@
-"""DeepSeek-V2 mixture of experts under tensor parallelism.
+"""Mixture of experts (DeepSeek-V2, Qwen3-MoE) under tensor parallelism.
+
+In a request's life: the MLP of every sparse decoder layer, for every token of
+every step (prefill chunks and decodes alike).
 
 Every rank holds every expert, each with its intermediate dimension split
 across TP ranks (gate/up column-parallel, down row-parallel). The router is
-replicated and runs in fp32, so all TP ranks pick the same experts. Routed
-and shared experts leave partial sums that one all-reduce completes.
+replicated with a replicated input, so all TP ranks pick the same experts.
+Routed and shared experts leave partial sums that one all-reduce completes.
 
-Routing follows transformers' DeepseekV2TopkRouter: softmax over the router
-logits; `greedy` takes the top-k experts; `group_limited_greedy` keeps the
-`topk_group` groups with the highest best-expert score (others' scores set
-to 0) and takes the top-k within them; weights are the chosen softmax scores
-times `routed_scaling_factor` (not renormalised).
+Routing follows transformers' DeepseekV2TopkRouter and Qwen3MoeTopKRouter:
+softmax (fp32) over the router logits; `greedy` takes the top-k experts;
+`group_limited_greedy` keeps the `topk_group` groups with the highest
+best-expert score (others' scores set to 0) and takes the top-k within them;
+with `norm_topk_prob` (Qwen3-MoE) the chosen scores are renormalised to sum to
+1; weights are then scaled by `routed_scaling_factor` (DeepSeek-V2).
+DeepSeek-V2 computes the router logits in fp32; Qwen3-MoE in the activations'
+dtype, casting the weights back to it (MoEConfig.fp32_router).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 from torch import nn
 
 from braid.engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from braid.engine.model_config import MLAConfig, ModelConfig
+from braid.engine.model_config import ModelConfig, MoEConfig
 from braid.engine.parallel_state import GroupComm, ParallelState
 
 
@@ -35,7 +41,7 @@ class GatedMLP(nn.Module):
         return self.down_proj(nn.functional.silu(gate) * up)
 
 
-def select_experts(scores: torch.Tensor, cfg: MLAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def select_experts(scores: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [T, E] fp32 softmax -> (weights [T, k] fp32, expert ids [T, k])."""
     k = cfg.num_experts_per_tok
     if cfg.topk_method == "group_limited_greedy":
@@ -44,27 +50,34 @@ def select_experts(scores: torch.Tensor, cfg: MLAConfig) -> tuple[torch.Tensor, 
         best_groups = grouped.max(dim=-1).values.topk(cfg.topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
         keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)  # [T, n_group]
         scores = grouped.masked_fill(~keep[..., None], 0.0).view(t, e)
-    weights, ids = scores.topk(k, dim=-1, sorted=False)
+    # sorted when renormalising: the sum then adds in transformers' (descending) order
+    weights, ids = scores.topk(k, dim=-1, sorted=cfg.norm_topk_prob)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * cfg.routed_scaling_factor, ids
 
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
         super().__init__()
-        mla = cfg.mla
-        self.cfg = mla
+        moe = cfg.moe
+        self.cfg = moe
         self.tp = par.tp
-        hidden, inter = cfg.hidden_size, mla.moe_intermediate_size
-        self.gate = ReplicatedLinear(hidden, mla.n_routed_experts, False, dtype)  # the router
+        hidden, inter = cfg.hidden_size, moe.moe_intermediate_size
+        self.gate = ReplicatedLinear(hidden, moe.num_experts, False, dtype)  # the router
         self.experts = nn.ModuleList(
-            [GatedMLP(hidden, inter, par.tp, dtype, reduce=False) for _ in range(mla.n_routed_experts)]
+            [GatedMLP(hidden, inter, par.tp, dtype, reduce=False) for _ in range(moe.num_experts)]
         )
-        shared = (mla.n_shared_experts or 0) * inter
+        shared = moe.n_shared_experts * inter
         self.shared_experts = GatedMLP(hidden, shared, par.tp, dtype, reduce=False) if shared else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = nn.functional.linear(x.float(), self.gate.weight.float())  # [T, E]
-        return select_experts(logits.softmax(dim=-1), self.cfg)
+        if self.cfg.fp32_router:
+            logits = nn.functional.linear(x.float(), self.gate.weight.float())  # [T, E]
+            return select_experts(logits.softmax(dim=-1), self.cfg)
+        logits = nn.functional.linear(x, self.gate.weight)
+        weights, ids = select_experts(logits.softmax(dim=-1, dtype=torch.float32), self.cfg)
+        return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, hidden]

@@ -1,4 +1,5 @@
-"""Model registry: architecture name -> model class."""
+"""Model registry: architecture name -> model class (each rank builds its model
+once at engine start, before loading the checkpoint)."""
 from __future__ import annotations
 
 import torch
@@ -16,4 +17,8 @@ def build_model(cfg: ModelConfig, par: ParallelState, dtype: torch.dtype) -> tor
         from braid.engine.models.deepseek_v2 import DeepseekV2ForCausalLM
 
         return DeepseekV2ForCausalLM(cfg, par, dtype)
+    if cfg.architecture == "Qwen3MoeForCausalLM":
+        from braid.engine.models.qwen3_moe import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM(cfg, par, dtype)
     raise ValueError(f"no model class for architecture {cfg.architecture!r}")

@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = MLAAttention(cfg, par, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.mla.is_moe_layer(layer):
+        if cfg.moe is not None and cfg.moe.is_moe_layer(layer):
             self.mlp = MoE(cfg, par, dtype)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, par.tp, dtype)
