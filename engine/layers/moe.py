@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from braid.engine.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from braid.engine.layers.norm import RMSNorm
 from braid.engine.model_config import ModelConfig, MoEConfig
 from braid.engine.parallel_state import GroupComm, ParallelState
 
@@ -90,3 +91,25 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.tp.all_reduce(out)
+
+
+class MoEDecoderLayer(nn.Module):
+    """A pre-norm residual block (RMSNorm in fp32, as transformers) whose MLP is the
+    sparse MoE where the model's MoEConfig says the layer is sparse and a dense gated
+    MLP of `intermediate_size` elsewhere; `self_attn` is the model's attention
+    (DeepSeek-V2: MLA; Qwen3-MoE: GQA with q/k norm). Parameter names are the
+    checkpoints'."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, par: ParallelState, dtype, self_attn: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if cfg.moe is not None and cfg.moe.is_moe_layer(layer):
+            self.mlp = MoE(cfg, par, dtype)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, par.tp, dtype)
+
+    def forward(self, positions, x, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
