@@ -77,13 +77,30 @@ def build_checkpoint(path: str, arch: str, overrides: dict, save: dict, dtype=to
         kwargs.setdefault("use_sliding_window", False)
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**kwargs)).to(dtype).eval()
-    with torch.no_grad():  # transformers initialises biases to zero: random ones make loading them matter
+    return save_random(model, path, norms=False, **save)
+
+
+def save_random(model, path: str, norms: bool = True, **save) -> str:
+    """Save a freshly initialised transformers model as a checkpoint (and the tiny
+    tokenizer) after randomising what transformers initialises to constants: biases
+    (zero) and, with `norms`, norm weights (one), so that loading them matters."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
+            elif norms and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path, **save)
     save_tokenizer(path, VOCAB)
     return path
+
+
+def model_config_of(hf_cfg, path) -> object:
+    """The engine's ModelConfig for a transformers config, through its config.json."""
+    from braid.engine.model_config import load_model_config
+
+    hf_cfg.save_pretrained(path)
+    return load_model_config(str(path))
 
 
 class Checkpoints:

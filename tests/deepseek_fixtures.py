@@ -5,8 +5,7 @@ import os
 import pytest
 import torch
 
-from braid.engine.tiny import save_tokenizer
-from conftest import VOCAB
+from conftest import VOCAB, save_random
 
 BASE = dict(
     vocab_size=VOCAB,
@@ -56,15 +55,7 @@ def build_deepseek(path: str, overrides: dict, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     model = DeepseekV2ForCausalLM(DeepseekV2Config(**dict(BASE, **overrides))).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.2)
-            elif "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    save_tokenizer(path, VOCAB)
-    return path
+    return save_random(model, path)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from braid.engine.layers.rotary import RotaryEmbedding
 from braid.engine.model_config import CheckpointError, load_model_config
 from braid.engine.parallel_state import ParallelState
 from braid.kernels.reference import VarlenRows
-from conftest import prompt_of
+from conftest import model_config_of, prompt_of
 from deepseek_fixtures import BASE, YARN  # the `ds` fixture is registered in conftest
 
 LENGTHS = [1, 3, 8, 9, 37, 100]
@@ -125,10 +125,7 @@ def _hf_config(**overrides):
     return cfg
 
 
-def _ours(hf_cfg, tmp_path):
-    """The engine's ModelConfig for a transformers config, through config.json."""
-    hf_cfg.save_pretrained(tmp_path)
-    return load_model_config(str(tmp_path))
+_ours = model_config_of
 
 
 YARN_VARIANTS = [

@@ -11,8 +11,7 @@ import torch
 from braid.engine import LLM, SamplingParams
 from braid.engine.model_config import CheckpointError, load_model_config
 from braid.engine.parallel_state import ParallelState
-from braid.engine.tiny import save_tokenizer
-from conftest import VOCAB, prompt_of
+from conftest import VOCAB, model_config_of, prompt_of, save_random
 
 BASE = dict(
     vocab_size=VOCAB,
@@ -50,13 +49,7 @@ def build_qwen3_moe(path: str, overrides: dict, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**dict(BASE, **overrides))).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(path)
-    save_tokenizer(path, VOCAB)
-    return path
+    return save_random(model, path)
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +107,7 @@ def _hf_config(**overrides):
     return cfg
 
 
-def _ours(hf_cfg, tmp_path):
-    """The engine's ModelConfig for a transformers config, through config.json."""
-    hf_cfg.save_pretrained(tmp_path)
-    return load_model_config(str(tmp_path))
+_ours = model_config_of
 
 
 @pytest.mark.parametrize("norm", [True, False])
