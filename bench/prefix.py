@@ -41,7 +41,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402 - bench/ is not a package
+from common import percentile as pct, table  # noqa: E402 - bench/ is not a package
 
 MODES = ("on", "off")
 """Prefix caching on both nodes, off on both."""
@@ -236,16 +236,6 @@ def run_workload(clusters: dict, system: str, users: list[list[str]], args) -> l
         for c in clients.values():
             c.close()
     return records
-
-
-def pct(xs: list[float], q: float) -> float:
-    """Percentile with linear interpolation (NaN for no samples)."""
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def summarize(records: list[Record]) -> dict:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import bench_model, table  # noqa: E402
+from common import bench_model, percentile, table  # noqa: E402
 
 # (name, description, nodes as (role, overrides)) with 4 ranks in total
 CONFIGS = {
@@ -71,15 +71,6 @@ class Record:
     tokens: int = 0
     error: str | None = None
     phases: dict = field(default_factory=dict)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def make_prompts(n: int, rng: random.Random, short: tuple[int, int], long: tuple[int, int], long_fraction: float) -> list[list[int]]:

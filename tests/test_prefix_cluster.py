@@ -32,6 +32,18 @@ def _run(client, prompt):
     return client.complete(prompt, max_tokens=NEW, temperature=0, ignore_eos=True)
 
 
+def _serve(c, prompts) -> list:
+    """Start the pair on cluster `c`, send the prompts one after another, stop it."""
+    from braid.client import Client
+
+    try:
+        start_pair(c)
+        with Client(c.router.address, timeout=120) as cl:
+            return [_run(cl, p) for p in prompts]
+    finally:
+        c.close()
+
+
 def _blocks(n: int) -> int:
     return -(-n // B)
 
@@ -71,17 +83,10 @@ def test_cached_prefix_is_exact_and_sends_only_what_decode_lacks(tmp_path_factor
 def test_small_pools_evict_in_the_middle_of_a_workload(tmp_path_factory, checkpoints):
     """24 virtual blocks of 8 tokens a side: a few distinct prompts fill the caches,
     later ones evict the least recently used; every answer stays exact."""
-    from braid.client import Client
-
     prompts = [prompt_of(30 + 3 * i, seed=950 + i) for i in range(6)]
     prompts += [prompts[0], prompts[5], SHARED + prompts[1][:3], prompts[2]]
     c = _cluster(tmp_path_factory, checkpoints, True, True, blocks=24)
-    try:
-        start_pair(c)
-        with Client(c.router.address, timeout=120) as cl:
-            outs = [_run(cl, p) for p in prompts]
-    finally:
-        c.close()
+    outs = _serve(c, prompts)
     for p, out in zip(prompts, outs):
         assert list(out.token_ids) == checkpoints.greedy(NAME, p, NEW)
     # prompts[5] was just served: D still holds it whole (the repeat needs no prefill node)
@@ -92,8 +97,6 @@ def test_chunked_prefill_on_both_nodes_with_hits(tmp_path_factory, checkpoints):
     """Prompt budgets of 3 tokens on P (less than a block, each chunk split over
     pcp 2) and 5 on D (odd; D prefills short prompts and fully cached ones
     itself), with prefix hits on both sides: every answer exact."""
-    from braid.client import Client
-
     cold = SHARED + prompt_of(5, seed=902)
     warm = SHARED + prompt_of(7, seed=903)
     short = prompt_of(11, seed=905)  # at most local_prefill_max_tokens: prefilled on D, in chunks of 5
@@ -102,12 +105,7 @@ def test_chunked_prefill_on_both_nodes_with_hits(tmp_path_factory, checkpoints):
             "decode": {"scheduler": {"max_num_batched_tokens": 5}},
             "router": {"local_prefill_max_tokens": 12}}
     c = _cluster(tmp_path_factory, checkpoints, True, True, more=more)
-    try:
-        start_pair(c)
-        with Client(c.router.address, timeout=120) as cl:
-            outs = [_run(cl, p) for p in prompts]
-    finally:
-        c.close()
+    outs = _serve(c, prompts)
     for p, out in zip(prompts, outs):
         assert list(out.token_ids) == checkpoints.greedy(NAME, p, NEW)
     assert [o.timings.local_prefill for o in outs] == [False, True, False, True, True]

@@ -16,7 +16,7 @@ from braid.engine.layers.attention import Attention
 from braid.engine.layers.moe import MoEDecoderLayer
 from braid.engine.model_config import ModelConfig
 from braid.engine.models.base import CausalLM, DecoderModel
-from braid.engine.models.llama import LlamaAttention
+from braid.engine.models.llama import LlamaAttention, LlamaForCausalLM
 from braid.engine.parallel_state import ParallelState
 
 
@@ -25,13 +25,7 @@ class Qwen3MoeForCausalLM(CausalLM):
     gate/up_proj of the dense MLPs and of each expert `mlp.experts.{e}` ->
     gate_up_proj; the router is `mlp.gate`."""
 
-    packed = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    packed = LlamaForCausalLM.packed  # the same fused q/k/v and gate/up names
 
     def __init__(self, cfg: ModelConfig, par: ParallelState, dtype):
         if cfg.mla is not None or not cfg.qk_norm:
