@@ -25,6 +25,8 @@ KV_ROLES = (None, "prefill", "decode", "both")
 TRANSPORTS = ("tcp", "collective", "mooncake")
 DTYPES = tuple(ELEMENT_SIZES)
 """float32, bfloat16, float16: the names kv_transfer.layout knows (one table for every layer)."""
+FP8_WEIGHTS = ("dequantize", "keep")
+"""Block-FP8 checkpoints: weights dequantized to dtype at load, or kept float8 with their scales."""
 
 
 def check_positive(obj, names: tuple[str, ...], *, optional: bool = False, zero_ok: bool = False) -> None:
@@ -61,6 +63,11 @@ class ParallelConfig:
     """Ranks that split a prompt's tokens during prefill (PCP)."""
     decode_context_parallel_size: int = 1
     """TP ranks that shard the KV cache along tokens instead of holding copies (DCP); divides tp."""
+    enable_expert_parallel: bool = False
+    """MoE models: place routed experts whole on ranks (EP) instead of slicing each by TP."""
+    expert_parallel_size: int | None = None
+    """Ranks of one EP group (setting it enables EP); None = tensor_parallel_size when enabled.
+    Divides tp, or is a multiple of tp dividing tp * pcp (EP across PCP ranks)."""
     device: str = "cpu"
     """cpu, cuda or npu; the collective backend follows (gloo, nccl, hccl)."""
     threads_per_rank: int | None = None
@@ -71,15 +78,23 @@ class ParallelConfig:
     def __post_init__(self):
         check_positive(self, ("tensor_parallel_size", "prefill_context_parallel_size", "decode_context_parallel_size",
                               "collective_timeout_s"))
-        check_positive(self, ("threads_per_rank",), optional=True)
+        check_positive(self, ("threads_per_rank", "expert_parallel_size"), optional=True)
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel: expected true or false, got {self.enable_expert_parallel!r}")
         check_choice(self, "device", DEVICES, "device")
-        Topology(tp=self.tensor_parallel_size, pcp=self.prefill_context_parallel_size,
-                 dcp=self.decode_context_parallel_size)
+        self.topology  # noqa: B018 -- builds (and so checks) the topology
+
+    @property
+    def expert_parallel(self) -> int:
+        """EP group size: 1 when EP is off."""
+        if self.expert_parallel_size is not None:
+            return self.expert_parallel_size
+        return self.tensor_parallel_size if self.enable_expert_parallel else 1
 
     @property
     def topology(self) -> Topology:
         return Topology(tp=self.tensor_parallel_size, pcp=self.prefill_context_parallel_size,
-                        dcp=self.decode_context_parallel_size)
+                        dcp=self.decode_context_parallel_size, ep=self.expert_parallel)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +202,10 @@ class EngineSettings:
     """Weights, activations and KV cache: float32, bfloat16 or float16."""
     seed: int = 0
     """Seed of the sampler for requests without their own."""
+    fp8_weights: str = "dequantize"
+    """Block-FP8 checkpoints (DeepSeek-V3/R1): "dequantize" each rank's weights to dtype at
+    load, or "keep" them float8 with their block scales (about half the bytes of bf16) and
+    dequantize in each matmul, with the same result. "keep" needs a block-FP8 checkpoint."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -194,6 +213,7 @@ class EngineSettings:
 
     def __post_init__(self):
         check_choice(self, "dtype", DTYPES, "dtype")
+        check_choice(self, "fp8_weights", FP8_WEIGHTS, "fp8_weights mode")
 
     def settings(self) -> dict:
         """The EngineSettings fields of this object, by name."""
@@ -218,7 +238,7 @@ class EngineConfig(EngineSettings):
     def build(cls, model_path: str, **flat) -> "EngineConfig":
         """From flat keyword arguments (`tensor_parallel_size=2, block_size=16, kv_role="decode"`):
         each name goes to the section that defines it."""
-        top = {k: flat.pop(k) for k in ("dtype", "seed") if k in flat}
+        top = {k: flat.pop(k) for k in ("dtype", "seed", "fp8_weights") if k in flat}
         parts: dict[str, dict] = {name: {} for name in SECTIONS}
         for key, value in flat.items():
             name = _FLAT_ALIASES.get(key, key)
@@ -263,6 +283,18 @@ def kv_bytes_per_block(model, cfg: EngineConfig) -> int:
             * ELEMENT_SIZES[cfg.dtype])
 
 
+def _check_fp8_weights(cfg: EngineConfig, model) -> None:
+    """`keep` on a checkpoint without block-FP8 weights is refused, not ignored: a
+    deployment sized for float8 at rest would otherwise run out of memory later."""
+    from braid.engine.fp8_checkpoint import fp8_block_size
+
+    if cfg.fp8_weights == "keep" and fp8_block_size(model.raw, cfg.model_path) is None:
+        raise ValueError(
+            f"fp8_weights: 'keep' needs a block-FP8 checkpoint (config.json quantization_config quant_method "
+            f"'fp8'); {cfg.model_path} has none: use fp8_weights 'dequantize'"
+        )
+
+
 def resolve(cfg: EngineConfig):
     """Validate what needs the model and fill in the derived defaults; returns
     (EngineConfig, ModelConfig). Raises ValueError naming the setting to change."""
@@ -271,6 +303,7 @@ def resolve(cfg: EngineConfig):
 
     model = load_model_config(cfg.model_path)
     validate_for_model(cfg.topology, model)
+    _check_fp8_weights(cfg, model)
     layout = cfg.layout
     num_blocks = cfg.cache.num_kv_blocks
     if num_blocks is None:

@@ -23,7 +23,7 @@ import torch
 
 from braid.engine.config import EngineConfig
 from braid.engine.step_plan import StepPlan, StepResult
-from braid.engine.worker import CMD_GATHER_KV, CMD_SHUTDOWN, CMD_STEP, Worker
+from braid.engine.worker import CMD_GATHER_KV, CMD_RANK_STATS, CMD_SHUTDOWN, CMD_STEP, RankStats, Worker
 from braid.kv_transfer.stores import serve_store
 
 
@@ -128,6 +128,10 @@ class Executor:
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each rank's cache for these block ids, [L, n, C, H_local, B, D], indexed by rank."""
         return self.run(CMD_GATHER_KV, torch.tensor(block_ids, dtype=torch.int64))
+
+    def rank_stats(self) -> list[RankStats]:
+        """Per rank: weight bytes held and rows each routed expert computed."""
+        return self.run(CMD_RANK_STATS, torch.zeros(0, dtype=torch.int64))
 
     def shutdown(self) -> None:
         if self._closing:

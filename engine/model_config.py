@@ -22,7 +22,7 @@ class CheckpointError(ValueError):
 
 
 GQA_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM",)
+MLA_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 SUPPORTED_ARCHITECTURES = GQA_ARCHITECTURES + MLA_ARCHITECTURES
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,17 +71,34 @@ class MoEConfig:
     """Layers whose MLP is the sparse block; the others are dense (`intermediate_size`)."""
     n_shared_experts: int = 0
     topk_method: str = "greedy"
+    """greedy, group_limited_greedy (DeepSeek-V2) or noaux_tc (DeepSeek-V3: groups ranked by
+    their two best bias-corrected scores, experts chosen by corrected score, weighted by raw score)."""
+    scoring_func: str = "softmax"
+    """softmax over the router logits, or sigmoid of each (DeepSeek-V3)."""
     n_group: int | None = None
     topk_group: int | None = None
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = False
-    """Renormalise the chosen top-k softmax scores to sum to 1 (Qwen3-MoE)."""
+    """Renormalise the chosen top-k scores to sum to 1 (Qwen3-MoE, DeepSeek-V3)."""
     fp32_router: bool = True
-    """Router logits in fp32 (DeepSeek-V2); else in the activations' dtype with the
+    """Router logits in fp32 (DeepSeek-V2, V3; the router weight, and V3's score bias, kept
+    in fp32 as transformers keeps them); else in the activations' dtype with the
     softmax in fp32 and the weights cast back (transformers' Qwen3MoeTopKRouter)."""
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer in self.sparse_layers
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+    """DeepSeek-V3's multi-token-prediction layers: MTP layer k < num_layers is the
+    checkpoint's `model.layers.{num_hidden_layers + k}.*` (braid.engine.models.deepseek_v3)."""
+
+    num_layers: int
+    own_embed: frozenset[int] = frozenset()
+    """MTP layers whose checkpoint carries its own `embed_tokens` (else the main model's is used)."""
+    own_head: frozenset[int] = frozenset()
+    """MTP layers whose checkpoint carries its own `shared_head.head` (else the main LM head is used)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,8 @@ class ModelConfig:
     mla: MLAConfig | None = None
     moe: MoEConfig | None = None
     """None for a model without routed experts."""
+    mtp: MTPConfig | None = None
+    """DeepSeek-V3's MTP layers, kept for speculative decoding; None when the checkpoint has none."""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -199,12 +218,14 @@ def _checkpoint_eos_ids(model_path: str, cfg: dict) -> tuple[int, ...]:
 def load_model_config(model_path: str) -> ModelConfig:
     """The config of a Hugging Face folder (config.json) or of a GGUF checkpoint
     (a .gguf file, or a folder holding exactly one, read from its metadata)."""
+    from braid.engine.fp8_checkpoint import fp8_block_size
     from braid.engine.gguf_checkpoint import gguf_file_of, gguf_model_config
 
     gguf_file = gguf_file_of(model_path)
     if gguf_file is not None:
         return gguf_model_config(gguf_file)
     path, cfg, arch = _read_config_json(model_path)
+    fp8_block_size(cfg, path)  # refuse an unsupported quantization before any rank starts loading
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -250,6 +271,13 @@ def load_model_config(model_path: str) -> ModelConfig:
 
 
 def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
+    arch, layers = common["architecture"], common["num_layers"]
+    moe_of, mtp = _deepseek_moe_config, None
+    if arch == "DeepseekV3ForCausalLM":
+        from braid.engine.deepseek_v3_config import deepseek_v3_moe_config, mtp_config, with_v3_defaults
+
+        cfg = with_v3_defaults(cfg)
+        moe_of, mtp = deepseek_v3_moe_config, mtp_config(cfg, path, layers)
     mla = MLAConfig(
         q_lora_rank=cfg.get("q_lora_rank"),
         kv_lora_rank=int(_require(cfg, "kv_lora_rank", path)),
@@ -261,14 +289,15 @@ def _mla_config(cfg, path, common, theta, scaling, max_pos) -> ModelConfig:
     if mla.qk_rope_head_dim % 2:
         raise CheckpointError(f"{path}: qk_rope_head_dim {mla.qk_rope_head_dim} must be even")
     if cfg.get("mlp_bias"):
-        raise CheckpointError(f"{path}: mlp_bias=true is not supported for DeepseekV2ForCausalLM")
+        raise CheckpointError(f"{path}: mlp_bias=true is not supported for {arch}")
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     return ModelConfig(
         num_kv_heads=1,
         head_dim=qk_head_dim,
         rope=RopeConfig(theta, mla.qk_rope_head_dim, scaling, max_pos),
         mla=mla,
-        moe=_deepseek_moe_config(cfg, path, common["num_layers"]),
+        moe=moe_of(cfg, path, layers),
+        mtp=mtp,
         **common,
     )
 

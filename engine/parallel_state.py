@@ -1,5 +1,5 @@
 """The process groups of one rank, built from its Topology: the world group and
-the TP, PCP and DCP groups, each a standalone torch.distributed group (no
+the TP, PCP, DCP and EP groups, each a standalone torch.distributed group (no
 global state), passed explicitly to whoever runs collectives."""
 from __future__ import annotations
 
@@ -72,6 +72,16 @@ class GroupComm:
         self.group.alltoall_base(out, t, [], []).wait()
         return out
 
+    def all_to_all_v(self, t: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Rows of `t` (sum(send_counts) of them, member order) go send_counts[j] to
+        member j -> sum(recv_counts) rows, recv_counts[j] of them from member j."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        out = t.new_empty((sum(recv_counts), *t.shape[1:]))
+        self.group.alltoall_base(out, t, list(recv_counts), list(send_counts)).wait()
+        return out
+
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         if self.size > 1:
             opts = dist.BroadcastOptions()
@@ -102,12 +112,20 @@ class ParallelState:
     tp: GroupComm
     pcp: GroupComm
     dcp: GroupComm
+    ep: GroupComm | None = None
+    """The EP group (None when EP is off)."""
 
     @staticmethod
     def single(device: torch.device | str = "cpu") -> "ParallelState":
         topo = Topology.trivial()
         solo = GroupComm([0], None, 0)
         return ParallelState(topo, torch.device(device), solo, solo, solo, solo)
+
+    @property
+    def ep_share(self) -> GroupComm:
+        """The members of the EP group holding this rank's tokens: the EP group
+        itself when it lies inside a TP group, else the TP group."""
+        return self.ep if self.topo.ep <= self.topo.tp else self.tp
 
     @staticmethod
     def initialize(topo: Topology, device: torch.device, store, timeout_s: float) -> "ParallelState":
@@ -129,7 +147,8 @@ class ParallelState:
         tp = group("tp", topo.tp_group_ranks())
         pcp = group("pcp", topo.pcp_group_ranks())
         dcp = group("dcp", topo.dcp_group_ranks())
-        return ParallelState(topo, device, world, tp, pcp, dcp)
+        ep = group("ep", topo.ep_group_ranks()) if topo.ep > 1 else None
+        return ParallelState(topo, device, world, tp, pcp, dcp, ep)
 
     def shutdown(self) -> None:
         """Drop the groups (their sockets close when the objects are freed)."""

@@ -1,7 +1,7 @@
 """One rank: its model shard, its KV cache, its half of the KV connector, and
 (for ranks > 0) the loop that follows rank 0's broadcast commands: a STEP
-(a StepPlan: sequences to run and the connector's metadata), SHUTDOWN, or the
-test-only GATHER_KV.
+(a StepPlan: sequences to run and the connector's metadata), SHUTDOWN, the
+test-only GATHER_KV, or RANK_STATS (weights held and expert load per rank).
 
 Started by the executor as a subprocess calling `main([--rank R, --store HOST:PORT,
 --config JSON, --parent PID])`; it exits when rank 0 says so, when its parent process goes
@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,8 @@ from braid.engine.model_config import load_model_config
 from braid.engine.model_runner import ModelRunner
 from braid.engine.models import build_model
 from braid.engine.kv_connector.worker import KVConnectorWorker
+from braid.engine.layers.linear import deferred_weights
+from braid.engine.layers.moe import MoE
 from braid.engine.parallel_state import ParallelState
 from braid.engine.step_plan import StepPlan, StepResult
 
@@ -33,6 +36,19 @@ CMD_SHUTDOWN = 0
 CMD_STEP = 1
 CMD_GATHER_KV = 2
 """Test-only: every rank's cache rows for some blocks, gathered on rank 0."""
+CMD_RANK_STATS = 3
+"""Each rank's weight bytes and rows computed per routed expert, gathered on rank 0."""
+
+
+@dataclass(frozen=True)
+class RankStats:
+    weight_bytes: int
+    """Bytes of every parameter this rank holds."""
+    expert_weight_bytes: int
+    """Of which routed experts' weights."""
+    expert_rows: torch.Tensor
+    """[MoE layers, num_experts] token rows each routed expert computed on this rank
+    since start (zero for experts it does not hold)."""
 
 def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
     """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
@@ -70,9 +86,11 @@ class Worker:
         topo = cfg.topology.for_rank(rank)
         self.par = ParallelState.initialize(topo, device, store, cfg.parallel.collective_timeout_s)
         dtype = cfg.torch_dtype
-        with torch.device(device):
+        keep_fp8 = cfg.fp8_weights == "keep"
+        # with keep, linear weights are placeholders until the loader knows which are float8
+        with torch.device(device), deferred_weights(keep_fp8):
             self.model = build_model(self.model_cfg, self.par, dtype)
-        load_weights(self.model, cfg.model_path, dtype)
+        load_weights(self.model, cfg.model_path, dtype, keep_fp8=keep_fp8)
         self.model.eval()
         self.kv_cache = allocate_kv_cache(cfg, self.model_cfg, device)
         for layer, attn in enumerate(self.model.attention_layers()):
@@ -100,7 +118,7 @@ class Worker:
 
     @property
     def handlers(self):
-        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv}
+        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv, CMD_RANK_STATS: self._rank_stats}
 
     def _step(self, payload: torch.Tensor) -> StepResult:
         """Apply the step's connector metadata, run the model if the step has
@@ -119,6 +137,20 @@ class Worker:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""
         local = self.kv_cache[:, block_ids].contiguous()  # [L, n, C, H, B, D]
         return self.par.world.gather(local, 0)
+
+    def _rank_stats(self, _payload: torch.Tensor) -> list[RankStats] | None:
+        moe_layers = [m for m in self.model.modules() if isinstance(m, MoE)]
+        experts = self.model_cfg.moe.num_experts if self.model_cfg.moe else 0
+        rows = torch.zeros(len(moe_layers), experts, dtype=torch.int64)
+        for i, m in enumerate(moe_layers):
+            rows[i, m.first_expert : m.first_expert + m.expert_rows.numel()] = m.expert_rows
+        named = list(self.model.named_parameters())
+        total = sum(p.numel() * p.element_size() for _, p in named)
+        routed = sum(p.numel() * p.element_size() for n, p in named if ".experts." in n)
+        got = self.par.world.gather(torch.cat([torch.tensor([total, routed]), rows.flatten()]), 0)
+        if got is None:
+            return None
+        return [RankStats(int(v[0]), int(v[1]), v[2:].view(len(moe_layers), experts)) for v in got]
 
     def shutdown(self) -> None:
         if self.connector is not None:

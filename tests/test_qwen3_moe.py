@@ -129,7 +129,7 @@ def test_sparse_block_matches_transformers(tmp_path, norm, dtype):
     ours = MoE(cfg, ParallelState.single(), dtype)
     with torch.no_grad():
         ours.gate.weight.copy_(block.gate.weight)
-        for e, expert in enumerate(ours.experts):
+        for e, expert in enumerate(ours.experts.values()):
             expert.gate_up_proj.weight.copy_(block.experts.gate_up_proj[e])  # [gate; up] rows, as transformers fuses
             expert.down_proj.weight.copy_(block.experts.down_proj[e])
     x = torch.randn(300, 64, generator=g).to(dtype)

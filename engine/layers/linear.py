@@ -1,17 +1,46 @@
-"""Tensor-parallel linear layers.
+"""Tensor-parallel linear layers, in every decoder layer's attention and MLP, for
+every token of every step.
 
 Each parameter carries a `weight_loader(param, lazy, shard_id)` that copies
 this rank's slice of a checkpoint tensor into it; `lazy` reads only the rows
 or columns it is asked for (see `braid.engine.loader.LazyTensor`).
+
+Block-FP8 weights at rest (engine setting `fp8_weights: keep`): a weight the
+checkpoint stores as float8_e4m3fn stays float8 on its rank, beside
+`weight_scale_inv`, its float32 block scales for this rank's slice, and each
+forward dequantizes it exactly as loading would have (fp8.float() * scale, cast
+to the layer's dtype). The model is then built with its linear weights as
+placeholders on the meta device (`deferred_weights`), and the loader turns each
+into a float8 or a dense weight by what the checkpoint stores (`keep_fp8` /
+`materialize`), before it reads any weight: no rank ever holds the dequantized
+model. Scales are kept per 128x128 block where this rank's slice (every fused
+sub-matrix of it) starts on a block edge, and per row (per column) along a
+dimension where it does not: a TP slice of 448 rows at tp 2 starts at row 224.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from braid.engine.parallel_state import GroupComm
+
+FP8 = torch.float8_e4m3fn
+_DEFERRED = contextvars.ContextVar("braid_linear_weights_deferred", default=False)
+
+
+@contextlib.contextmanager
+def deferred_weights(enabled: bool = True):
+    """Linear weights built inside are meta-device placeholders, to be placed by
+    the loader (float8 at rest or dense) before any is filled."""
+    token = _DEFERRED.set(enabled)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _attach(param: nn.Parameter, loader) -> nn.Parameter:
@@ -25,7 +54,88 @@ def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
     param.data.copy_(value)
 
 
-class ColumnParallelLinear(nn.Module):
+def _blocks(n: int, grain: int) -> int:
+    return -(-n // grain)
+
+
+class LinearBase(nn.Module):
+    """What every linear shares: its weight [out, in] (dense, or float8 with block
+    scales), the weight's row/column segments (where each checkpoint slice lands
+    and where it comes from), and the load of one slice in either form."""
+
+    def _init_weight(self, rows: int, cols: int, dtype, loader) -> None:
+        self.compute_dtype = dtype
+        self._own_loader = loader
+        device = "meta" if _DEFERRED.get() else None
+        self.weight = _attach(nn.Parameter(torch.empty(rows, cols, dtype=dtype, device=device), requires_grad=False), loader)
+        self.weight_scale_inv: nn.Parameter | None = None
+        self.scale_grain = (1, 1)
+
+    def segments(self, dim: int) -> list[tuple[int, int, int]]:
+        """(local start, size, checkpoint start) of each slice along `dim`; one whole slice by default."""
+        return [(0, self.weight.shape[dim], 0)]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.weight.dtype == FP8
+
+    def materialize(self, device) -> None:
+        """A meta placeholder becomes a dense weight of its dtype on `device` (its loader kept)."""
+        if self.weight.is_meta:
+            loader = self.weight.weight_loader
+            self.weight = _attach(nn.Parameter(torch.empty_like(self.weight, device=device), requires_grad=False), loader)
+
+    def keeps_own_loader(self) -> bool:
+        """False where a model replaced the weight's loader (DeepSeek's fp32 router): that weight stays dense."""
+        return self.weight.weight_loader == self._own_loader
+
+    def keep_fp8(self, block: tuple[int, int], device) -> None:
+        """Hold the weight as float8 with float32 scales: per block along a dimension
+        whose every slice starts on a block edge (and fills whole blocks but at the
+        end), per row/column along one that does not."""
+        rows, cols = self.weight.shape
+        grain = []
+        for dim, b in enumerate(block):
+            end = self.weight.shape[dim]
+            aligned = all(local % b == 0 and src % b == 0 and (size % b == 0 or local + size == end)
+                          for local, size, src in self.segments(dim))
+            grain.append(b if aligned else 1)
+        self.scale_grain = tuple(grain)
+        self.weight = _attach(nn.Parameter(torch.empty(rows, cols, dtype=FP8, device=device), requires_grad=False),
+                              self._own_loader)
+        scale = torch.empty(_blocks(rows, grain[0]), _blocks(cols, grain[1]), dtype=torch.float32, device=device)
+        self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in the layer's dtype: float8 dequantized with the same float
+        ops as at load (fp8.float() * its scale, then cast), so bit for bit equal."""
+        if not self.is_fp8:
+            return self.weight
+        rows, cols = self.weight.shape
+        s = self.weight_scale_inv
+        if self.scale_grain[0] > 1:
+            s = s.repeat_interleave(self.scale_grain[0], dim=0)[:rows]
+        if self.scale_grain[1] > 1:
+            s = s.repeat_interleave(self.scale_grain[1], dim=1)[:, :cols]
+        return (self.weight.float() * s).to(self.compute_dtype)
+
+    def _load_slice(self, param, lazy, dim: int, local: int, size: int, src: int) -> None:
+        """Rows (dim 0) or columns (dim 1) [src, src + size) of the checkpoint tensor
+        into [local, local + size) of `param` (a `segments` entry): raw float8 and
+        scales into a float8 weight, else as `lazy` reads them (dequantized to the
+        dtype if float8)."""
+        if param is not self.weight or not self.is_fp8:
+            _copy(param.data.narrow(dim, local, size), lazy.narrow(dim, src, size), lazy.name)
+            return
+        if not hasattr(lazy, "narrow_raw"):
+            raise ValueError(f"{lazy.name}: not float8 in the checkpoint, but its parameter holds float8")
+        grain = self.scale_grain[dim]
+        q, s = lazy.narrow_raw(dim, src, size, grain)
+        _copy(param.data.narrow(dim, local, size), q, lazy.name)
+        _copy(self.weight_scale_inv.data.narrow(dim, local // grain, s.shape[dim]), s, lazy.name + "_scale_inv")
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W^T + b with W's rows split across TP ranks. `output_sizes` lists
     the fused sub-matrices (e.g. gate and up); each is split on its own, and
     `shard_id` in the loader picks which one a checkpoint tensor fills."""
@@ -38,23 +148,25 @@ class ColumnParallelLinear(nn.Module):
                 raise ValueError(f"output size {size} not divisible by tensor_parallel_size {tp.size}")
         self.local_sizes = [s // tp.size for s in output_sizes]
         out = sum(self.local_sizes)
-        self.weight = _attach(nn.Parameter(torch.empty(out, input_size, dtype=dtype), requires_grad=False), self._load)
+        self._init_weight(out, input_size, dtype, self._load)
         self.bias = (
             _attach(nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False), self._load) if bias else None
         )
 
+    def segments(self, dim: int) -> list[tuple[int, int, int]]:
+        if dim == 1:
+            return super().segments(dim)
+        starts = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
+        return [(start, size, self.tp.rank_in_group * size) for start, size in zip(starts, self.local_sizes)]
+
     def _load(self, param, lazy, shard_id=0):
-        shard_id = shard_id or 0
-        start = sum(self.local_sizes[:shard_id])
-        size = self.local_sizes[shard_id]
-        value = lazy.narrow(0, self.tp.rank_in_group * size, size)
-        _copy(param.data.narrow(0, start, size), value, lazy.name)
+        self._load_slice(param, lazy, 0, *self.segments(0)[shard_id or 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x, self.dense_weight(), self.bias)
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(LinearBase):
     """Fused q/k/v projection. Query heads split evenly; KV heads split when
     tp <= num_kv_heads, else each rank holds one KV head, replicated on
     tp // num_kv_heads consecutive ranks."""
@@ -72,24 +184,25 @@ class QKVParallelLinear(nn.Module):
             self.kv_head_start = tp.rank_in_group // (tp.size // num_kv_heads)
         self.sizes = [self.num_heads * head_dim, self.num_kv_heads * head_dim, self.num_kv_heads * head_dim]
         out = sum(self.sizes)
-        self.weight = _attach(nn.Parameter(torch.empty(out, hidden, dtype=dtype), requires_grad=False), self._load)
+        self._init_weight(out, hidden, dtype, self._load)
         self.bias = _attach(nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False), self._load) if bias else None
 
+    def segments(self, dim: int) -> list[tuple[int, int, int]]:
+        if dim == 1:
+            return super().segments(dim)
+        kv_src = self.kv_head_start * self.head_dim
+        srcs = [self.tp.rank_in_group * self.sizes[0], kv_src, kv_src]
+        return [(sum(self.sizes[:i]), self.sizes[i], srcs[i]) for i in range(3)]
+
     def _load(self, param, lazy, shard_id: str):
-        idx = "qkv".index(shard_id)
-        start = sum(self.sizes[:idx])
-        if shard_id == "q":
-            src = self.tp.rank_in_group * self.sizes[0]
-        else:
-            src = self.kv_head_start * self.head_dim
-        _copy(param.data.narrow(0, start, self.sizes[idx]), lazy.narrow(0, src, self.sizes[idx]), lazy.name)
+        self._load_slice(param, lazy, 0, *self.segments(0)["qkv".index(shard_id)])
 
     def forward(self, x: torch.Tensor):
-        qkv = nn.functional.linear(x, self.weight, self.bias)
+        qkv = nn.functional.linear(x, self.dense_weight(), self.bias)
         return qkv.split(self.sizes, dim=-1)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = x W^T + b with W's columns split across TP ranks; partial sums are
     all-reduced and the bias is added once, after the reduction."""
 
@@ -100,17 +213,22 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.reduce = reduce
         self.local_in = input_size // tp.size
-        self.weight = _attach(nn.Parameter(torch.empty(output_size, self.local_in, dtype=dtype), requires_grad=False), self._load_weight)
+        self._init_weight(output_size, self.local_in, dtype, self._load_weight)
         self.bias = _attach(nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False), self._load_bias) if bias else None
 
+    def segments(self, dim: int) -> list[tuple[int, int, int]]:
+        if dim == 0:
+            return super().segments(dim)
+        return [(0, self.local_in, self.tp.rank_in_group * self.local_in)]
+
     def _load_weight(self, param, lazy, shard_id=None):
-        _copy(param.data, lazy.narrow(1, self.tp.rank_in_group * self.local_in, self.local_in), lazy.name)
+        self._load_slice(param, lazy, 1, *self.segments(1)[0])
 
     def _load_bias(self, param, lazy, shard_id=None):
         _copy(param.data, lazy.full(), lazy.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y = nn.functional.linear(x, self.dense_weight())
         if self.reduce:
             self.tp.all_reduce(y)
         if self.bias is not None:
@@ -118,16 +236,19 @@ class RowParallelLinear(nn.Module):
         return y
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(LinearBase):
     """A linear layer every rank holds whole."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype):
         super().__init__()
-        self.weight = _attach(nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False), self._load)
+        self._init_weight(output_size, input_size, dtype, self._load)
         self.bias = _attach(nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False), self._load) if bias else None
 
     def _load(self, param, lazy, shard_id=None):
-        _copy(param.data, lazy.full(), lazy.name)
+        if param is self.weight and self.is_fp8:
+            self._load_slice(param, lazy, 0, 0, param.shape[0], 0)
+        else:
+            _copy(param.data, lazy.full(), lazy.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x, self.dense_weight(), self.bias)

@@ -83,7 +83,7 @@ class MLAAttention(nn.Module):
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's heads of kv_b_proj as (W_UK [H, nope, L], W_UV [H, v, L]) views."""
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.dense_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 cos/sin are computed in fp32 from `inv_freq`. For the halves layout (Llama,
 Qwen) they are cast to the activations' dtype before rotating; the
-interleaved layout (DeepSeek-V2) rotates in fp32 and casts the result. Both
-are the orders transformers uses. YaRN follows transformers'
+interleaved layout rotates in fp32 and casts the result (DeepSeek-V2) or, with
+`fp32_pairs=False`, casts cos/sin and rotates in the activations' dtype
+(DeepSeek-V3). All are the orders transformers uses. YaRN follows transformers'
 `_compute_yarn_parameters` (verified in tests/test_deepseek_v2.py).
 """
 from __future__ import annotations
@@ -93,8 +94,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by angle i and keep that layout:
     transformers' DeepSeek-V2 views x as complex numbers and multiplies by
-    cos + i*sin in fp32. x [T, H, d]; cos/sin [T, d/2] fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [T, H, d/2, 2]
+    cos + i*sin in fp32 (DeepSeek-V3 does the same products in cos/sin's dtype).
+    x [T, H, d]; cos/sin [T, d/2], fp32 or x's dtype."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))  # [T, H, d/2, 2]
     a, b = pairs[..., 0], pairs[..., 1]
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
@@ -102,13 +104,15 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 class RotaryEmbedding(nn.Module):
     """`interleaved=False` rotates the halves (x[i], x[i + d/2]) (Llama, Qwen);
-    `interleaved=True` rotates adjacent pairs (DeepSeek-V2)."""
+    `interleaved=True` rotates adjacent pairs (DeepSeek-V2, V3), in fp32 unless
+    `fp32_pairs=False` (V3)."""
 
-    def __init__(self, cfg: RopeConfig, interleaved: bool = False):
+    def __init__(self, cfg: RopeConfig, interleaved: bool = False, fp32_pairs: bool = True):
         super().__init__()
         dim = cfg.rotary_dim
         self.rotary_dim = dim
         self.interleaved = interleaved
+        self.fp32_pairs = fp32_pairs
         inv_freq = 1.0 / (cfg.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.magnitude = 1.0
         kind = cfg.scaling["rope_type"] if cfg.scaling else None
@@ -122,10 +126,12 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Halves layout: [T, dim] in `dtype`. Interleaved: [T, dim/2] fp32 (the
-        rotation itself runs in fp32, as transformers' DeepSeek-V2 does)."""
+        rotation itself runs in fp32, as transformers' DeepSeek-V2 does), or in
+        `dtype` without fp32_pairs (DeepSeek-V3)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
         if self.interleaved:
-            return freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
+            cos, sin = freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
+            return (cos, sin) if self.fp32_pairs else (cos.to(dtype), sin.to(dtype))
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.magnitude).to(dtype), (emb.sin() * self.magnitude).to(dtype)
 

@@ -17,6 +17,10 @@ def build_model(cfg: ModelConfig, par: ParallelState, dtype: torch.dtype) -> tor
         from braid.engine.models.deepseek_v2 import DeepseekV2ForCausalLM
 
         return DeepseekV2ForCausalLM(cfg, par, dtype)
+    if cfg.architecture == "DeepseekV3ForCausalLM":
+        from braid.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+
+        return DeepseekV3ForCausalLM(cfg, par, dtype)
     if cfg.architecture == "Qwen3MoeForCausalLM":
         from braid.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 

@@ -2,6 +2,8 @@
 vocabulary-parallel LM head, and the map from checkpoint names to parameters."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -26,6 +28,9 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
 class CausalLM(nn.Module):
     packed: dict[str, tuple[str, object]] = {}
     """Checkpoint module name -> (fused parameter's module, shard id)."""
@@ -35,6 +40,9 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.model = body
         self.lm_head = ParallelLMHead(body.embed_tokens, cfg.tie_word_embeddings, dtype)
+        # routed experts this rank holds (all without expert parallelism): the
+        # checkpoint's other experts belong to other ranks and are not read here
+        self.held_experts = {int(m.group(1)) for n, _ in self.named_parameters() if (m := _EXPERT.search(n))}
 
     def forward(self, input_ids, positions, meta):
         return self.model(input_ids, positions, meta)
@@ -48,6 +56,10 @@ class CausalLM(nn.Module):
             return None
         if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
             return None
+        expert = _EXPERT.search(name)
+        if expert and self.cfg.moe and int(expert.group(1)) < self.cfg.moe.num_experts:
+            if int(expert.group(1)) not in self.held_experts:
+                return None
         for ckpt, (fused, shard) in self.packed.items():
             if f".{ckpt}." in name:
                 return name.replace(f".{ckpt}.", f".{fused}."), shard
