@@ -12,7 +12,7 @@
                                                  stream a completion (--chat: a chat) through the SDK
     braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
     braid certs DIR                               a throwaway CA and certificates for every identity
-    braid offline "text"                          the offline engine in this process
+    braid offline "text" [--tp N --pcp N --dcp N --ep N]   the offline engine in this process
     braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
 """
 from __future__ import annotations
@@ -222,20 +222,26 @@ def _add_tls_flags(p) -> None:
     p.add_argument("--server-name", help="name to check in the router's certificate (default: the host)")
 
 
+def _offline_settings(args) -> dict:
+    """The engine settings the offline command's flags give (EngineConfig.build's names)."""
+    return dict(
+        tensor_parallel_size=args.tp,
+        prefill_context_parallel_size=args.pcp,
+        decode_context_parallel_size=args.dcp,
+        enable_expert_parallel=args.enable_expert_parallel,
+        expert_parallel_size=args.ep,
+        block_size=args.block_size,
+        dtype=args.dtype,
+    )
+
+
 def _offline(args) -> int:
     from braid.engine import LLM, SamplingParams
     from braid.engine.default_model import resolve_model
 
     model = resolve_model(args.model)
     print(f"model: {model}")
-    with LLM(
-        model,
-        tensor_parallel_size=args.tp,
-        prefill_context_parallel_size=args.pcp,
-        decode_context_parallel_size=args.dcp,
-        block_size=args.block_size,
-        dtype=args.dtype,
-    ) as llm:
+    with LLM(model, **_offline_settings(args)) as llm:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
         for prompt, out in zip(args.prompt, llm.generate(args.prompt, params)):
             if out.error:
@@ -326,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     off.add_argument("--pcp", type=int, default=1, help="prefill context parallel size")
     off.add_argument("--dcp", type=int, default=1, help="decode context parallel size")
+    off.add_argument("--enable-expert-parallel", action="store_true",
+                     help="MoE models: routed experts whole on ranks (EP, size tp unless --ep) instead of sliced by TP")
+    off.add_argument("--ep", type=int, default=None,
+                     help="expert parallel size (implies --enable-expert-parallel); divides tp or is a multiple of it")
     off.add_argument("--block-size", type=int, default=16)
     off.add_argument("--dtype", default="float32")
     off.set_defaults(func=_offline)

@@ -44,12 +44,45 @@ def test_defaults_and_nested_overrides_keep_their_siblings():
         ({"model": "/does/not/exist"}, "model", "not a directory"),
         ({"cluster": "a/b"}, "cluster", "without '/'"),
         ({"decode": []}, "decode", "mapping"),
+        ({"decode": {"parallel": {"expert_parallel_size": 3}}}, "decode.parallel.expert_parallel_size", "must divide"),
+        ({"prefill": {"parallel": {"enable_expert_parallel": "yes"}}}, "prefill.parallel.enable_expert_parallel",
+         "expected true or false"),
     ],
 )
 def test_bad_config_names_the_field_and_the_reason(data, field, reason):
     with pytest.raises(ConfigError) as e:
         load_config(data=data)
     assert str(e.value).startswith(field) and reason in str(e.value)
+
+
+def test_expert_parallel_settings_load_from_the_file_and_overrides():
+    # EP 4 over prefill tp 2 x pcp 2 (one EP group across both PCP ranks); decode EP = tp when only enabled
+    cfg = load_config(data={"prefill": {"parallel": {"tensor_parallel_size": 2, "expert_parallel_size": 4}}},
+                      overrides=["decode.parallel.enable_expert_parallel=true"])
+    assert cfg.prefill.parallel.topology.ep == 4 and cfg.prefill.parallel.topology.all_ep_groups() == [[0, 1, 2, 3]]
+    assert cfg.decode.parallel.enable_expert_parallel is True and cfg.decode.parallel.topology.ep == 2
+    assert load_config().decode.parallel.topology.ep == 1  # off by default
+    assert load_config(data=to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "flags,ep",
+    [([], 1), (["--tp", "2", "--enable-expert-parallel"], 2), (["--tp", "2", "--pcp", "2", "--ep", "4"], 4),
+     (["--tp", "4", "--ep", "2"], 2)],
+)
+def test_offline_expert_parallel_flags_reach_the_engine_config(flags, ep):
+    from braid.cluster.cli import _offline_settings, build_parser
+    from braid.engine.config import EngineConfig
+
+    args = build_parser().parse_args(["offline", "hi", *flags])
+    assert EngineConfig.build("model", **_offline_settings(args)).topology.ep == ep
+
+
+def test_offline_expert_parallel_on_a_dense_model_fails_with_the_reason(tmp_path):
+    env = dict(os.environ, BRAID_HOME=str(tmp_path / "home"))
+    out = subprocess.run(BRAID + ["offline", "--model", "tiny", "--tp", "2", "--enable-expert-parallel", "hi"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0 and "has no routed experts" in out.stderr
 
 
 def test_bad_override_and_bad_file(tmp_path):

