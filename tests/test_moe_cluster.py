@@ -22,9 +22,7 @@ EP_OVERRIDES = {
 }
 
 
-def _checkpoint(checkpoints, ds, name: str) -> str:
-    if name.startswith("ds-"):
-        return ds(name)
+def _checkpoint(checkpoints, name: str) -> str:
     path = os.path.join(checkpoints.root, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
         if name.startswith("v3-"):
@@ -35,12 +33,12 @@ def _checkpoint(checkpoints, ds, name: str) -> str:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name", ["q3m-norm", "ds-group", "v3-lora"])
-def test_pd_with_ep_on_both_sides_equals_transformers(tmp_path_factory, checkpoints, ds, name):
+@pytest.mark.parametrize("name", ["q3m-norm", "v3-lora"])
+def test_pd_with_ep_on_both_sides_equals_transformers(tmp_path_factory, checkpoints, name):
     from braid.client import Client
 
     prompts = [prompt_of(n, seed=1100 + n) for n in LENGTHS]
-    c = Cluster(str(tmp_path_factory.mktemp("moe")), _checkpoint(checkpoints, ds, name), EP_OVERRIDES)
+    c = Cluster(str(tmp_path_factory.mktemp("moe")), _checkpoint(checkpoints, name), EP_OVERRIDES)
     try:
         start_pair(c)
         with Client(c.router.address, timeout=120) as cl:
