@@ -12,8 +12,8 @@ produce the same greedy tokens before any time is printed.
 
 Rows: prefill time of one `--prompt`-token prompt (median of 3), decode step
 time for `--batch` sequences (median over the steps), routed-expert weight
-bytes per rank (measured on the ranks), and the rows each rank's experts
-computed. RESULT: EP / TP-sliced ratios (below 1 = EP faster).
+bytes per rank (measured on the ranks), the rows each rank's experts
+computed, and both times per token. RESULT: EP / TP-sliced ratios (below 1 = EP faster).
 """
 from __future__ import annotations
 
@@ -115,12 +115,14 @@ def main() -> None:
     for k in configs:
         per_rank = [st.expert_weight_bytes / 2**20 for st in stats[k]]
         rows_per_rank = [int(st.expert_rows.sum()) for st in stats[k]]
-        rows.append([k, statistics.median(prefill[k]), step[k] * 1000, args.batch / step[k],
-                     "/".join(f"{b:.1f}" for b in per_rank), "/".join(map(str, rows_per_rank))])
+        p = statistics.median(prefill[k])
+        rows.append([k, p, step[k] * 1000, args.batch / step[k],
+                     "/".join(f"{b:.1f}" for b in per_rank), "/".join(map(str, rows_per_rank)),
+                     p * 1000 / args.prompt, step[k] * 1000 / args.batch])
     print(f"\nMoE: {args.experts} experts top-4, tp {args.tp}, one thread per rank; prefill {args.prompt} tokens, "
           f"decode batch {args.batch}")
     print(table(["experts", "prefill s", "decode step ms", "decode tok/s", "expert MiB per rank",
-                 "expert rows per rank"], rows))
+                 "expert rows per rank", "prefill ms/token", "decode ms/token"], rows))
     pcp = pcp_prefill(model, args)
     print(f"\nPrefill of {args.prompt} tokens under PCP 2 (tp 1): experts whole on both PCP ranks (no EP) vs EP 2 "
           f"across the PCP ranks (tokens dispatched with all-to-all)")
