@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 QK_K = 256
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -225,3 +226,20 @@ def build_tiny_gguf(root: str, arch: str, qname: str, tokenizer_json: str | None
     path = os.path.join(root, f"tiny-{arch}-{qname}.gguf")
     state = write_gguf(path, arch, model, qname, tokenizer_json)
     return path, reference_model(model_cls, cfg, state)
+
+
+def smol_gguf_folder(tmp_path_factory) -> str:
+    """A fresh folder holding (a link to) the installed SmolLM2 GGUF file, or skip
+    the calling test saying how to install it."""
+    import pytest
+
+    from braid.engine.default_model import default_gguf_path
+    from braid.engine.model_config import CheckpointError
+
+    try:
+        path = default_gguf_path()
+    except CheckpointError as e:
+        pytest.skip(f"{e} (scripts/setup.sh installs it)")
+    folder = tmp_path_factory.mktemp("smol")
+    os.symlink(path, folder / SMOL_FILE)
+    return str(folder)

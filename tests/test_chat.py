@@ -24,8 +24,8 @@ import pytest
 from braid.engine.tiny import save_tokenizer
 from braid.tokenizer import ChatTemplateError, Tokenizer
 from braid.tokenizer.chat import render_chat
+from gguf_fixtures import SMOL_FILE, smol_gguf_folder
 
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 CONVERSATIONS = [
@@ -74,16 +74,7 @@ def _assert_same_rendering(mine: Tokenizer, ref) -> None:
 @pytest.fixture(scope="module")
 def smol_folder(tmp_path_factory):
     """A folder holding (a link to) SmolLM2's GGUF file, or skip saying how to install it."""
-    from braid.engine.default_model import default_gguf_path
-    from braid.engine.model_config import CheckpointError
-
-    try:
-        path = default_gguf_path()
-    except CheckpointError as e:
-        pytest.skip(f"{e} (scripts/setup.sh installs it)")
-    folder = tmp_path_factory.mktemp("smol")
-    os.symlink(path, folder / SMOL_FILE)
-    return str(folder)
+    return smol_gguf_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,10 @@ from braid.engine import LLM, SamplingParams
 from braid.engine.model_config import CheckpointError, load_model_config
 from braid.tokenizer import Tokenizer
 from conftest import prompt_of
-from gguf_fixtures import QUANTS, build_tiny_gguf, hf_greedy
+from gguf_fixtures import QUANTS, SMOL_FILE, build_tiny_gguf, hf_greedy, smol_gguf_folder
 
 GREEDY32 = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 GREEDY64 = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Once upon a time",
@@ -150,16 +149,9 @@ SMOL_PROMPTS = [
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """(folder holding the file, transformers' model and tokenizer from it), or skip."""
-    from braid.engine.loader import default_gguf_path
-
-    try:
-        path = default_gguf_path()
-    except CheckpointError as e:
-        pytest.skip(f"{e} (scripts/setup.sh installs it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("smol")
-    os.symlink(path, folder / SMOL_FILE)
+    folder = smol_gguf_folder(tmp_path_factory)
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=SMOL_FILE)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=SMOL_FILE, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
