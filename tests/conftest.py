@@ -3,11 +3,19 @@ independent reference), and transformers' own greedy outputs for them."""
 from __future__ import annotations
 
 import os
+import sys
 
-import pytest
-import torch
+# The repository's folders are installed as `braid.<folder>`. With the repository
+# root itself on sys.path (`python -m pytest` puts the working directory there),
+# its `kernels/` would shadow the `kernels` package that transformers (>= 5.25)
+# requires and imports: drop the root before anything imports transformers.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
-from braid.engine.tiny import save_tokenizer
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from braid.engine.tiny import save_tokenizer  # noqa: E402
 
 VOCAB = 384  # the tokenizer from braid.engine.tiny.save_tokenizer has exactly this many ids
 

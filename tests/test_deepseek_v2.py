@@ -70,9 +70,10 @@ def test_latent_cache_holds_transformers_latents_on_owner_shards(ds, checkpoints
     name, B = "ds-yarn", 4
     lora, rope = BASE["kv_lora_rank"], BASE["qk_rope_head_dim"]
     prompt = prompt_of(45, seed=9)
+    path = ds(name)  # built first: the reference below reads the same folder
     ref = checkpoints.kv(name, prompt)  # per layer (kv_c_normed [1, L, lora], k_pe [1, L, rope])
     with LLM(
-        ds(name), tensor_parallel_size=tp, decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp,
+        path, tensor_parallel_size=tp, decode_context_parallel_size=dcp, prefill_context_parallel_size=pcp,
         block_size=B, num_kv_blocks=32,
     ) as llm:
         seq = llm.engine.add_request(prompt, SamplingParams(max_tokens=2, temperature=0))
