@@ -1,0 +1,13 @@
+"""Speculative decoding's engine-independent building blocks.
+
+In a request's life: before a decode step, a proposer guesses up to k next
+tokens for the sequence (`ngram`: prompt lookup, no draft model and no draft
+KV); the target model then scores the k+1 positions (the last accepted token
+and the k drafts) in one step; `acceptance` turns the target's k+1 rows and
+the drafts into the 1..k+1 tokens the sequence actually emits (greedy
+acceptance, or rejection sampling that keeps the target's distribution exactly).
+The engine rolls back the KV of the drafts that were not accepted.
+
+Nothing here knows the scheduler, the cache layout or the ranks: these are pure
+functions over token ids and probability tensors, tested on their own.
+"""
