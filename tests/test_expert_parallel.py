@@ -5,7 +5,6 @@ group (ep = tp, ep < tp) and across PCP ranks (ep = tp * pcp); on every rank
 only its own experts' weights (bytes measured); every token of every step
 reaches exactly its top-k experts (rows counted on the ranks, against
 transformers' router choices over the same tokens). Refused settings."""
-import os
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ from braid.engine.config import EngineConfig, ParallelConfig, resolve
 from braid.engine.model_config import load_model_config
 from braid.engine.topology import Topology, validate_for_model
 from conftest import prompt_of
-from test_deepseek_v3 import CONFIGS as V3_CONFIGS, build_v3
-from test_qwen3_moe import CONFIGS as Q3M_CONFIGS, build_qwen3_moe
+from moe_fixtures import moe_checkpoint
 
 LENGTHS = [1, 3, 8, 9, 37, 100]
 NEW = 48
@@ -28,13 +26,7 @@ def moe_ckpt(checkpoints, ds):
     def get(name: str) -> str:
         if name.startswith("ds-"):
             return ds(name)
-        path = os.path.join(checkpoints.root, name)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            if name.startswith("v3-"):
-                build_v3(path, V3_CONFIGS[name])
-            else:
-                build_qwen3_moe(path, Q3M_CONFIGS[name])
-        return path
+        return moe_checkpoint(checkpoints.root, name)
 
     return get
 

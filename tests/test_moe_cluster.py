@@ -4,14 +4,12 @@ tp 2 with dcp 2 and EP 2; greedy output against transformers, and the KV really
 crossed from P to D (no local prefill)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from cluster_harness import Cluster, start_pair
 from conftest import prompt_of
-from test_deepseek_v3 import CONFIGS as V3_CONFIGS, build_v3
-from test_qwen3_moe import CONFIGS as Q3M_CONFIGS, build_qwen3_moe
+from moe_fixtures import moe_checkpoint
 
 LENGTHS = [1, 3, 8, 9, 37, 100]
 NEW = 48
@@ -22,23 +20,13 @@ EP_OVERRIDES = {
 }
 
 
-def _checkpoint(checkpoints, name: str) -> str:
-    path = os.path.join(checkpoints.root, name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        if name.startswith("v3-"):
-            build_v3(path, V3_CONFIGS[name])
-        else:
-            build_qwen3_moe(path, Q3M_CONFIGS[name])
-    return path
-
-
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", ["q3m-norm", "v3-lora"])
 def test_pd_with_ep_on_both_sides_equals_transformers(tmp_path_factory, checkpoints, name):
     from braid.client import Client
 
     prompts = [prompt_of(n, seed=1100 + n) for n in LENGTHS]
-    c = Cluster(str(tmp_path_factory.mktemp("moe")), _checkpoint(checkpoints, name), EP_OVERRIDES)
+    c = Cluster(str(tmp_path_factory.mktemp("moe")), moe_checkpoint(checkpoints.root, name), EP_OVERRIDES)
     try:
         start_pair(c)
         with Client(c.router.address, timeout=120) as cl:
