@@ -105,12 +105,6 @@ class Topology:
         base = r - r % self.ep
         return list(range(base, base + self.ep))
 
-    def token_share_ranks(self) -> list[int]:
-        """The members of this rank's EP group that hold the same tokens (the same
-        PCP rank): under EP they split those tokens between them before dispatch."""
-        group = self.ep_group_ranks()
-        return [r for r in group if r // self.tp == self.pcp_rank]
-
     def all_tp_groups(self) -> list[list[int]]:
         return [self.tp_group_ranks(p) for p in range(self.pcp)]
 

@@ -2,6 +2,7 @@
 independent reference), and transformers' own greedy outputs for them."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -209,3 +210,18 @@ def _etcd_children() -> list[int]:
 
 
 from deepseek_fixtures import ds  # noqa: E402,F401  (registers the DeepSeek-V2 checkpoint fixture for every test)
+
+
+def edit_config(path: str, **changes) -> None:
+    """Rewrite a checkpoint folder's config.json: each key set to its value, or
+    removed where the value is None."""
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    with open(file, "w") as f:
+        json.dump(cfg, f)

@@ -4,7 +4,6 @@ with dcp 2 and pcp 2; the router against a brute-force reading of its rule and
 against transformers' (ties and negative biases included), the sparse block in
 fp32 and bf16; the MTP layer's weights and one MTP forward against transformers'
 MtpLayer loaded from the checkpoint's tensors; what loads and what is refused."""
-import json
 import os
 import shutil
 
@@ -20,7 +19,7 @@ from braid.engine.model_config import CheckpointError, load_model_config
 from braid.engine.models import build_model
 from braid.engine.parallel_state import ParallelState
 from braid.kernels.reference import VarlenRows
-from conftest import VOCAB, model_config_of, prompt_of, save_random
+from conftest import VOCAB, edit_config, model_config_of, prompt_of, save_random
 
 BASE = dict(
     vocab_size=VOCAB,
@@ -374,15 +373,7 @@ def test_partial_mtp_layer_is_refused_at_load(v3, tmp_path):
 
 def _copy_checkpoint(src: str, dst, **config_changes) -> str:
     shutil.copytree(src, dst, dirs_exist_ok=True)
-    with open(os.path.join(dst, "config.json")) as f:
-        cfg = json.load(f)
-    for key, value in config_changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    edit_config(str(dst), **config_changes)
     return str(dst)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from braid.engine import LLM, SamplingParams
 from braid.engine.model_config import CheckpointError
-from conftest import VOCAB, build_checkpoint, prompt_of
+from conftest import VOCAB, build_checkpoint, edit_config, prompt_of
 
 GREEDY48 = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 LENGTHS = [1, 7, 33, 64, 150, 300]
@@ -97,27 +97,16 @@ def _copy(checkpoints, tmp_path, name="llama-gqa2-tied"):
     return str(dst)
 
 
-def _edit_config(path, **changes):
-    cfg_path = os.path.join(path, "config.json")
-    cfg = json.load(open(cfg_path))
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    json.dump(cfg, open(cfg_path, "w"))
-
-
 def test_unsupported_architecture(checkpoints, tmp_path):
     path = _copy(checkpoints, tmp_path)
-    _edit_config(path, architectures=["GPT2LMHeadModel"])
+    edit_config(path, architectures=["GPT2LMHeadModel"])
     with pytest.raises(CheckpointError, match="unsupported architecture 'GPT2LMHeadModel'"):
         LLM(path)
 
 
 def test_missing_config_field(checkpoints, tmp_path):
     path = _copy(checkpoints, tmp_path)
-    _edit_config(path, hidden_size=None)
+    edit_config(path, hidden_size=None)
     with pytest.raises(CheckpointError, match="hidden_size"):
         LLM(path)
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from braid.engine import LLM, SamplingParams
 from braid.engine.model_config import CheckpointError
-from conftest import VOCAB, prompt_of, save_random
+from conftest import VOCAB, edit_config, prompt_of, save_random
 
 B = 128
 QUANT = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [B, B]}
@@ -88,7 +88,7 @@ def quantize_checkpoint(path: str, scales_apart: bool) -> dict:
             json.dump({"metadata": {}, "weight_map": weight_map}, f)
     else:
         save_file(dict(tensors, **scales), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    _edit_config(path, quantization_config=QUANT)
+    edit_config(path, quantization_config=QUANT)
     return ref
 
 
@@ -99,18 +99,6 @@ def build_llama_fp8(root: str, name: str) -> tuple[str, dict]:
     torch.manual_seed(17)
     save_random(LlamaForCausalLM(LlamaConfig(**dict(BASE, **CONFIGS[name]))).eval(), path)
     return path, quantize_checkpoint(path, scales_apart=name == "edge")
-
-
-def _edit_config(path: str, **changes) -> None:
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
 
 
 class FP8Checkpoints:
@@ -142,7 +130,7 @@ class FP8Checkpoints:
         copy = os.path.join(self.root, "edge-dequantized")
         shutil.copytree(path, copy, ignore=shutil.ignore_patterns("*.safetensors*"))
         save_file(ref, os.path.join(copy, "model.safetensors"), metadata={"format": "pt"})
-        _edit_config(copy, quantization_config=None)
+        edit_config(copy, quantization_config=None)
         hf = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32).eval()
         assert all(torch.equal(hf.state_dict()[k], ref[k]) for k in ref)
         return path, ref, hf
@@ -320,7 +308,7 @@ def _edit_tensors(path: str, edit) -> None:
 def test_unsupported_quantization_is_refused_naming_the_setting(fp8, tmp_path, setting, match):
     path = _copy(fp8, tmp_path)
     quant = {k: v for k, v in dict(QUANT, **setting).items() if v is not None}
-    _edit_config(path, quantization_config=quant)
+    edit_config(path, quantization_config=quant)
     with pytest.raises(CheckpointError, match=match):
         LLM(path)
 
@@ -353,6 +341,6 @@ def test_malformed_fp8_tensors_are_clear_errors(fp8, tmp_path, case, match):
     elif case == "scale of a float32 weight":
         _edit_tensors(path, lambda t: t.update({"lm_head.weight_scale_inv": torch.ones(3, 2)}))
     else:
-        _edit_config(path, quantization_config=None)
+        edit_config(path, quantization_config=None)
     with pytest.raises(CheckpointError, match=match):
         list(iter_checkpoint(path, torch.float32))
