@@ -183,18 +183,22 @@ class _RouterClient:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         stop: str | Iterable[str] = (),
+        num_speculative_tokens: int | None = None,
+        speculative_method: str | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
         session_id: str | None = None,
     ):
         """Start a generation and return its stream of Chunks (GenerateStream for
         Client, AsyncGenerateStream for AsyncClient). `stop`: stop strings; the text
-        ends before the first one found (finish_reason "stop")."""
+        ends before the first one found (finish_reason "stop"). `num_speculative_tokens`,
+        `speculative_method`: speculative decoding on the decode node (unset: the node's)."""
         req = build_request(
             prompt, request_id=request_id, session_id=session_id, max_tokens=max_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=stop,
+            num_speculative_tokens=num_speculative_tokens, speculative_method=speculative_method,
         )
         call = self._stub.Generate(req, **self._call_kwargs(timeout, DEFAULT_GENERATE_TIMEOUT_S))
         return self._stream_type(call)

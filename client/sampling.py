@@ -58,6 +58,8 @@ def build_sampling(
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
     stop: str | Iterable[str] = (),
+    num_speculative_tokens: int | None = None,
+    speculative_method: str | None = None,
 ) -> common_pb2.SamplingParams:
     """Encode sampling settings; ValueError only for values the wire types cannot hold."""
     pb = common_pb2.SamplingParams(
@@ -78,6 +80,12 @@ def build_sampling(
         pb.logprobs = _as_int("logprobs", logprobs, 0, UINT32_MAX)
     if prompt_logprobs is not None:
         pb.prompt_logprobs = _as_int("prompt_logprobs", prompt_logprobs, 0, UINT32_MAX)
+    if num_speculative_tokens is not None:  # unset means the decode node's setting
+        pb.num_speculative_tokens = _as_int("num_speculative_tokens", num_speculative_tokens, 0, UINT32_MAX)
+    if speculative_method is not None:
+        if not isinstance(speculative_method, str):
+            raise ValueError(f"speculative_method must be a string, got {speculative_method!r}")
+        pb.speculative_method = speculative_method
     return pb
 
 

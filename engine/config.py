@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from braid.engine.kv_layout import ShardLayout
 from braid.kv_transfer.layout import ELEMENT_SIZES
 from braid.engine.topology import Topology
+from braid.proto.sampling_rules import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 
 DEFAULT_KV_CACHE_BYTES = 256 * 1024 * 1024
 DEVICES = ("cpu", "cuda", "npu")
@@ -139,6 +140,33 @@ class SchedulerConfig:
         check_positive(self, ("max_model_len",), optional=True)
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (braid.engine.spec_decode): each decode step verifies up
+    to k proposed tokens per sequence and keeps the longest prefix the target model
+    agrees with, plus its own next token. Exact: the output is the same as without it."""
+
+    method: str = "ngram"
+    """Proposer for requests that speculate: "ngram" (prompt lookup, no draft model)."""
+    num_speculative_tokens: int = 0
+    """Drafts per sequence per step (k) for requests that do not set their own; 0: off."""
+    ngram_min: int = 1
+    ngram_max: int = 3
+    """N-gram lengths prompt lookup tries, longest first."""
+    max_draft_tokens_per_step: int = 64
+    """Drafts one step verifies at most, all sequences together: with a large batch each
+    sequence's k is lowered (decode is then compute-bound and speculation pays less)."""
+
+    def __post_init__(self):
+        check_choice(self, "method", SPECULATIVE_METHODS, "speculative method")
+        check_positive(self, ("ngram_min", "ngram_max"))
+        check_positive(self, ("num_speculative_tokens", "max_draft_tokens_per_step"), zero_ok=True)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens: at most {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min: {self.ngram_min} is more than ngram_max {self.ngram_max}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class KVTransferConfig:
     """Moving KV between instances (the KV connector)."""
@@ -186,7 +214,7 @@ class KVTransferConfig:
 
 
 SECTIONS = {"parallel": ParallelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-            "transfer": KVTransferConfig}
+            "transfer": KVTransferConfig, "speculative": SpeculativeConfig}
 _FLAT_ALIASES = {"kv_role": "role", "kv_transport": "transport", "kv_host": "host", "kv_port": "port",
                  "kv_advertise_host": "advertise_host", "kv_timeout_s": "timeout_s", "kv_max_lease_s": "max_lease_s",
                  "kv_max_reservations": "max_reservations", "kv_max_connections": "max_connections",
@@ -210,6 +238,7 @@ class EngineSettings:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         check_choice(self, "dtype", DTYPES, "dtype")

@@ -5,7 +5,7 @@ on every rank, sample, and report what each request produced.
     meta   = kv.build_meta(...)             # the KV connector's orders for the ranks
     result = executor.execute(plan of batch + meta)   # prefill steps push KV layer by layer
     tokens = sampler(result.logits)         # + the sampled tokens' logprobs, for requests that asked
-    done   = scheduler.postprocess(batch, tokens)
+    done   = scheduler.postprocess(batch, tokens)   # a speculating decode keeps 1..k+1 tokens
     kv.on_step_done(meta, result)           # transfers that arrived, were delivered or failed
 
 KV transfer has two halves (braid.engine.kv_connector): the scheduler half
@@ -41,6 +41,8 @@ from braid.proto.prefix_hash import cache_seed
 from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
+from braid.engine.spec_decode.acceptance import greedy_accept
+from braid.engine.spec_decode.ngram import propose_ngram
 from braid.engine.step_plan import SeqPlan, StepPlan, StepResult
 from braid.tokenizer import Tokenizer
 
@@ -68,6 +70,8 @@ class EngineCore:
             self.blocks,
             self.model_config.eos_token_ids,
             self.prefix_cache,
+            cfg.speculative,
+            self._propose,
         )
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
@@ -194,9 +198,13 @@ class EngineCore:
             # scheduler runs such a prompt whole), not again on a recompute after preemption
             plp = seq.params.prompt_logprobs
             whole = batch.is_prefill and start == 0 and seq.num_output_tokens == 0 and len(new) == len(seq)
-            seqs.append(SeqPlan(start, new, tuple(seq.block_table), plp if plp is not None and whole else -1))
+            drafts = batch.drafts_of(i)  # verified after the last token: one logits row each, plus its own
+            seqs.append(SeqPlan(start, new + drafts, tuple(seq.block_table), plp if plp is not None and whole else -1,
+                                1 + len(drafts)))
         copies = batch.copies if batch is not None else copies
-        return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv, copies)
+        # a decode with drafts runs k+1 query tokens over its cached context: a prefill-shaped step
+        prefill = batch is not None and (batch.is_prefill or bool(batch.drafts))
+        return StepPlan(prefill, tuple(seqs), kv, copies)
 
     def step(self) -> list[TokenEvent]:
         """One engine step; `ran_batch` tells afterwards whether the model ran
@@ -248,52 +256,84 @@ class EngineCore:
         sampled ends its own request with an error event, the others go on."""
         forward_s = time.monotonic() - t0
         seqs = batch.seqs
-        tokens, failed = self._sample(batch, result.logits)
+        starts = _row_starts(batch)
+        tokens, failed = self._sample(batch, result.logits, starts)
         ok = [i for i in range(len(seqs)) if i not in failed]
         sampled = [i for i in ok if batch.completes(i)]  # a prompt chunk that did not finish samples nothing
-        lps = _sampled_logprobs(result.logits, seqs, tokens, sampled)
+        emitted = {i: list(tokens[i]) if batch.drafts_of(i) else [tokens[i]] for i in sampled}
+        lps = _sampled_logprobs(result.logits, seqs, emitted, starts)
         plps = result.prompt_logprobs
-        kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok), tuple(batch.new_tokens(i) for i in ok))
+        before = {i: seqs[i].num_output_tokens for i in sampled}
+        kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok), tuple(batch.new_tokens(i) for i in ok),
+                              drafts=tuple(batch.drafts_of(i) for i in ok) if batch.drafts else ())
         self.scheduler.postprocess(kept, [tokens[i] for i in ok])
         now = time.monotonic()
         for send in meta.sends:
             if send.seq_index not in failed:
                 seq = seqs[send.seq_index]
-                seq.first_logprobs, seq.prompt_logprobs = lps.get(send.seq_index), plps.get(send.seq_index)
+                seq.first_logprobs, seq.prompt_logprobs = lps.get(send.seq_index, [None])[0], plps.get(send.seq_index)
                 self.kv.sent(seq, tokens[send.seq_index], t0, forward_s, result.kv_bytes.get(send.transfer_id, 0), now)
         events = []
         for i, why in failed.items():
             log.warning("request %s failed: %s", seqs[i].request_id, why)
             events.append(self._fail_seq(seqs[i], why))
-        return events + [
-            TokenEvent(seqs[i].request_id, tokens[i], seqs[i].is_finished, seqs[i].finish_reason,
-                       logprobs=lps.get(i), prompt_logprobs=plps.get(i), cached_tokens=seqs[i].num_prefix_hit_tokens)
-            for i in sampled
-            if seqs[i].transfer is None
-        ]
+        for i in sampled:
+            seq = seqs[i]
+            if seq.transfer is not None:
+                continue
+            n = seq.num_output_tokens - before[i]  # emitted tokens kept (a stop cuts the rest)
+            for j in range(n):
+                last = j == n - 1
+                events.append(TokenEvent(
+                    seq.request_id, emitted[i][j], last and seq.is_finished, seq.finish_reason if last else None,
+                    logprobs=lps[i][j] if i in lps else None, prompt_logprobs=plps.get(i) if j == 0 else None,
+                    cached_tokens=seq.num_prefix_hit_tokens))
+        return events
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> tuple[list[int], dict[int, str]]:
-        """A token for each row that completes its sequence (-1 for the others: a chunk
-        samples nothing and draws nothing from a seeded generator); {row: why} for the
-        rows that failed."""
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor, starts: list[int]) -> tuple[list, dict[int, str]]:
+        """For each sequence that completes: its token, or (it verified drafts) the list
+        of tokens it emits; -1 for the others (a chunk samples nothing and draws nothing
+        from a seeded generator). {sequence: why} for those whose rows failed.
+
+        Every row is sampled as a plain decode at its output index would be (its own
+        seeded generator: see draw_seed); drafts are kept while they equal the row's
+        token. For greedy rows that is greedy acceptance, for sampled rows the draft-free
+        rejection rule (acceptance.rejection_sample with draft_probs=None): the output
+        has the target's distribution exactly, and a seeded request emits the very
+        tokens it would without speculation."""
         seqs = batch.seqs
-        rows = [i for i in range(len(seqs)) if batch.completes(i)]
-        tokens = [-1] * len(seqs)
+        tokens: list = [-1] * len(seqs)
+        rows, params, gens, owner = [], [], [], []
+        for i, seq in enumerate(seqs):
+            if batch.completes(i):
+                for j in range(1 + len(batch.drafts_of(i))):
+                    rows.append(starts[i] + j)
+                    params.append(seq.params)
+                    gens.append(_generator(seq, j))
+                    owner.append(i)
         if not rows:
             return tokens, {}
-        picked = logits if len(rows) == len(seqs) else logits[torch.tensor(rows, device=logits.device)]
-        for i in rows:
-            seq = seqs[i]
-            if seq.generator is not None:  # output token k draws from (seed, k) alone: see draw_seed
-                seq.generator.manual_seed(draw_seed(seq.params.seed, seq.num_output_tokens))
+        picked = logits if len(rows) == logits.shape[0] else logits[torch.tensor(rows, device=logits.device)]
         try:
-            got, bad = self.sampler.sample(picked, [seqs[i].params for i in rows], [seqs[i].generator for i in rows])
+            got, bad = self.sampler.sample(picked, params, gens)
         except Exception as e:  # noqa: BLE001 - a sampler bug fails this step's requests, not the engine
             why = f"sampling failed: {type(e).__name__}: {e}"
-            return tokens, {i: why for i in rows}
-        for j, i in enumerate(rows):
-            tokens[i] = got[j]
-        return tokens, {rows[j]: why for j, why in bad.items()}
+            return tokens, {i: why for i in owner}
+        by_seq: dict[int, list[int]] = {}
+        for r, i in enumerate(owner):
+            by_seq.setdefault(i, []).append(got[r])
+        for i, row_tokens in by_seq.items():
+            drafts = batch.drafts_of(i)
+            tokens[i] = greedy_accept(row_tokens, drafts).tokens if drafts else row_tokens[0]
+        return tokens, {owner[r]: why for r, why in bad.items()}
+
+    def _propose(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k draft tokens for `seq` (the scheduler asks before each decode)."""
+        t0 = time.perf_counter()
+        spec = self.config.speculative
+        drafts = propose_ngram(seq.token_ids, k, min_n=spec.ngram_min, max_n=spec.ngram_max)
+        self.scheduler.spec_stats.draft_s += time.perf_counter() - t0
+        return drafts
 
     def _fail_seq(self, seq: Sequence, why: str) -> TokenEvent:
         """End one request of a step alone, with an error event. Its blocks are freed
@@ -349,16 +389,40 @@ class EngineCore:
         self.executor.shutdown()
 
 
-def _sampled_logprobs(logits: torch.Tensor, seqs, tokens: list[int], rows: list[int]) -> dict:
-    """Row -> the sampled token's TokenLogprob, for the rows (of `rows`) whose request asked;
-    the rows of the others cost nothing."""
-    rows = [i for i in rows if seqs[i].params.logprobs is not None]
-    if not rows:
+def _row_starts(batch: ScheduledBatch) -> list[int]:
+    """Each sequence's first logits row: a sequence that verifies k drafts has k+1 rows."""
+    starts, row = [], 0
+    for i in range(len(batch.seqs)):
+        starts.append(row)
+        row += 1 + len(batch.drafts_of(i))
+    return starts
+
+
+def _generator(seq: Sequence, j: int) -> torch.Generator | None:
+    """The generator for `seq`'s output token num_output_tokens + j (None: unseeded):
+    seeded with (seed, that index) alone, whichever step the token falls in."""
+    if seq.generator is None:
+        return None
+    seed = draw_seed(seq.params.seed, seq.num_output_tokens + j)
+    if j == 0:
+        return seq.generator.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _sampled_logprobs(logits: torch.Tensor, seqs, emitted: dict[int, list[int]], starts: list[int]) -> dict:
+    """Sequence -> the TokenLogprob of each token it emitted (emitted token j from row
+    starts[i] + j), for the sequences whose request asked; the others cost nothing."""
+    want = [i for i in emitted if seqs[i].params.logprobs is not None]
+    if not want:
         return {}
-    most = max(seqs[i].params.logprobs for i in rows)
-    index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
-    found = token_logprobs(logits.index_select(0, index), [tokens[i] for i in rows], most)
-    return {i: dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]) for i, lp in zip(rows, found)}
+    pairs = [(i, starts[i] + j, t) for i in want for j, t in enumerate(emitted[i])]
+    most = max(seqs[i].params.logprobs for i in want)
+    index = torch.tensor([r for _, r, _ in pairs], dtype=torch.int64, device=logits.device)
+    found = token_logprobs(logits.index_select(0, index), [t for _, _, t in pairs], most)
+    out: dict[int, list] = {}
+    for (i, _, _), lp in zip(pairs, found):
+        out.setdefault(i, []).append(dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]))
+    return out
 
 
 def draw_seed(seed: int, index: int) -> int:

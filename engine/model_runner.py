@@ -122,13 +122,26 @@ class ModelRunner:
             out[i] = prompt_logprobs(rows, list(s.token_ids), s.prompt_logprobs, self.model.compute_logits, keep)
         return out if keep else {}
 
+    def logit_hidden(self, plan: StepPlan, hidden: torch.Tensor, meta: AttentionMetadata, last) -> torch.Tensor:
+        """Hidden states of the rows the plan wants logits for, [sum(num_logits), H]: each
+        sequence's last token, or its last num_logits tokens (a speculative step's
+        verification rows: under PCP gathered back to plan order first)."""
+        if all(s.num_logits == 1 for s in plan.seqs):
+            return self.last_hidden(hidden, last, len(plan.seqs))
+        full = meta.gather_new_tokens(hidden, self.par)  # [all new tokens, H] in plan order
+        index, end = [], 0
+        for s in plan.seqs:
+            end += s.num_new
+            index += range(end - s.num_logits, end)
+        return full.index_select(0, self._tensor(index))
+
     @torch.inference_mode()
     def run(self, plan: StepPlan, on_layer=None) -> tuple[torch.Tensor, dict[int, list]]:
-        """(Logits [S, vocab] fp32 of each sequence's last token, the prompt logprobs
-        the plan asked for). `on_layer(i)` is called once layer i's KV of this step is
-        in the cache (prefill only)."""
+        """(Logits [sum(num_logits), vocab] fp32: each sequence's last token's, or its last
+        num_logits tokens' rows; the prompt logprobs the plan asked for). `on_layer(i)` is
+        called once layer i's KV of this step is in the cache (prefill only)."""
         ids, positions, meta, last = self.prepare(plan)
         meta.on_layer_written = on_layer
         hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(self.last_hidden(hidden, last, len(plan.seqs)))
+        logits = self.model.compute_logits(self.logit_hidden(plan, hidden, meta, last))
         return logits, self.prompt_logprobs(plan, hidden, meta)

@@ -36,6 +36,10 @@ class SamplingParams:
     """Report each sampled token's logprob and rank plus this many alternatives (0..20); None: none."""
     prompt_logprobs: int | None = None
     """Report the logprob of every prompt token after the first, with this many alternatives (0..20)."""
+    num_speculative_tokens: int | None = None
+    """Drafts verified per decode step (0..16; 0: off); None: the engine's setting."""
+    speculative_method: str | None = None
+    """Proposer ("ngram"); None: the engine's."""
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -43,6 +47,7 @@ class SamplingParams:
         check_sampling_values(
             max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+            num_speculative_tokens=self.num_speculative_tokens, speculative_method=self.speculative_method,
         )
 
     @property

@@ -27,13 +27,18 @@ Plain Python over ids and integers; no torch.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from braid.engine.block_manager import BlockManager
-from braid.engine.config import SchedulerConfig
+from braid.engine.config import SchedulerConfig, SpeculativeConfig
 from braid.engine.prefix_cache import PrefixCache
 from braid.engine.sequence import Sequence, SeqStatus
+from braid.engine.spec_decode.stats import SpecStats
 from braid.proto.prefix_hash import extend_hashes
+
+Proposer = Callable[[Sequence, int], list[int]]
+"""(sequence, k) -> at most k draft tokens to follow its tokens (speculative decoding)."""
 
 
 class RequestRejected(ValueError):
@@ -49,6 +54,12 @@ class ScheduledBatch:
     all its uncomputed tokens (a whole prefill, or one decode token)."""
     copies: tuple[tuple[int, int], ...] = ()
     """(source, destination) virtual blocks the ranks copy before running the step."""
+    drafts: tuple[tuple[int, ...], ...] = ()
+    """Per sequence, the draft tokens its decode verifies this step after its last token
+    (speculative decoding; their KV is written and rolled back unless accepted); empty: none."""
+
+    def drafts_of(self, i: int) -> tuple[int, ...]:
+        return self.drafts[i] if self.drafts else ()
 
     def new_tokens(self, i: int) -> int:
         if self.num_new:
@@ -70,8 +81,13 @@ class Scheduler:
     and retires finished ones, freeing their blocks. Never touches a tensor."""
 
     def __init__(self, cfg: SchedulerConfig, blocks: BlockManager, eos_token_ids: tuple[int, ...] = (),
-                 prefix: PrefixCache | None = None):
+                 prefix: PrefixCache | None = None, spec: SpeculativeConfig | None = None,
+                 propose: Proposer | None = None):
         self.cfg = cfg
+        self.spec = spec if spec is not None else SpeculativeConfig()
+        self.propose = propose
+        """Where drafts come from (None: no speculative decoding on this engine)."""
+        self.spec_stats = SpecStats()
         self.blocks = blocks
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefix = prefix
@@ -202,9 +218,12 @@ class Scheduler:
         chunks = self._schedule_chunks(self.cfg.max_num_batched_tokens)
         if not decodes and not chunks:
             return None
+        drafts = self._drafts(decodes)  # after the chunks: drafts only take blocks left over
+        if drafts:
+            drafts += ((),) * len(chunks)
         seqs = tuple(decodes) + tuple(s for s, _ in chunks)
         num_new = (1,) * len(decodes) + tuple(n for _, n in chunks)
-        return ScheduledBatch(bool(chunks), seqs, num_new, self.take_copies())
+        return ScheduledBatch(bool(chunks), seqs, num_new, self.take_copies(), drafts)
 
     def _schedule_chunks(self, budget: int) -> list[tuple[Sequence, int]]:
         """Prompt chunks for this step: sequences being prefilled first, then new ones."""
@@ -261,6 +280,61 @@ class Scheduler:
             break  # seq itself was preempted; everything after it too
         return batch
 
+    # -- speculative decoding ----------------------------------------------------
+    def spec_k(self, seq: Sequence) -> int:
+        """Drafts `seq` may verify in its next decode: its request's k (or the engine's),
+        never past the tokens it may still emit or the positions the model holds."""
+        p = seq.params
+        k = p.num_speculative_tokens if p.num_speculative_tokens is not None else self.spec.num_speculative_tokens
+        return max(0, min(k, p.max_tokens - seq.num_output_tokens - 1, self.cfg.max_model_len - len(seq)))
+
+    def _drafts(self, decodes: list[Sequence]) -> tuple[tuple[int, ...], ...]:
+        """Each decoding sequence's drafts (() when none), with KV blocks for them; empty
+        when no sequence speculates. The step's draft budget is shared evenly (a large
+        batch lowers each k), and drafts never preempt: those that find no free block
+        are cut to the room the sequence's blocks already have."""
+        if self.propose is None or not decodes:
+            return ()
+        share = self.spec.max_draft_tokens_per_step // len(decodes)
+        out = []
+        for seq in decodes:
+            k = min(self.spec_k(seq), share)
+            drafts = self.propose(seq, k)[:k] if k > 0 else []
+            out.append(tuple(drafts[: self._room_for_drafts(seq, len(drafts))]))
+        return tuple(out) if any(out) else ()
+
+    def _room_for_drafts(self, seq: Sequence, n: int) -> int:
+        """Blocks for `n` drafts after `seq`'s tokens if the pool has them; how many fit."""
+        need = self.blocks.blocks_for(len(seq) + n) - len(seq.block_table)
+        if need <= 0:
+            return n
+        if self.blocks.can_allocate(need):
+            seq.block_table += self.blocks.allocate(need)
+            return n
+        return max(0, len(seq.block_table) * self.blocks.tokens_per_block - len(seq))
+
+    def _accept(self, seq: Sequence, emitted: list[int], num_drafts: int) -> None:
+        """A speculating decode's outcome: append the emitted tokens (the accepted drafts,
+        then the target's token) up to a stop, keep the accepted drafts' KV and free the
+        blocks that only held rejected drafts (their slots past the sequence are rewritten
+        before anything reads them)."""
+        st = self.spec_stats
+        st.seq_steps += 1
+        st.draft_tokens += num_drafts
+        st.accepted_tokens += len(emitted) - 1
+        for tok in emitted:
+            seq.token_ids.append(tok)
+            st.emitted_tokens += 1
+            self._check_finished(seq, tok)
+            if seq.is_finished:
+                return
+        seq.num_cached_tokens = len(seq) - 1  # every token but the target's newest has its KV
+        keep = self.blocks.blocks_for(seq.num_cached_tokens)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            seq.block_table = seq.block_table[:keep]
+            self.blocks.free(extra)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
@@ -272,12 +346,20 @@ class Scheduler:
         self.num_preemptions += 1
 
     # -- results -------------------------------------------------------------
-    def postprocess(self, batch: ScheduledBatch, tokens: list[int]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, tokens: list) -> list[Sequence]:
         """Advance each sequence by the tokens it computed; those that completed get
-        their sampled token (`tokens[i]`; ignored for a chunk that did not). Returns
-        the sequences that finished."""
+        their sampled token (`tokens[i]`; ignored for a chunk that did not), or, for a
+        sequence that verified drafts, the list of tokens it emits. Returns the
+        sequences that finished."""
         finished = []
         for i, (seq, tok) in enumerate(zip(batch.seqs, tokens)):
+            if batch.drafts_of(i):
+                self._accept(seq, list(tok), len(batch.drafts_of(i)))
+                self.register(seq)
+                if seq.is_finished:
+                    self._release(seq)
+                    finished.append(seq)
+                continue
             done = batch.completes(i)
             seq.num_cached_tokens = min(len(seq), seq.num_cached_tokens + batch.new_tokens(i))
             self.register(seq)

@@ -26,6 +26,9 @@ class SeqPlan:
     block_table: tuple[int, ...]
     prompt_logprobs: int = -1
     """Prefill only: compute the prompt's logprobs with this many alternatives; -1: not asked."""
+    num_logits: int = 1
+    """Logits rows for the last this many new tokens (a speculative step's verification:
+    the last emitted token and its k drafts, k+1 rows); 1: the last token's only."""
 
     @property
     def num_new(self) -> int:
@@ -46,13 +49,13 @@ class StepPlan:
     a prefix-cache hit's partly shared block (copy on write)."""
 
     def to_tensor(self) -> torch.Tensor:
-        """[3 + 4*S + 2*copies + tokens + blocks + kv] int64: is_prefill, S, number of
-        copies, then per sequence (num_computed, num_new, num_blocks, prompt_logprobs),
+        """[3 + 5*S + 2*copies + tokens + blocks + kv] int64: is_prefill, S, number of
+        copies, then per sequence (num_computed, num_new, num_blocks, prompt_logprobs, num_logits),
         the copies' (source, destination) pairs, all tokens, all block tables, then
         the connector metadata (KVConnectorMeta.encode)."""
         head = [int(self.is_prefill), len(self.seqs), len(self.copies)]
         for s in self.seqs:
-            head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs]
+            head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs, s.num_logits]
         head += [b for pair in self.copies for b in pair]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
         return torch.tensor(head + body + self.kv.encode(), dtype=torch.int64)
@@ -61,17 +64,17 @@ class StepPlan:
     def from_tensor(t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
         is_prefill, n, nc = bool(v[0]), v[1], v[2]
-        meta = [v[3 + 4 * i : 7 + 4 * i] for i in range(n)]
-        pos = 3 + 4 * n
+        meta = [v[3 + 5 * i : 8 + 5 * i] for i in range(n)]
+        pos = 3 + 5 * n
         copies = tuple((v[pos + 2 * i], v[pos + 2 * i + 1]) for i in range(nc))
         pos += 2 * nc
         tokens = []
-        for _, num_new, _, _ in meta:
+        for _, num_new, _, _, _ in meta:
             tokens.append(tuple(v[pos : pos + num_new]))
             pos += num_new
         seqs = []
-        for (computed, _, nb, plp), toks in zip(meta, tokens):
-            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp))
+        for (computed, _, nb, plp, nl), toks in zip(meta, tokens):
+            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp, nl))
             pos += nb
         kv, _ = KVConnectorMeta.decode(v, pos)
         return StepPlan(is_prefill, tuple(seqs), kv, copies)
@@ -82,7 +85,8 @@ class StepResult:
     """What rank 0 learns from one step."""
 
     logits: torch.Tensor | None
-    """[S, vocab] fp32 of each sequence's last token; None for a connector-only step."""
+    """[sum of num_logits, vocab] fp32: each sequence's rows in order (its last token's
+    alone unless its plan asked for more); None for a connector-only step."""
     states: tuple[int, ...] = ()
     """Agreed state (DONE, PENDING, FAILED) of each transfer in the plan's kv.progress."""
     first_tokens: dict[int, int] = field(default_factory=dict)

@@ -50,7 +50,20 @@ class NodeMetrics:
                                      registry=r)
         self.prefix_cached_blocks = Gauge("braid_node_prefix_cached_blocks", "KV blocks the prefix cache holds",
                                           registry=r)
-        self._cache_seen: dict[str, int] = {}
+        self._spec_counters = {
+            name: Counter(f"braid_node_spec_{name}", doc, registry=r) for name, doc in (
+                ("seq_steps", "Decode steps of one sequence that verified drafts (speculative decoding)"),
+                ("draft_tokens", "Draft tokens proposed and verified"),
+                ("accepted_tokens", "Draft tokens the target model accepted"),
+                ("emitted_tokens", "Tokens speculating steps produced (accepted drafts + the target's own)"),
+                ("draft_s", "Seconds spent proposing drafts"),
+            )
+        }
+        self.spec_acceptance = Gauge("braid_node_spec_acceptance_rate", "Accepted / verified draft tokens",
+                                     registry=r)
+        self.spec_tokens_per_step = Gauge("braid_node_spec_tokens_per_step",
+                                          "Mean tokens a speculating sequence gains per decode step", registry=r)
+        self._cache_seen: dict[str, float] = {}
         """The cumulative engine counts already added to the counters."""
 
     def observe_load(self, load) -> None:
@@ -64,12 +77,20 @@ class NodeMetrics:
         totals = dict(reading.stats)
         totals["cached_tokens"] = totals.get("hit_blocks", 0) * reading.block_size
         totals["num_chunks"] = reading.num_chunks
-        for name, counter in self._cache_counters.items():
-            value = int(totals.get(name, 0))
-            new = value - self._cache_seen.get(name, 0)
-            if new > 0:
-                counter.inc(new)
-                self._cache_seen[name] = value
+        self._add_new(self._cache_counters, totals, "")
+        self._add_new(self._spec_counters, reading.spec, "spec:")
+        if reading.spec:
+            self.spec_acceptance.set(reading.spec["acceptance_rate"])
+            self.spec_tokens_per_step.set(reading.spec["tokens_per_step"])
         queried = totals.get("queried_blocks", 0)
         self.prefix_hit_rate.set(totals.get("hit_blocks", 0) / queried if queried else 0.0)
         self.prefix_cached_blocks.set(reading.cached_blocks)
+
+    def _add_new(self, counters: dict, totals: dict, prefix: str) -> None:
+        """Add to each counter what its cumulative engine total gained since the last reading."""
+        for name, counter in counters.items():
+            value = totals.get(name, 0)
+            new = value - self._cache_seen.get(prefix + name, 0)
+            if new > 0:
+                counter.inc(new)
+                self._cache_seen[prefix + name] = value

@@ -31,15 +31,23 @@ def _is_number(value) -> bool:
 
 MAX_LOGPROBS = 20
 """Most alternatives a request may ask for at each position (logprobs, prompt_logprobs)."""
+MAX_SPECULATIVE_TOKENS = 16
+"""Most draft tokens one sequence may verify in one decode step."""
+SPECULATIVE_METHODS = ("ngram",)
+"""Proposers a request may name; a node refuses one its engine has not loaded."""
 
 
-def check_sampling_values(*, max_tokens, temperature, top_k, top_p, logprobs=None, prompt_logprobs=None) -> None:
+def check_sampling_values(*, max_tokens, temperature, top_k, top_p, logprobs=None, prompt_logprobs=None,
+                          num_speculative_tokens=None, speculative_method=None) -> None:
     """Raise ValueError naming the field when a setting is out of its range.
 
     max_tokens: an integer >= 1. temperature: a finite number >= 0 (0 = greedy).
     top_k: -1 or 0 (both: off) or a positive integer. top_p: in (0, 1]; a wire
     message that leaves it unset means 1.0, and the caller resolves that first.
     logprobs, prompt_logprobs: None (not asked) or an integer in [0, MAX_LOGPROBS].
+    num_speculative_tokens: None (the engine's setting) or an integer in
+    [0, MAX_SPECULATIVE_TOKENS] (0: no speculation). speculative_method: None (the
+    engine's) or one of SPECULATIVE_METHODS.
     """
     if not _is_int(max_tokens) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
@@ -52,6 +60,13 @@ def check_sampling_values(*, max_tokens, temperature, top_k, top_p, logprobs=Non
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
         if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
             raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] (or unset), got {value!r}")
+    k = num_speculative_tokens
+    if k is not None and (not _is_int(k) or not 0 <= k <= MAX_SPECULATIVE_TOKENS):
+        raise ValueError(f"num_speculative_tokens must be an integer in [0, {MAX_SPECULATIVE_TOKENS}] (or unset), "
+                         f"got {k!r}")
+    if speculative_method is not None and speculative_method not in SPECULATIVE_METHODS:
+        raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} (or unset), "
+                         f"got {speculative_method!r}")
 
 
 def _optional(pb, name: str):
@@ -68,6 +83,8 @@ def check_sampling(pb) -> None:
         top_p=pb.top_p if pb.HasField("top_p") else 1.0,  # unset is 1.0; an explicit 0 is refused
         logprobs=_optional(pb, "logprobs"),
         prompt_logprobs=_optional(pb, "prompt_logprobs"),
+        num_speculative_tokens=_optional(pb, "num_speculative_tokens"),
+        speculative_method=pb.speculative_method if pb.HasField("speculative_method") else None,
     )
 
 
@@ -85,10 +102,12 @@ def sampling_kwargs(pb) -> dict:
         ignore_eos=bool(pb.ignore_eos),
     )
     # only when asked: unset means the engine's default (None, no logprobs)
-    for name in ("logprobs", "prompt_logprobs"):
+    for name in ("logprobs", "prompt_logprobs", "num_speculative_tokens"):
         if pb.HasField(name):
             kw[name] = int(getattr(pb, name))
+    if pb.HasField("speculative_method"):
+        kw["speculative_method"] = str(pb.speculative_method)
     return kw
 
 
-__all__ = ["MAX_LOGPROBS", "check_sampling", "check_sampling_values", "sampling_kwargs"]
+__all__ = ["MAX_LOGPROBS", "MAX_SPECULATIVE_TOKENS", "SPECULATIVE_METHODS", "check_sampling", "check_sampling_values", "sampling_kwargs"]
