@@ -12,7 +12,7 @@
                                                  stream a completion (--chat: a chat) through the SDK
     braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
     braid certs DIR                               a throwaway CA and certificates for every identity
-    braid offline "text" [--tp N --pcp N --dcp N --ep N]   the offline engine in this process
+    braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K]   the offline engine in this process
     braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
 """
 from __future__ import annotations
@@ -232,6 +232,7 @@ def _offline_settings(args) -> dict:
         expert_parallel_size=args.ep,
         block_size=args.block_size,
         dtype=args.dtype,
+        num_speculative_tokens=args.num_speculative_tokens,
     )
 
 
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="expert parallel size (implies --enable-expert-parallel); divides tp or is a multiple of it")
     off.add_argument("--block-size", type=int, default=16)
     off.add_argument("--dtype", default="float32")
+    off.add_argument("--num-speculative-tokens", "--spec-k", type=int, default=0,
+                     help="speculative decoding: verify up to this many n-gram drafts per step (exact; 0: off)")
     off.set_defaults(func=_offline)
     soak = sub.add_parser("soak", help="chaos soak: a local 2+2 cluster under load while faults are injected")
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (default 600)")

@@ -22,6 +22,15 @@ prefilled again over all its tokens (recompute; its cached blocks make that
 cheap). A remotely prefilled sequence holds reserved blocks in WAITING_FOR_KV
 until its KV and first token arrive, then joins the running set.
 
+Speculative decoding: after the chunks are chosen, each decoding sequence whose
+request speculates gets up to k draft tokens from the proposer (k lowered to
+share the step's draft budget, and to what the request may still emit) and KV
+blocks for them if the pool has them free (drafts never preempt anyone). The
+step then verifies last token + drafts as one chunk; `postprocess` appends the
+1..k+1 tokens the target agreed with and frees the blocks that only held
+rejected drafts (slots past the sequence in kept blocks are rewritten before
+anything reads them: attention only reads positions below the sequence length).
+
 Plain Python over ids and integers; no torch.
 """
 from __future__ import annotations

@@ -154,6 +154,13 @@ def _sampling(body: dict, max_tokens: int, stop: list[str], logprobs: int | None
     )
     if logprobs is not None:
         sp.logprobs = logprobs
+    # braid's extension: speculative decoding on the decode node (unset: the node's setting)
+    k = _int(body, "num_speculative_tokens", 0, UINT32_MAX)
+    if k is not None:
+        sp.num_speculative_tokens = k
+    method = _get(body, "speculative_method", (str,), None)
+    if method is not None:
+        sp.speculative_method = method
     return sp
 
 

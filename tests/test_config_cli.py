@@ -132,3 +132,17 @@ def test_up_demo_serves_one_request_and_shuts_down(tmp_path):
                          capture_output=True, text=True,
                          timeout=120, env=env)
     assert off.returncode == 0 and tokens in off.stdout
+
+
+def test_offline_speculation_flag_and_cluster_section_reach_the_engine(tmp_path):
+    from braid.cluster.cli import _offline_settings, build_parser
+    from braid.cluster.config import load_config
+    from braid.engine.config import EngineConfig
+
+    args = build_parser().parse_args(["offline", "hi", "--spec-k", "3"])
+    assert EngineConfig.build("model", **_offline_settings(args)).speculative.num_speculative_tokens == 3
+    cfg = load_config(data={"decode": {"speculative": {"num_speculative_tokens": 4, "ngram_max": 5}}})
+    spec = cfg.node("decode").engine_config("decode", "model").speculative
+    assert (spec.num_speculative_tokens, spec.ngram_max) == (4, 5)
+    with pytest.raises(ValueError, match="num_speculative_tokens: at most 16"):
+        load_config(data={"decode": {"speculative": {"num_speculative_tokens": 17}}})

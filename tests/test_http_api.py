@@ -443,3 +443,21 @@ def _nodes_free_after(request):
         while not _all_free(c) and time.monotonic() < end:
             time.sleep(0.05)
         assert _all_free(c), [(n.node_id, str(n.load)) for n in c.list_nodes(timeout=5)]
+
+
+def test_speculation_over_http_streams_the_same_tokens_and_logprobs(cluster, oai, checkpoints, tok):
+    """braid's num_speculative_tokens extension: several tokens a step come out as the
+    same stream of chunks, with each token's logprob, as without it; a bad value is a 400."""
+    prompt = prompt_of(9, seed=12)
+    prompt = prompt + prompt  # quoted: n-gram drafts from the first step
+    out = _greedy(checkpoints, prompt, 10)
+    ref = _log_softmax(checkpoints, prompt + out)
+    body = {"ignore_eos": True, "num_speculative_tokens": 4}
+    chunks = list(oai.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=0, logprobs=1,
+                                         stream=True, extra_body=body))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    lps = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert text == tok.decode(out)
+    assert lps == pytest.approx([ref[len(prompt) - 1 + i][t].item() for i, t in enumerate(out)], abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="num_speculative_tokens"):
+        oai.completions.create(model=NAME, prompt=prompt, max_tokens=2, extra_body={"num_speculative_tokens": 99})
