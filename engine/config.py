@@ -147,7 +147,11 @@ class SpeculativeConfig:
     agrees with, plus its own next token. Exact: the output is the same as without it."""
 
     method: str = "ngram"
-    """Proposer for requests that speculate: "ngram" (prompt lookup, no draft model)."""
+    """Proposer for requests that speculate: "ngram" (prompt lookup, no draft model) or
+    "draft" (`draft_model`, run greedily for k tokens on every rank)."""
+    draft_model: str | None = None
+    """A smaller checkpoint with the target's vocabulary (method "draft"): loaded on every rank
+    with the target's TP/DCP/PCP layout, its own KV cache in the same block ids."""
     num_speculative_tokens: int = 0
     """Drafts per sequence per step (k) for requests that do not set their own; 0: off."""
     ngram_min: int = 1
@@ -163,6 +167,8 @@ class SpeculativeConfig:
         check_positive(self, ("num_speculative_tokens", "max_draft_tokens_per_step"), zero_ok=True)
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens: at most {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("draft_model: method 'draft' needs the draft checkpoint's path")
         if self.ngram_min > self.ngram_max:
             raise ValueError(f"ngram_min: {self.ngram_min} is more than ngram_max {self.ngram_max}")
 
@@ -269,6 +275,8 @@ class EngineConfig(EngineSettings):
         each name goes to the section that defines it."""
         top = {k: flat.pop(k) for k in ("dtype", "seed", "fp8_weights") if k in flat}
         parts: dict[str, dict] = {name: {} for name in SECTIONS}
+        if "speculative_method" in flat:  # "method" alone says little beside the other sections' names
+            parts["speculative"]["method"] = flat.pop("speculative_method")
         for key, value in flat.items():
             name = _FLAT_ALIASES.get(key, key)
             section = next((s for s, c in SECTIONS.items() if name in {f.name for f in dataclasses.fields(c)}
@@ -324,6 +332,26 @@ def _check_fp8_weights(cfg: EngineConfig, model) -> None:
         )
 
 
+def _draft_model(cfg: EngineConfig, target):
+    """The draft model's ModelConfig (method "draft"), checked against the target and
+    the layout; None without one."""
+    from braid.engine.model_config import load_model_config
+    from braid.engine.topology import validate_for_model
+
+    spec = cfg.speculative
+    if spec.method != "draft":
+        return None
+    draft = load_model_config(spec.draft_model)
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative.draft_model: its vocabulary ({draft.vocab_size}) is not the target's "
+                         f"({target.vocab_size}); a draft must share the tokenizer")
+    try:
+        validate_for_model(cfg.topology, draft)
+    except ValueError as e:
+        raise ValueError(f"speculative.draft_model: {e}") from None
+    return draft
+
+
 def resolve(cfg: EngineConfig):
     """Validate what needs the model and fill in the derived defaults; returns
     (EngineConfig, ModelConfig). Raises ValueError naming the setting to change."""
@@ -333,10 +361,12 @@ def resolve(cfg: EngineConfig):
     model = load_model_config(cfg.model_path)
     validate_for_model(cfg.topology, model)
     _check_fp8_weights(cfg, model)
+    draft = _draft_model(cfg, model)
     layout = cfg.layout
     num_blocks = cfg.cache.num_kv_blocks
     if num_blocks is None:
-        num_blocks = max(1, cfg.cache.kv_cache_bytes // kv_bytes_per_block(model, cfg))
+        per_block = kv_bytes_per_block(model, cfg) + (kv_bytes_per_block(draft, cfg) if draft is not None else 0)
+        num_blocks = max(1, cfg.cache.kv_cache_bytes // per_block)
     capacity = num_blocks * layout.virtual_block_size
     max_len = cfg.scheduler.max_model_len
     if max_len is None:

@@ -42,6 +42,7 @@ from braid.engine.sampling import Sampler, SamplingParams
 from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
 from braid.engine.spec_decode.acceptance import greedy_accept
+from braid.engine.spec_decode.draft import DraftProposer
 from braid.engine.spec_decode.ngram import propose_ngram
 from braid.engine.step_plan import SeqPlan, StepPlan, StepResult
 from braid.tokenizer import Tokenizer
@@ -75,6 +76,8 @@ class EngineCore:
         )
         self.sampler = Sampler(cfg.seed)
         self.executor = Executor(cfg)
+        self.draft = (DraftProposer(self.executor, cfg.scheduler.max_num_batched_tokens)
+                      if cfg.speculative.method == "draft" else None)
         self.requests: dict[str, Sequence] = {}
         self.kv = KVConnectorScheduler(self.scheduler, self.blocks, cfg.transfer.max_lease_s, cfg.transfer.max_reservations)
         self.ran_batch = False
@@ -104,6 +107,9 @@ class EngineCore:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise DuplicateRequest(f"request id {request_id!r} is already in use")
+        if params.speculative_method == "draft" and self.draft is None:
+            raise RequestRejected("speculative_method 'draft': this engine has no draft model "
+                                  "(speculative.method draft with a draft_model)")
         seq = Sequence(request_id, self.tokenize(prompt), params)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -327,13 +333,30 @@ class EngineCore:
             tokens[i] = greedy_accept(row_tokens, drafts).tokens if drafts else row_tokens[0]
         return tokens, {owner[r]: why for r, why in bad.items()}
 
-    def _propose(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k draft tokens for `seq` (the scheduler asks before each decode)."""
+    def _propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        """Up to ks[i] draft tokens for each sequence (the scheduler asks before each
+        decode), from each request's method. A draft model that fails (short of a
+        dead rank) costs the step its drafts, not the requests."""
         t0 = time.perf_counter()
         spec = self.config.speculative
-        drafts = propose_ngram(seq.token_ids, k, min_n=spec.ngram_min, max_n=spec.ngram_max)
+        out: list[list[int]] = [[] for _ in seqs]
+        by_draft = [i for i, s in enumerate(seqs) if (s.params.speculative_method or spec.method) == "draft"]
+        for i in set(range(len(seqs))) - set(by_draft):
+            out[i] = propose_ngram(seqs[i].token_ids, ks[i], min_n=spec.ngram_min, max_n=spec.ngram_max)
+        if by_draft:
+            try:
+                got = self.draft.propose([seqs[i] for i in by_draft], [ks[i] for i in by_draft])
+            except Exception as e:  # noqa: BLE001 - only a dead rank may end the engine
+                if isinstance(e, RankFailure) or self.fatal_error() is not None:
+                    raise
+                log.exception("draft model failed; this step verifies no drafts")
+                got = [[] for _ in by_draft]
+                for i in by_draft:
+                    seqs[i].num_draft_cached = 0  # what it wrote is unknown: catch up again
+            for i, d in zip(by_draft, got):
+                out[i] = d
         self.scheduler.spec_stats.draft_s += time.perf_counter() - t0
-        return drafts
+        return out
 
     def _fail_seq(self, seq: Sequence, why: str) -> TokenEvent:
         """End one request of a step alone, with an error event. Its blocks are freed

@@ -46,8 +46,9 @@ from braid.engine.sequence import Sequence, SeqStatus
 from braid.engine.spec_decode.stats import SpecStats
 from braid.proto.prefix_hash import extend_hashes
 
-Proposer = Callable[[Sequence, int], list[int]]
-"""(sequence, k) -> at most k draft tokens to follow its tokens (speculative decoding)."""
+Proposer = Callable[[list[Sequence], list[int]], list[list[int]]]
+"""(sequences, k of each) -> at most k draft tokens to follow each one's tokens (speculative
+decoding); each k >= 1 and each block table already covers len + k tokens."""
 
 
 class RequestRejected(ValueError):
@@ -300,20 +301,26 @@ class Scheduler:
     def _drafts(self, decodes: list[Sequence]) -> tuple[tuple[int, ...], ...]:
         """Each decoding sequence's drafts (() when none), with KV blocks for them; empty
         when no sequence speculates. The step's draft budget is shared evenly (a large
-        batch lowers each k), and drafts never preempt: those that find no free block
-        are cut to the room the sequence's blocks already have."""
+        batch lowers each k), and drafts never preempt: k is cut to the room the free
+        blocks give. Blocks a shorter proposal does not need are freed at once."""
         if self.propose is None or not decodes:
             return ()
         share = self.spec.max_draft_tokens_per_step // len(decodes)
-        out = []
-        for seq in decodes:
-            k = min(self.spec_k(seq), share)
-            drafts = self.propose(seq, k)[:k] if k > 0 else []
-            out.append(tuple(drafts[: self._room_for_drafts(seq, len(drafts))]))
+        ks = [self._room_for_drafts(seq, min(self.spec_k(seq), share)) for seq in decodes]
+        idx = [i for i, k in enumerate(ks) if k > 0]
+        if not idx:
+            return ()
+        got = self.propose([decodes[i] for i in idx], [ks[i] for i in idx])
+        out: list[tuple[int, ...]] = [()] * len(decodes)
+        for i, drafts in zip(idx, got):
+            out[i] = tuple(drafts[: ks[i]])
+            self._trim_blocks(decodes[i], len(decodes[i]) + len(out[i]))
         return tuple(out) if any(out) else ()
 
     def _room_for_drafts(self, seq: Sequence, n: int) -> int:
         """Blocks for `n` drafts after `seq`'s tokens if the pool has them; how many fit."""
+        if n <= 0:
+            return 0
         need = self.blocks.blocks_for(len(seq) + n) - len(seq.block_table)
         if need <= 0:
             return n
@@ -321,6 +328,14 @@ class Scheduler:
             seq.block_table += self.blocks.allocate(need)
             return n
         return max(0, len(seq.block_table) * self.blocks.tokens_per_block - len(seq))
+
+    def _trim_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Free the blocks of `seq` past those `num_tokens` tokens need."""
+        keep = self.blocks.blocks_for(num_tokens)
+        if len(seq.block_table) > keep:
+            extra = seq.block_table[keep:]
+            seq.block_table = seq.block_table[:keep]
+            self.blocks.free(extra)
 
     def _accept(self, seq: Sequence, emitted: list[int], num_drafts: int) -> None:
         """A speculating decode's outcome: append the emitted tokens (the accepted drafts,
@@ -338,17 +353,14 @@ class Scheduler:
             if seq.is_finished:
                 return
         seq.num_cached_tokens = len(seq) - 1  # every token but the target's newest has its KV
-        keep = self.blocks.blocks_for(seq.num_cached_tokens)
-        if len(seq.block_table) > keep:
-            extra = seq.block_table[keep:]
-            seq.block_table = seq.block_table[:keep]
-            self.blocks.free(extra)
+        self._trim_blocks(seq, seq.num_cached_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_table)
         seq.block_table = []
         seq.num_cached_tokens = 0
+        seq.num_draft_cached = 0
         seq.num_registered_blocks = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)

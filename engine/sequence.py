@@ -31,6 +31,8 @@ class Sequence:
         """Tokens whose KV is in the cache; the scheduler advances it toward len(token_ids)."""
         self.block_hashes: list[int] = []
         """Hash chain of the full blocks of token_ids (prefix cache), extended as they fill."""
+        self.num_draft_cached = 0
+        """Leading tokens whose KV the draft model's cache holds (speculative decoding, method draft)."""
         self.num_registered_blocks = 0
         """Leading blocks of this sequence named in the prefix cache."""
         self.num_prefix_hit_tokens = 0

@@ -37,6 +37,8 @@ CMD_STEP = 1
 CMD_GATHER_KV = 2
 """Test-only: every rank's cache rows for some blocks, gathered on rank 0."""
 CMD_RANK_STATS = 3
+CMD_DRAFT = 4
+"""Run a StepPlan on the draft model (speculative decoding); rank 0 gets its logits."""
 """Each rank's weight bytes and rows computed per routed expert, gathered on rank 0."""
 
 
@@ -97,12 +99,29 @@ class Worker:
             attn.cache = self.kv_cache[layer]
             attn.layer_idx = layer
         self.runner = ModelRunner(self.model, self.par, cfg.layout)
+        self.draft_runner = self._load_draft(device) if cfg.speculative.method == "draft" else None
         self.connector: KVConnectorWorker | None = None
         if cfg.transfer.role is not None:
             t = cfg.transfer
             self.connector = KVConnectorWorker(t.transport, t.role, self.rank, self.kv_cache, t.host, t.port,
                                                t.advertise_host, t.receiver_limits())
             self.connector.describe(cfg, self.model_cfg, self.par.world)
+
+    def _load_draft(self, device) -> ModelRunner:
+        """The draft model on this rank: the target's process groups and layout, its own
+        KV cache with the same block ids (so a sequence's block table serves both)."""
+        cfg = self.cfg
+        path = cfg.speculative.draft_model
+        draft_cfg = load_model_config(path)
+        with torch.device(device):
+            model = build_model(draft_cfg, self.par, cfg.torch_dtype)
+        load_weights(model, path, cfg.torch_dtype)
+        model.eval()
+        self.draft_cache = allocate_kv_cache(cfg, draft_cfg, device)
+        for layer, attn in enumerate(model.attention_layers()):
+            attn.cache = self.draft_cache[layer]
+            attn.layer_idx = layer
+        return ModelRunner(model, self.par, cfg.layout)
 
     @property
     def rank(self) -> int:
@@ -118,7 +137,8 @@ class Worker:
 
     @property
     def handlers(self):
-        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv, CMD_RANK_STATS: self._rank_stats}
+        return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv, CMD_RANK_STATS: self._rank_stats,
+                CMD_DRAFT: self._draft}
 
     def _step(self, payload: torch.Tensor) -> StepResult:
         """Apply the step's connector metadata, run the model if the step has
@@ -132,6 +152,13 @@ class Worker:
             return StepResult(logits, prompt_logprobs=prompt_lps)
         states, firsts, errors, kv_bytes = self.connector.end_step(plan.kv, self.par.world)
         return StepResult(logits, states, firsts, errors, kv_bytes, prompt_lps)
+
+    def _draft(self, payload: torch.Tensor) -> torch.Tensor:
+        """One pass of the draft model (no KV transfer, no prompt logprobs): its logits."""
+        if self.draft_runner is None:
+            raise RuntimeError("this engine has no draft model")
+        logits, _ = self.draft_runner.run(StepPlan.from_tensor(payload))
+        return logits
 
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""

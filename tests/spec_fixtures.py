@@ -33,8 +33,10 @@ def cycles(n: int, length: int) -> list[int]:
     return nxt
 
 
-def loop_checkpoint(checkpoints, name: str = "kv1") -> str:
-    path = os.path.join(checkpoints.root, f"{name}-loop")
+def loop_checkpoint(checkpoints, name: str = "kv1", scale: float = LAYER_SCALE) -> str:
+    """See the module's docstring; scale 0 gives a model that only follows the cycles (a
+    draft that agrees with the default one where it loops and not where it jumps)."""
+    path = os.path.join(checkpoints.root, f"{name}-loop" if scale == LAYER_SCALE else f"{name}-loop-{scale}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     from transformers import AutoModelForCausalLM
@@ -43,7 +45,7 @@ def loop_checkpoint(checkpoints, name: str = "kv1") -> str:
     with torch.no_grad():
         for pname, p in m.named_parameters():
             if pname.endswith(("o_proj.weight", "down_proj.weight")):
-                p.mul_(LAYER_SCALE)
+                p.mul_(scale)
         nxt = torch.tensor(cycles(VOCAB, CYCLE))
         # logit of token j = <embedding of the token j follows, h>: t is followed by nxt[t]
         m.lm_head.weight.copy_(m.model.embed_tokens.weight[torch.argsort(nxt)])

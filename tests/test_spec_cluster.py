@@ -1,7 +1,9 @@
 """Speculative decoding through P/D (prefill pcp 2 -> decode tp 2, dcp 2): the first
-token comes from the prefill node, the decode node speculates (n-gram) on the
-KV it received; greedy output equals transformers' for k = 1, 2, 4 (the request's
-own k, and the node's default), through the gRPC SDK; the decode node's /metrics count it."""
+token comes from the prefill node, the decode node speculates on the KV it
+received, with n-gram drafts or a draft model (whose own prompt KV it computes
+itself: the draft's cache never travels); greedy output equals transformers' for
+k = 1, 2, 4 (the request's own k and method, and the node's defaults), through the
+gRPC SDK; the decode node's /metrics count it."""
 from __future__ import annotations
 
 import time
@@ -19,15 +21,16 @@ def test_pd_cluster_speculates_exactly(tmp_path_factory, checkpoints):
     path = loop_checkpoint(checkpoints)
     prompts = [quoting_prompt(seed, n) for seed, n in ((31, 9), (32, 18))]
     expected = [hf_greedy(path, p, NEW) for p in prompts]
-    c = Cluster(str(tmp_path_factory.mktemp("spec")), path, {"decode": {"speculative": {"num_speculative_tokens": 2}}})
+    spec = {"method": "draft", "draft_model": loop_checkpoint(checkpoints, scale=0.0), "num_speculative_tokens": 2}
+    c = Cluster(str(tmp_path_factory.mktemp("spec")), path, {"decode": {"speculative": spec}})
     try:
         start_pair(c)
         with Client(c.router.address, timeout=120) as cl:
             for p, exp in zip(prompts, expected):
-                for k in (None, 1, 4):
-                    kw = {} if k is None else {"num_speculative_tokens": k}
-                    out = cl.complete(p, max_tokens=NEW, temperature=0, ignore_eos=True, **kw)
-                    assert list(out.token_ids) == exp, f"k={k}"
+                for method, k in ((None, None), ("draft", 1), ("draft", 4), ("ngram", 1), ("ngram", 4)):
+                    out = cl.complete(p, max_tokens=NEW, temperature=0, ignore_eos=True,
+                                      num_speculative_tokens=k, speculative_method=method)
+                    assert list(out.token_ids) == exp, f"method={method}, k={k}"
         accepted, drafted = _spec_counters(c.decode.info["metrics"])
     finally:
         c.close()

@@ -1,6 +1,7 @@
-"""Speculative decoding in the engine (n-gram prompt lookup), against transformers:
-greedy output with speculation equals output without it and transformers' for
-k = 1, 2, 4 under tp 1, tp 2 with dcp 2 (interleave 1 and = block size) and pcp 2;
+"""Speculative decoding in the engine (n-gram prompt lookup and a draft model), against
+transformers: greedy output with speculation equals output without it and transformers'
+for k = 1, 2, 4 under tp 1, tp 2 with dcp 2 (interleave 1 and = block size) and pcp 2
+(the target as its own draft keeps every draft);
 a seeded sampled request emits the same tokens with and without it; the first
 speculated token's distribution matches the exact one (chi-square, and a biased
 acceptance rule fails the same test); after many rejections every block not in
@@ -55,6 +56,57 @@ def test_greedy_with_speculation_equals_without_and_transformers(checkpoints, la
     # both outcomes happened: drafts kept and drafts rolled back
     assert 0 < st.accepted_tokens < st.draft_tokens
     assert st.emitted_tokens > st.seq_steps  # speculation gained tokens per step
+
+
+@pytest.mark.parametrize("layout,draft", [("tp1", "cycle"), ("tp2-dcp2-i1", "cycle"), ("tp2-dcp2-iB", "cycle"),
+                                          ("pcp2", "cycle"), ("tp2-dcp2-i1", "self")])
+def test_draft_model_greedy_equals_transformers(checkpoints, layout, draft):
+    """A draft model on every rank with the target's layout and its own KV cache: a small
+    model that only follows the cycles (drafts kept where the target loops, rejected
+    where it jumps), or the target itself (every draft kept)."""
+    path = loop_checkpoint(checkpoints)
+    draft_path = path if draft == "self" else loop_checkpoint(checkpoints, scale=0.0)
+    prompts = _prompts()
+    expected = [hf_greedy(path, p, NEW) for p in prompts]
+    with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, speculative_method="draft",
+             draft_model=draft_path, num_speculative_tokens=2, **LAYOUTS[layout]) as llm:
+        outs = llm.generate([p for p in prompts for _ in KS], [_greedy(k) for _ in prompts for k in KS])
+        st = llm.engine.scheduler.spec_stats
+        assert llm.engine.blocks.num_free == 96
+    for i, o in enumerate(outs):
+        assert o.token_ids == expected[i // len(KS)], f"prompt {i // len(KS)}, k={KS[i % len(KS)]}"
+    if draft == "self":
+        assert st.accepted_tokens == st.draft_tokens > 0
+    else:
+        assert 0 < st.accepted_tokens < st.draft_tokens
+
+
+def test_draft_method_is_refused_without_a_draft_and_a_bad_draft_fails_at_start(checkpoints, tmp_path):
+    path = loop_checkpoint(checkpoints)
+    with LLM(path, block_size=B, num_kv_blocks=32) as llm:
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, speculative_method="draft"))[0]
+        assert out.finish_reason == "error" and "has no draft model" in out.error
+    with pytest.raises(ValueError, match="a draft must share the tokenizer"):
+        LLM(path, speculative_method="draft", draft_model=_other_vocab(checkpoints, tmp_path))
+    with pytest.raises(ValueError, match="speculative.draft_model: .*decode_context_parallel_size"):
+        LLM(path, tensor_parallel_size=2, decode_context_parallel_size=2, speculative_method="draft",
+            draft_model=checkpoints.get("kv2"))
+    with pytest.raises(ValueError, match="draft_model: method 'draft' needs"):
+        LLM(path, speculative_method="draft")
+
+
+def _other_vocab(checkpoints, tmp_path) -> str:
+    import json
+    import shutil
+
+    other = str(tmp_path / "other-vocab")
+    shutil.copytree(checkpoints.get("kv1"), other)
+    with open(f"{other}/config.json") as f:
+        cfg = json.load(f)
+    cfg["vocab_size"] += 1
+    with open(f"{other}/config.json", "w") as f:
+        json.dump(cfg, f)
+    return other
 
 
 def test_random_checkpoint_mostly_rejects_and_stays_exact(checkpoints):
@@ -228,7 +280,7 @@ def test_bad_request_settings_are_refused(kw, match):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(num_speculative_tokens=17), "num_speculative_tokens: at most 16"),
-    (dict(method="draft"), "method: unknown speculative method"),
+    (dict(method="eagle"), "method: unknown speculative method"),
     (dict(ngram_min=3, ngram_max=2), "ngram_min: 3 is more than ngram_max 2"),
 ])
 def test_bad_engine_settings_are_refused(kw, match):
