@@ -160,11 +160,17 @@ class SpeculativeConfig:
     max_draft_tokens_per_step: int = 64
     """Drafts one step verifies at most, all sequences together: with a large batch each
     sequence's k is lowered (decode is then compute-bound and speculation pays less)."""
+    pause_below_acceptance: float = 0.25
+    """A sequence whose last SPEC_WINDOW verified drafts were accepted less often than this
+    stops speculating for a while (4 decode steps, doubling on each pause up to 64): text
+    that does not repeat its context pays for verifying drafts and gains nothing. 0: never."""
 
     def __post_init__(self):
         check_choice(self, "method", SPECULATIVE_METHODS, "speculative method")
         check_positive(self, ("ngram_min", "ngram_max"))
         check_positive(self, ("num_speculative_tokens", "max_draft_tokens_per_step"), zero_ok=True)
+        if not 0 <= self.pause_below_acceptance <= 1:
+            raise ValueError(f"pause_below_acceptance: must be in [0, 1], got {self.pause_below_acceptance!r}")
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens: at most {MAX_SPECULATIVE_TOKENS}, got {self.num_speculative_tokens}")
         if self.method == "draft" and not self.draft_model:

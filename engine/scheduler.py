@@ -293,10 +293,12 @@ class Scheduler:
     # -- speculative decoding ----------------------------------------------------
     def spec_k(self, seq: Sequence) -> int:
         """Drafts `seq` may verify in its next decode: its request's k (or the engine's),
-        never past the tokens it may still emit or the positions the model holds."""
+        never past the tokens it may still emit or the positions the model holds; 0 while
+        its drafts have been rejected too often lately (SpecState: a paused step)."""
         p = seq.params
         k = p.num_speculative_tokens if p.num_speculative_tokens is not None else self.spec.num_speculative_tokens
-        return max(0, min(k, p.max_tokens - seq.num_output_tokens - 1, self.cfg.max_model_len - len(seq)))
+        k = max(0, min(k, p.max_tokens - seq.num_output_tokens - 1, self.cfg.max_model_len - len(seq)))
+        return k if k > 0 and seq.spec.should_speculate() else 0
 
     def _drafts(self, decodes: list[Sequence]) -> tuple[tuple[int, ...], ...]:
         """Each decoding sequence's drafts (() when none), with KV blocks for them; empty
@@ -346,6 +348,7 @@ class Scheduler:
         st.seq_steps += 1
         st.draft_tokens += num_drafts
         st.accepted_tokens += len(emitted) - 1
+        seq.spec.record(num_drafts, len(emitted) - 1, self.spec.pause_below_acceptance)
         for tok in emitted:
             seq.token_ids.append(tok)
             st.emitted_tokens += 1

@@ -5,6 +5,7 @@ import enum
 import itertools
 
 from braid.engine.sampling import SamplingParams
+from braid.engine.spec_decode.stats import SpecState
 
 
 class SeqStatus(enum.Enum):
@@ -31,6 +32,8 @@ class Sequence:
         """Tokens whose KV is in the cache; the scheduler advances it toward len(token_ids)."""
         self.block_hashes: list[int] = []
         """Hash chain of the full blocks of token_ids (prefix cache), extended as they fill."""
+        self.spec = SpecState()
+        """Speculative decoding: recent acceptance and pauses of this sequence."""
         self.num_draft_cached = 0
         """Leading tokens whose KV the draft model's cache holds (speculative decoding, method draft)."""
         self.num_registered_blocks = 0

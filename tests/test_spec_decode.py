@@ -121,6 +121,53 @@ def test_random_checkpoint_mostly_rejects_and_stays_exact(checkpoints):
     assert [o.token_ids for o in outs] == [checkpoints.greedy("kv1", p, NEW) for p in prompts]
 
 
+def test_a_sequence_whose_drafts_fail_pauses_speculation(checkpoints):
+    """A draft model that disagrees with the target (a random one) proposes on every
+    step and is nearly always wrong: with pausing on, sequences verify drafts on a
+    small share of their steps; with it off, on every step. Exact either way."""
+    path = loop_checkpoint(checkpoints)
+    prompts = _prompts()
+    steps = {}
+    for pause in (0.25, 0.0):
+        with LLM(path, block_size=B, num_kv_blocks=96, speculative_method="draft", draft_model=checkpoints.get("kv1"),
+                 num_speculative_tokens=2, pause_below_acceptance=pause) as llm:
+            outs = llm.generate(prompts, _greedy(2, n=48))
+            st = llm.engine.scheduler.spec_stats
+        assert st.accepted_tokens < st.draft_tokens / 4
+        assert [o.token_ids for o in outs] == [hf_greedy(path, p, 48) for p in prompts]
+        steps[pause] = st.seq_steps
+    decode_steps = len(prompts) * 47
+    # the rule at zero acceptance, k=2: 4 verifying steps per window of 8 drafts, then pauses of
+    # 4, 8, 16, 32 steps: 16 of a sequence's 47 decode steps verify (0.34)
+    assert steps[0.0] > decode_steps * 0.9 and steps[0.25] <= decode_steps * 0.4
+
+
+def test_pause_follows_the_acceptance_of_each_window():
+    """SpecState against its rule written out: judge every SPEC_WINDOW drafts; below the
+    threshold pause 4, 8, 16, ... (at most 64) steps; a good window resets the pause."""
+    from braid.engine.spec_decode.stats import MAX_PAUSE, SPEC_WINDOW, SpecState
+
+    st = SpecState()
+    pauses = []
+    for window in range(8):  # bad, bad, bad, good, bad, then bad ones up to the cap
+        good = window == 3
+        st.record(SPEC_WINDOW, SPEC_WINDOW if good else 0, 0.25)
+        n = 0
+        while not st.should_speculate():
+            n += 1
+        pauses.append(n)
+    assert pauses == [4, 8, 16, 0, 4, 8, 16, 32]
+    for _ in range(3):
+        st.record(SPEC_WINDOW, 0, 0.25)
+        n = 0
+        while not st.should_speculate():
+            n += 1
+    assert n == MAX_PAUSE
+    st = SpecState()
+    st.record(SPEC_WINDOW, 2, 0.25)  # exactly the threshold: no pause
+    assert st.should_speculate()
+
+
 def test_seeded_sampling_is_the_same_with_and_without_speculation(checkpoints):
     """Each output index draws from (seed, index) alone and a draft is kept only when it
     equals that draw: the same seeded request emits the same tokens either way."""
