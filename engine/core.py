@@ -208,9 +208,8 @@ class EngineCore:
             seqs.append(SeqPlan(start, new + drafts, tuple(seq.block_table), plp if plp is not None and whole else -1,
                                 1 + len(drafts)))
         copies = batch.copies if batch is not None else copies
-        # a decode with drafts runs k+1 query tokens over its cached context: a prefill-shaped step
-        prefill = batch is not None and (batch.is_prefill or bool(batch.drafts))
-        return StepPlan(prefill, tuple(seqs), kv, copies)
+        # a decode with drafts stays a decode step: one paged-decode query row per token
+        return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv, copies)
 
     def step(self) -> list[TokenEvent]:
         """One engine step; `ran_batch` tells afterwards whether the model ran

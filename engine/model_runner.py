@@ -52,8 +52,17 @@ class ModelRunner:
         slots = self._slots(plan, tables)
         all_ids = [t for s in plan.seqs for t in s.token_ids]
         if not plan.is_prefill:
-            positions = [s.num_computed for s in plan.seqs]
-            lens = [self.layout.local_len(s.end, self.shard) for s in plan.seqs]
+            # one query row per new token (a speculating sequence's k+1 share its block table):
+            # row j of a sequence sees its first num_computed + j + 1 tokens, this shard's share
+            # of them derived from that global length; every row's KV is written before any reads
+            positions, lens, owner = [], [], []
+            for i, s in enumerate(plan.seqs):
+                for p in range(s.num_computed, s.end):
+                    positions.append(p)
+                    lens.append(self.layout.local_len(p + 1, self.shard))
+                    owner.append(i)
+            if len(owner) != len(plan.seqs):
+                tables = tables.index_select(0, self._tensor(owner))
             meta = AttentionMetadata(False, slots, block_tables=tables, local_seq_lens=self._tensor(lens))
             return self._tensor(all_ids), self._tensor(positions), meta, None
         lengths = [s.num_new for s in plan.seqs]

@@ -81,6 +81,20 @@ def test_draft_model_greedy_equals_transformers(checkpoints, layout, draft):
         assert 0 < st.accepted_tokens < st.draft_tokens
 
 
+def test_mla_verification_rows_under_dcp(ds, checkpoints):
+    """DeepSeek-V2 (MLA: the absorbed decode over the latent cache) under tp 2, dcp 2: the
+    model as its own draft keeps every draft, so each verification step runs k+1 query rows
+    per sequence through the latent decode; output equals transformers'."""
+    path = ds("ds-moe")
+    prompts = [quoting_prompt(seed, 9) for seed in (41, 42)]
+    with LLM(path, block_size=B, num_kv_blocks=96, tensor_parallel_size=2, decode_context_parallel_size=2,
+             threads_per_rank=1, speculative_method="draft", draft_model=path, num_speculative_tokens=3) as llm:
+        outs = llm.generate(prompts, _greedy(3, n=16))
+        st = llm.engine.scheduler.spec_stats
+    assert [o.token_ids for o in outs] == [checkpoints.greedy("ds-moe", p, 16) for p in prompts]
+    assert st.accepted_tokens == st.draft_tokens > 0
+
+
 def test_draft_method_is_refused_without_a_draft_and_a_bad_draft_fails_at_start(checkpoints, tmp_path):
     path = loop_checkpoint(checkpoints)
     with LLM(path, block_size=B, num_kv_blocks=32) as llm:
