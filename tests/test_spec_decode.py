@@ -95,6 +95,30 @@ def test_mla_verification_rows_under_dcp(ds, checkpoints):
     assert st.accepted_tokens == st.draft_tokens > 0
 
 
+def test_draft_catch_up_is_bounded_per_step(checkpoints):
+    """A draft model's catch-up over prompts runs at most max_num_batched_tokens tokens a
+    step (sequences still catching up decode without drafts meanwhile): a long prompt
+    never stalls the node. Output stays transformers'; drafts start once caught up."""
+    path = loop_checkpoint(checkpoints)
+    prompts = _prompts()
+    with LLM(path, block_size=B, num_kv_blocks=96, max_num_batched_tokens=8, speculative_method="draft",
+             draft_model=loop_checkpoint(checkpoints, scale=0.0), num_speculative_tokens=3) as llm:
+        sizes = []
+        draft = llm.engine.executor.draft
+
+        def recording(plan):
+            if plan.is_prefill:
+                sizes.append(sum(s.num_new for s in plan.seqs))
+            return draft(plan)
+
+        llm.engine.executor.draft = recording
+        outs = llm.generate(prompts, _greedy(3))
+        st = llm.engine.scheduler.spec_stats
+    assert [o.token_ids for o in outs] == [hf_greedy(path, p, NEW) for p in prompts]
+    assert max(sizes) <= 8 and sum(1 for n in sizes if n == 8) >= 3  # the prompts took several passes
+    assert 0 < st.accepted_tokens < st.draft_tokens
+
+
 def test_draft_method_is_refused_without_a_draft_and_a_bad_draft_fails_at_start(checkpoints, tmp_path):
     path = loop_checkpoint(checkpoints)
     with LLM(path, block_size=B, num_kv_blocks=32) as llm:

@@ -8,8 +8,9 @@ CMD_DRAFT) proposes them greedily:
 1. catch-up: one prefill-shaped pass over each sequence's tokens the draft's
    cache does not hold yet (the whole prompt the first time, on the decode node
    in P/D: the draft's KV never travels; afterwards the 1..k+1 tokens the last
-   step emitted), in passes of at most `max_tokens_per_pass` tokens; its last
-   row is the first draft;
+   step emitted), at most `max_tokens_per_pass` tokens a step: a sequence still
+   catching up (a long prompt) gets no drafts until it is done, so the node's
+   other decodes never wait for a draft prefill; the last row is the first draft;
 2. k-1 decode passes, one draft each, writing the draft's KV for the drafts.
 
 The draft's cache shares the target's block ids and slot mapping, so the
@@ -36,12 +37,16 @@ class DraftProposer:
 
     def propose(self, seqs: Seq[Sequence], ks: Seq[int]) -> list[list[int]]:
         """Up to ks[i] greedy draft tokens for each sequence (each ks[i] >= 1; the block
-        tables already cover len + ks[i] tokens)."""
+        tables already cover len + ks[i] tokens); [] for a sequence whose draft cache is
+        still catching up (one bounded pass a step: a long prompt never stalls the node)."""
         if not seqs:
             return []
-        drafts = [[t] for t in self._catch_up(seqs)]
+        first = self._catch_up(seqs)
+        drafts = [[t] if t >= 0 else [] for t in first]
         for step in range(1, max(ks)):
-            active = [i for i, k in enumerate(ks) if k > step]
+            active = [i for i, k in enumerate(ks) if k > step and drafts[i]]
+            if not active:
+                break
             plans = tuple(SeqPlan(len(seqs[i]) + step - 1, (drafts[i][-1],), tuple(seqs[i].block_table))
                           for i in active)
             logits = self.executor.draft(StepPlan(False, plans))
@@ -50,26 +55,27 @@ class DraftProposer:
         return [d[:k] for d, k in zip(drafts, ks)]
 
     def _catch_up(self, seqs: Seq[Sequence]) -> list[int]:
-        """Run the draft over the tokens its cache lacks, in passes of at most
-        max_tokens_per_pass tokens (every pass moves each sequence in it forward, so
-        the loop ends); the draft's next token after each sequence."""
+        """One pass of at most max_tokens_per_pass tokens (at least one sequence's next
+        token: every pass moves one forward) over the tokens the draft's cache lacks, in
+        the sequences' order; the draft's next token after each sequence that is now
+        caught up, -1 for the others."""
+        room, rows, plans = self.max_tokens_per_pass, [], []
+        for i, s in enumerate(seqs):
+            left = len(s) - s.num_draft_cached
+            if left <= 0 or (room <= 0 and plans):
+                continue
+            n = min(left, max(room, 1))
+            start = s.num_draft_cached
+            plans.append(SeqPlan(start, tuple(s.token_ids[start:start + n]), tuple(s.block_table)))
+            rows.append(i)
+            room -= n
         first = [-1] * len(seqs)
-        while any(s.num_draft_cached < len(s) for s in seqs):
-            room, rows, plans = self.max_tokens_per_pass, [], []
-            for i, s in enumerate(seqs):
-                left = len(s) - s.num_draft_cached
-                if left <= 0 or (room <= 0 and plans):
-                    continue
-                n = min(left, max(room, 1))
-                start = s.num_draft_cached
-                plans.append(SeqPlan(start, tuple(s.token_ids[start:start + n]), tuple(s.block_table)))
-                rows.append(i)
-                room -= n
-            logits = self.executor.draft(StepPlan(True, tuple(plans)))
-            nxt = logits.argmax(dim=-1).tolist()
-            for j, i in enumerate(rows):
-                s = seqs[i]
-                s.num_draft_cached += plans[j].num_new
-                if s.num_draft_cached == len(s):
-                    first[i] = int(nxt[j])
+        if not plans:
+            return first
+        nxt = self.executor.draft(StepPlan(True, tuple(plans))).argmax(dim=-1).tolist()
+        for j, i in enumerate(rows):
+            s = seqs[i]
+            s.num_draft_cached += plans[j].num_new
+            if s.num_draft_cached == len(s):
+                first[i] = int(nxt[j])
         return first
