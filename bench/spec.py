@@ -399,27 +399,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    t_all = time.perf_counter()
+HEADERS = ["workload", "mode", "batch", "k", "decode tok/s", "e2e tok/s", "speedup", "accept", "tok/step",
+           "tok/step all"]
 
-    def log(msg: str) -> None:
-        print(f"{msg} ({time.perf_counter() - t_all:.0f} s elapsed)", flush=True)
 
-    model = resolve_model(args.model)
-    if args.prompts == "text":
+def load_prompts(model: str, kind: str) -> dict[str, list[list[int]]]:
+    if kind == "text":
         from braid.tokenizer import Tokenizer
 
         tok = Tokenizer(model)
-        prompts = {wl: encode_chats(tok, chats) for wl, chats in text_workloads().items()}
-    else:
-        from braid.engine.model_config import load_model_config
+        return {wl: encode_chats(tok, chats) for wl, chats in text_workloads().items()}
+    from braid.engine.model_config import load_model_config
 
-        prompts = id_workloads(load_model_config(model).vocab_size)
+    return id_workloads(load_model_config(model).vocab_size)
+
+
+def print_header(model: str, prompts: dict, args) -> None:
     lens = {wl: [len(p) for p in ps] for wl, ps in prompts.items()}
     print(f"model {model}; prompts: {args.prompts}; prompt tokens {lens}; ks {args.ks}; batches {args.batches}; "
           f"{args.reps} timed repetitions after 1 warm-up; {os.cpu_count()} cores", flush=True)
-
     print(f"\nSpeculative decoding (n-gram prompt lookup), greedy, EOS ignored; offline {args.max_tokens} and cluster "
           f"{args.cluster_max_tokens} output tokens per request; batch 1 = {args.b1_prompts} prompt(s) one after the "
           f"other; median of {args.reps} repetitions after a warm-up; offline {args.threads} thread(s) per rank")
@@ -429,54 +427,69 @@ def main(argv=None) -> None:
     print("e2e tok/s: all output tokens / wall time of the whole batch, prefill included. speedup: decode tok/s / "
           "k=0's, same run. accept: accepted / verified drafts; tok/step: tokens per step of the steps that "
           "verified drafts (SpecStats); tok/step all: decode tokens / decode steps per sequence (offline)", flush=True)
-    headers = ["workload", "mode", "batch", "k", "decode tok/s", "e2e tok/s", "speedup", "accept", "tok/step",
-               "tok/step all"]
+
+
+def cluster_section(model: str, prompts: dict, offline: dict, args, log) -> tuple[dict, int]:
+    """The cluster's runs summarised, and how many sequences were checked equal."""
+    cluster = run_cluster(model, prompts, args, log)
+    n = check_equal("cluster", cluster)
+    print(f"\nCHECK speculative outputs equal k=0 token for token (cluster): {n} sequences compared, all equal")
+    same = total = 0
+    for (wl, batch, k), rs in cluster.items():
+        if k == 0:
+            ref = offline[(wl, batch, 0)][0].outputs
+            for got, exp in zip(rs[0].outputs, ref):
+                total += 1
+                same += got == exp[:len(got)]
+    print(f"CHECK cluster k=0 outputs equal the offline ones (their first {args.cluster_max_tokens} tokens): "
+          f"{same}/{total} (informational)")
+    summary = summarize(cluster, "cluster")
+    print(table(HEADERS, report_rows("cluster", summary)))
+    return summary, n
+
+
+def result_line(results: dict, args) -> str:
+    """The RESULT line (best k per key), after a line naming the k each key used."""
+    off = results["offline"]
+    parts, chosen = [], {}
+    keys = [("spec_speedup_b1", "offline", "quote", 1), ("spec_speedup_b8", "offline", "quote", 8),
+            ("spec_speedup_free_b1", "offline", "free", 1), ("spec_speedup_free_b8", "offline", "free", 8),
+            ("spec_cluster_speedup_b1", "cluster", "quote", 1), ("spec_cluster_speedup_b8", "cluster", "quote", 8)]
+    for key, mode, wl, batch in keys:
+        b = best(results[mode], wl, batch, args.ks) if mode in results else None
+        if b:
+            chosen[key] = b
+            parts.append(f"{key}={b[1]['speedup']:.3f}")
+    b1 = chosen.get("spec_speedup_b1") or best(off, "quote", args.batches[0], args.ks)
+    parts.insert(min(4, len(parts)), f"spec_acceptance_quote={b1[1]['accept'] or 0.0:.3f}")
+    print("best k per RESULT key: " + ", ".join(f"{key} k={b[0]}" for key, b in chosen.items())
+          + f"; spec_acceptance_quote at k={b1[0]} (offline batch {1 if 'spec_speedup_b1' in chosen else args.batches[0]})")
+    return "RESULT " + " ".join(parts)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t_all = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"{msg} ({time.perf_counter() - t_all:.0f} s elapsed)", flush=True)
+
+    model = resolve_model(args.model)
+    prompts = load_prompts(model, args.prompts)
+    print_header(model, prompts, args)
     results: dict[str, dict] = {}
     offline = run_offline(model, prompts, args, log)
     compared = check_equal("offline", offline)  # exits before any time is printed
     print(f"\nCHECK speculative outputs equal k=0 token for token (offline): {compared} sequences compared, all equal")
     results["offline"] = summarize(offline, "offline")
-    print(table(headers, report_rows("offline", results["offline"])), flush=True)
+    print(table(HEADERS, report_rows("offline", results["offline"])), flush=True)
     if not args.no_cluster:
-        cluster = run_cluster(model, prompts, args, log)
-        n = check_equal("cluster", cluster)
+        results["cluster"], n = cluster_section(model, prompts, offline, args, log)
         compared += n
-        print(f"\nCHECK speculative outputs equal k=0 token for token (cluster): {n} sequences compared, all equal")
-        same = total = 0
-        for (wl, batch, k), rs in cluster.items():
-            if k == 0:
-                ref = offline[(wl, batch, 0)][0].outputs
-                for got, exp in zip(rs[0].outputs, ref):
-                    total += 1
-                    same += got == exp[:len(got)]
-        print(f"CHECK cluster k=0 outputs equal the offline ones (their first {args.cluster_max_tokens} tokens): "
-              f"{same}/{total} (informational)")
-        results["cluster"] = summarize(cluster, "cluster")
-        print(table(headers, report_rows("cluster", results["cluster"])))
     print(f"\nCHECK speculative outputs equal k=0 token for token: {compared} sequences compared, all equal")
-
-    off = results["offline"]
-    parts = []
-    keys = [("spec_speedup_b1", "quote", 1), ("spec_speedup_b8", "quote", 8), ("spec_speedup_free_b1", "free", 1),
-            ("spec_speedup_free_b8", "free", 8)]
-    chosen = {}
-    for key, wl, batch in keys:
-        b = best(off, wl, batch, args.ks)
-        if b:
-            chosen[key] = b
-            parts.append(f"{key}={b[1]['speedup']:.3f}")
-    b1 = chosen.get("spec_speedup_b1") or best(off, "quote", args.batches[0], args.ks)
-    parts.append(f"spec_acceptance_quote={b1[1]['accept'] or 0.0:.3f}")
-    if "cluster" in results:
-        for key, wl, batch in (("spec_cluster_speedup_b1", "quote", 1), ("spec_cluster_speedup_b8", "quote", 8)):
-            b = best(results["cluster"], wl, batch, args.ks)
-            if b:
-                chosen[key] = b
-                parts.append(f"{key}={b[1]['speedup']:.3f}")
-    print("best k per RESULT key: " + ", ".join(f"{key} k={b[0]}" for key, b in chosen.items())
-          + f"; spec_acceptance_quote at k={b1[0]} (offline batch {1 if 'spec_speedup_b1' in chosen else args.batches[0]})")
+    line = result_line(results, args)
     print(f"wall time {time.perf_counter() - t_all:.0f} s")
-    print("RESULT " + " ".join(parts))
+    print(line)
 
 
 if __name__ == "__main__":
