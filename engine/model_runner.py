@@ -99,7 +99,7 @@ class ModelRunner:
 
     def last_hidden(self, hidden: torch.Tensor, last, num_seqs: int) -> torch.Tensor:
         """Hidden state of each sequence's last token, [S, hidden], on every rank."""
-        if last is None:  # decode: one token per sequence
+        if last is None:  # decode with one token per sequence (logit_hidden handles several)
             return hidden
         if isinstance(last, torch.Tensor):
             return hidden[last]
