@@ -2,7 +2,10 @@
 
 Gathers every sequence's blocks into one padded tensor and masks the tail, so
 a decode step costs a handful of kernels instead of a Python loop over
-sequences. Tested against `braid.kernels.reference.paged_decode_attention`.
+sequences. Rows with the same block-table row (speculative decoding's k+1
+verification rows of one sequence) share one gather: their queries are padded
+into one group, so the cache is read once per sequence, not once per row.
+Tested against `braid.kernels.reference.paged_decode_attention`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ def paged_decode_attention(
         )
     nblocks = (max_len + bs - 1) // bs
     table = block_tables[:, :nblocks].long().clamp_min(0)  # [S, nb]
+    if num_seqs > 1:
+        uniq, group = torch.unique(table, dim=0, return_inverse=True)  # rows with one table row share a gather
+        if uniq.shape[0] < num_seqs:
+            return _grouped(q, k_cache, v_cache, uniq, group, lens, scale)
     k = k_cache[table]  # [S, nb, Hkv, B, Dk]
     v = v_cache[table]
     k = k.permute(0, 2, 1, 3, 4).reshape(num_seqs, hkv, nblocks * bs, -1)  # [S, Hkv, L, Dk]
@@ -46,3 +53,34 @@ def paged_decode_attention(
     p = torch.exp(s - safe[..., None])
     out = torch.einsum("shgl,shld->shgd", p, v.float()).reshape(num_seqs, hq, dv)
     return out.to(q.dtype), lse.reshape(num_seqs, hq)
+
+
+def _grouped(q, k_cache, v_cache, tables, group, lens, scale):
+    """paged_decode_attention for rows in groups that share a block-table row: tables
+    [U, nb] the distinct rows, group [S] each query row's. Each group's blocks are gathered
+    once; its rows' queries are padded to the largest group, [U, R, ...], and masked by
+    their own lengths."""
+    num_seqs, hq, _ = q.shape
+    _, hkv, bs, dv = v_cache.shape
+    u, nblocks = tables.shape
+    order = torch.argsort(group, stable=True)
+    counts = torch.bincount(group, minlength=u)  # [U]
+    first = torch.cumsum(counts, 0) - counts  # [U] each group's first index in `order`
+    slot = torch.empty_like(group)
+    slot[order] = torch.arange(num_seqs, device=q.device) - first[group[order]]  # row's place in its group
+    r = int(counts.max())
+    k = k_cache[tables].permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, -1)  # [U, Hkv, L, Dk]
+    v = v_cache[tables].permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, dv)
+    g = hq // hkv
+    qp = q.new_zeros(u, r, hkv, g, q.shape[-1], dtype=torch.float32)
+    qp[group, slot] = q.float().view(num_seqs, hkv, g, -1)
+    lp = torch.zeros(u, r, dtype=torch.long, device=q.device)
+    lp[group, slot] = lens
+    s = torch.einsum("urhgd,uhld->urhgl", qp, k.float()) * scale  # [U, R, Hkv, G, L]
+    pad = torch.arange(nblocks * bs, device=q.device)[None, None, :] >= lp[:, :, None]  # [U, R, L]
+    s = s.masked_fill(pad[:, :, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [U, R, Hkv, G]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - safe[..., None])
+    out = torch.einsum("urhgl,uhld->urhgd", p, v.float())[group, slot]  # [S, Hkv, G, Dv]
+    return out.reshape(num_seqs, hq, dv).to(q.dtype), lse[group, slot].reshape(num_seqs, hq)
