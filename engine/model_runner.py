@@ -37,38 +37,32 @@ class ModelRunner:
         rows = [list(s.block_table) + [0] * (width - len(s.block_table)) for s in plan.seqs]
         return self._tensor(rows)  # [S, max_blocks]
 
-    def _slots(self, plan: StepPlan, tables: torch.Tensor) -> torch.Tensor:
+    def _slots(self, seq_of: list[int], positions: list[int], tables: torch.Tensor) -> torch.Tensor:
         """Slot of every new token (full order) on this rank's shard."""
-        seq_of, positions = [], []
-        for i, s in enumerate(plan.seqs):
-            seq_of += [i] * s.num_new
-            positions += range(s.num_computed, s.end)
         rows = tables[self._tensor(seq_of)]
         return self.layout.slot_mapping(self._tensor(positions), rows, self.shard)
 
     def prepare(self, plan: StepPlan):
         """-> (input_ids, positions, metadata, last-token selector)."""
         tables = self._block_tables(plan)
-        slots = self._slots(plan, tables)
+        seq_of, positions = [], []  # of every new token, full order
+        for i, s in enumerate(plan.seqs):
+            seq_of += [i] * s.num_new
+            positions += range(s.num_computed, s.end)
+        slots = self._slots(seq_of, positions, tables)
         all_ids = [t for s in plan.seqs for t in s.token_ids]
         if not plan.is_prefill:
             # one query row per new token (a speculating sequence's k+1 share its block table):
             # row j of a sequence sees its first num_computed + j + 1 tokens, this shard's share
             # of them derived from that global length; every row's KV is written before any reads
-            positions, lens, owner = [], [], []
-            for i, s in enumerate(plan.seqs):
-                for p in range(s.num_computed, s.end):
-                    positions.append(p)
-                    lens.append(self.layout.local_len(p + 1, self.shard))
-                    owner.append(i)
-            if len(owner) != len(plan.seqs):
-                tables = tables.index_select(0, self._tensor(owner))
+            lens = [self.layout.local_len(p + 1, self.shard) for p in positions]
+            if len(seq_of) != len(plan.seqs):
+                tables = tables.index_select(0, self._tensor(seq_of))
             meta = AttentionMetadata(False, slots, block_tables=tables, local_seq_lens=self._tensor(lens))
             return self._tensor(all_ids), self._tensor(positions), meta, None
         lengths = [s.num_new for s in plan.seqs]
         pcp = self.par.pcp
         if pcp.size == 1:
-            positions = [s.num_computed + p for s in plan.seqs for p in range(s.num_new)]
             rows = VarlenRows.packed(lengths, lengths)
             last = torch.cumsum(self._tensor(lengths), 0) - 1
             meta = AttentionMetadata(True, slots, rows=rows, context=self._context(plan, tables, None))

@@ -26,7 +26,8 @@ Speculative decoding: after the chunks are chosen, each decoding sequence whose
 request speculates gets up to k draft tokens from the proposer (k lowered to
 share the step's draft budget, and to what the request may still emit) and KV
 blocks for them if the pool has them free (drafts never preempt anyone). The
-step then verifies last token + drafts as one chunk; `postprocess` appends the
+step then verifies last token + drafts (k+1 decode rows of the sequence, or a
+chunk in a step with prompt chunks); `postprocess` appends the
 1..k+1 tokens the target agreed with and frees the blocks that only held
 rejected drafts (slots past the sequence in kept blocks are rewritten before
 anything reads them: attention only reads positions below the sequence length).

@@ -8,6 +8,9 @@ the drafts into the 1..k+1 tokens the sequence actually emits (greedy
 acceptance, or rejection sampling that keeps the target's distribution exactly).
 The engine rolls back the KV of the drafts that were not accepted.
 
-Nothing here knows the scheduler, the cache layout or the ranks: these are pure
-functions over token ids and probability tensors, tested on their own.
+`ngram`, `acceptance` and `stats` know nothing of the scheduler, the cache layout
+or the ranks: pure functions over token ids and probability tensors, tested on
+their own. `draft` is rank 0's half of a draft model: it builds StepPlans for the
+draft's passes and runs them through the executor (the ranks' half is the
+worker's CMD_DRAFT).
 """
