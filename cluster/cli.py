@@ -12,7 +12,7 @@
                                                  stream a completion (--chat: a chat) through the SDK
     braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
     braid certs DIR                               a throwaway CA and certificates for every identity
-    braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K]   the offline engine in this process
+    braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K --spec-method M]   the offline engine in this process
     braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ import logging
 import os
 import signal
 import sys
+
+from braid.proto.sampling_rules import SPECULATIVE_METHODS
 
 log = logging.getLogger("braid")
 
@@ -233,6 +235,8 @@ def _offline_settings(args) -> dict:
         block_size=args.block_size,
         dtype=args.dtype,
         num_speculative_tokens=args.num_speculative_tokens,
+        speculative_method=args.spec_method,
+        draft_model=args.draft_model,
     )
 
 
@@ -340,7 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--block-size", type=int, default=16)
     off.add_argument("--dtype", default="float32")
     off.add_argument("--num-speculative-tokens", "--spec-k", type=int, default=0,
-                     help="speculative decoding: verify up to this many n-gram drafts per step (exact; 0: off)")
+                     help="speculative decoding: verify up to this many drafts per step (exact; 0: off)")
+    off.add_argument("--spec-method", choices=SPECULATIVE_METHODS, default="ngram",
+                     help="where drafts come from: n-gram prompt lookup, a --draft-model, or the checkpoint's MTP layer")
+    off.add_argument("--draft-model", default=None, help="--spec-method draft: a smaller checkpoint, same vocabulary")
     off.set_defaults(func=_offline)
     soak = sub.add_parser("soak", help="chaos soak: a local 2+2 cluster under load while faults are injected")
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (default 600)")

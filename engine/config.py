@@ -147,8 +147,11 @@ class SpeculativeConfig:
     agrees with, plus its own next token. Exact: the output is the same as without it."""
 
     method: str = "ngram"
-    """Proposer for requests that speculate: "ngram" (prompt lookup, no draft model) or
-    "draft" (`draft_model`, run greedily for k tokens on every rank)."""
+    """Proposer for requests that speculate: "ngram" (prompt lookup, no draft model),
+    "draft" (`draft_model`, run greedily for k tokens on every rank) or "mtp" (the
+    checkpoint's own multi-token-prediction layer, DeepSeek-V3's: the instance computes
+    its KV in every step, in a cache layer after the model's; set it on the prefill
+    instances of a P/D pair too, whose transfer then carries that layer)."""
     draft_model: str | None = None
     """A smaller checkpoint with the target's vocabulary (method "draft"): loaded on every rank
     with the target's TP/DCP/PCP layout, its own KV cache in the same block ids."""
@@ -319,10 +322,16 @@ def local_kv_heads(model, tp: int) -> int:
     return 1 if model.is_mla else max(1, model.num_kv_heads // tp)
 
 
+def cache_layers(model, cfg: EngineConfig) -> int:
+    """Layers of the KV cache: the model's, then its MTP layer's when the instance runs it
+    (speculative.method "mtp"; only the first MTP layer drafts: DeepSeek-V3 ships one)."""
+    return model.num_layers + (1 if cfg.speculative.method == "mtp" and model.mtp is not None else 0)
+
+
 def kv_bytes_per_block(model, cfg: EngineConfig) -> int:
     """Bytes of one physical block, all layers, on one rank."""
     heads = local_kv_heads(model, cfg.parallel.tensor_parallel_size)
-    return (model.num_layers * model.cache_components * heads * cfg.cache.block_size * model.cache_head_dim
+    return (cache_layers(model, cfg) * model.cache_components * heads * cfg.cache.block_size * model.cache_head_dim
             * ELEMENT_SIZES[cfg.dtype])
 
 
@@ -340,11 +349,14 @@ def _check_fp8_weights(cfg: EngineConfig, model) -> None:
 
 def _draft_model(cfg: EngineConfig, target):
     """The draft model's ModelConfig (method "draft"), checked against the target and
-    the layout; None without one."""
+    the layout; None without one. Method "mtp" needs the target's MTP layer."""
     from braid.engine.model_config import load_model_config
     from braid.engine.topology import validate_for_model
 
     spec = cfg.speculative
+    if spec.method == "mtp" and target.mtp is None:
+        raise ValueError(f"speculative.method 'mtp': {cfg.model_path} has no MTP layer (num_nextn_predict_layers "
+                         f"with its tensors, as DeepSeek-V3's checkpoints ship); use ngram or draft")
     if spec.method != "draft":
         return None
     draft = load_model_config(spec.draft_model)

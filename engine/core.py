@@ -43,6 +43,7 @@ from braid.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler
 from braid.engine.sequence import Sequence
 from braid.engine.spec_decode.acceptance import greedy_accept
 from braid.engine.spec_decode.draft import DraftProposer
+from braid.engine.spec_decode.mtp import MTPProposer
 from braid.engine.spec_decode.ngram import propose_ngram
 from braid.engine.step_plan import SeqPlan, StepPlan, StepResult
 from braid.tokenizer import Tokenizer
@@ -78,6 +79,9 @@ class EngineCore:
         self.executor = Executor(cfg)
         self.draft = (DraftProposer(self.executor, cfg.scheduler.max_num_batched_tokens)
                       if cfg.speculative.method == "draft" else None)
+        self.mtp = MTPProposer(self.executor) if cfg.speculative.method == "mtp" else None
+        if self.mtp is not None:
+            self.scheduler.propose_every_decode = self.scheduler.recompute_on_arrival = True
         self.requests: dict[str, Sequence] = {}
         self.kv = KVConnectorScheduler(self.scheduler, self.blocks, cfg.transfer.max_lease_s, cfg.transfer.max_reservations)
         self.ran_batch = False
@@ -110,6 +114,9 @@ class EngineCore:
         if params.speculative_method == "draft" and self.draft is None:
             raise RequestRejected("speculative_method 'draft': this engine has no draft model "
                                   "(speculative.method draft with a draft_model)")
+        if params.speculative_method == "mtp" and self.mtp is None:
+            raise RequestRejected("speculative_method 'mtp': this engine does not run an MTP layer "
+                                  "(speculative.method mtp, on a checkpoint that has one)")
         seq = Sequence(request_id, self.tokenize(prompt), params)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -205,8 +212,10 @@ class EngineCore:
             plp = seq.params.prompt_logprobs
             whole = batch.is_prefill and start == 0 and seq.num_output_tokens == 0 and len(new) == len(seq)
             drafts = batch.drafts_of(i)  # verified after the last token: one logits row each, plus its own
+            end = start + len(new)
+            nxt = seq.token_ids[end] if end < len(seq) else -1  # a chunk that is not the last: the next chunk's first
             seqs.append(SeqPlan(start, new + drafts, tuple(seq.block_table), plp if plp is not None and whole else -1,
-                                1 + len(drafts)))
+                                1 + len(drafts), nxt))
         copies = batch.copies if batch is not None else copies
         # a decode with drafts stays a decode step: one paged-decode query row per token
         return StepPlan(batch is not None and batch.is_prefill, tuple(seqs), kv, copies)
@@ -266,6 +275,8 @@ class EngineCore:
         ok = [i for i in range(len(seqs)) if i not in failed]
         sampled = [i for i in ok if batch.completes(i)]  # a prompt chunk that did not finish samples nothing
         emitted = {i: list(tokens[i]) if batch.drafts_of(i) else [tokens[i]] for i in sampled}
+        if self.mtp is not None:
+            self.mtp.note_step(seqs, starts, emitted)
         lps = _sampled_logprobs(result.logits, seqs, emitted, starts)
         plps = result.prompt_logprobs
         before = {i: seqs[i].num_output_tokens for i in sampled}
@@ -334,28 +345,42 @@ class EngineCore:
 
     def _propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
         """Up to ks[i] draft tokens for each sequence (the scheduler asks before each
-        decode), from each request's method. A draft model that fails (short of a
-        dead rank) costs the step its drafts, not the requests."""
+        decode), from each request's method; an MTP sequence is proposed for with k 0 too
+        (its MTP row must be written every step: spec_decode/mtp.py). A proposer that
+        fails (short of a dead rank) costs the step its drafts, not the requests."""
         t0 = time.perf_counter()
         spec = self.config.speculative
         out: list[list[int]] = [[] for _ in seqs]
-        by_draft = [i for i, s in enumerate(seqs) if (s.params.speculative_method or spec.method) == "draft"]
-        for i in set(range(len(seqs))) - set(by_draft):
+        groups: dict[str, list[int]] = {"ngram": [], "draft": [], "mtp": []}
+        for i, s in enumerate(seqs):
+            method = s.params.speculative_method or spec.method
+            if ks[i] > 0 or (method == "mtp" and self._speculates(s)):
+                groups[method].append(i)
+        for i in groups["ngram"]:
             out[i] = propose_ngram(seqs[i].token_ids, ks[i], min_n=spec.ngram_min, max_n=spec.ngram_max)
-        if by_draft:
-            try:
-                got = self.draft.propose([seqs[i] for i in by_draft], [ks[i] for i in by_draft])
-            except Exception as e:  # noqa: BLE001 - only a dead rank may end the engine
-                if isinstance(e, RankFailure) or self.fatal_error() is not None:
-                    raise
-                log.exception("draft model failed; this step verifies no drafts")
-                got = [[] for _ in by_draft]
-                for i in by_draft:
-                    seqs[i].num_draft_cached = 0  # what it wrote is unknown: catch up again
-            for i, d in zip(by_draft, got):
-                out[i] = d
+        for name, proposer in (("draft", self.draft), ("mtp", self.mtp)):
+            idx = groups[name]
+            if idx:
+                for i, d in zip(idx, self._drafts_from(name, proposer, [seqs[i] for i in idx], [ks[i] for i in idx])):
+                    out[i] = d
         self.scheduler.spec_stats.draft_s += time.perf_counter() - t0
         return out
+
+    def _speculates(self, seq: Sequence) -> bool:
+        """Whether `seq`'s request speculates at all (its k, or the engine's, is not 0)."""
+        k = seq.params.num_speculative_tokens
+        return (k if k is not None else self.config.speculative.num_speculative_tokens) > 0
+
+    def _drafts_from(self, name: str, proposer, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        try:
+            return proposer.propose(seqs, ks)
+        except Exception as e:  # noqa: BLE001 - only a dead rank may end the engine
+            if isinstance(e, RankFailure) or self.fatal_error() is not None:
+                raise
+            log.exception("%s proposer failed; this step verifies none of its drafts", name)
+            for seq in seqs:
+                seq.num_draft_cached = 0  # what a draft model wrote is unknown: catch up again
+            return [[] for _ in seqs]
 
     def _fail_seq(self, seq: Sequence, why: str) -> TokenEvent:
         """End one request of a step alone, with an error event. Its blocks are freed

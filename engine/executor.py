@@ -23,7 +23,7 @@ import torch
 
 from braid.engine.config import EngineConfig
 from braid.engine.step_plan import StepPlan, StepResult
-from braid.engine.worker import CMD_DRAFT, CMD_GATHER_KV, CMD_RANK_STATS, CMD_SHUTDOWN, CMD_STEP, RankStats, Worker
+from braid.engine.worker import CMD_DRAFT, CMD_GATHER_KV, CMD_MTP, CMD_RANK_STATS, CMD_SHUTDOWN, CMD_STEP, RankStats, Worker
 from braid.kv_transfer.stores import serve_store
 
 
@@ -128,6 +128,10 @@ class Executor:
     def draft(self, plan: StepPlan) -> torch.Tensor:
         """One pass of the draft model on every rank (speculative decoding); its logits."""
         return self.run(CMD_DRAFT, plan.to_tensor())
+
+    def mtp(self, request: torch.Tensor) -> torch.Tensor:
+        """MTP drafts on every rank (spec_decode/mtp.py encode_mtp_request): [S, max k]."""
+        return self.run(CMD_MTP, request)
 
     def gather_kv(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each rank's cache for these block ids, [L, n, C, H_local, B, D], indexed by rank."""

@@ -7,6 +7,15 @@ sequence's cached context its shard holds (decode, and prefill chunks after a
 cached prefix or an earlier chunk).
 A prefill sequence whose plan asks for prompt logprobs also gets the logits of
 every prompt position (gathered back to prompt order under PCP, chunked).
+
+With the MTP layer on (speculative.method "mtp", DeepSeek-V3), every step also
+runs it over the step's tokens with the same metadata, writing its cache layer
+(after the model's): the row of position i takes the final hidden state h_i and
+the token after it in the plan (a chunk's last row takes the next chunk's first
+token; a sequence's last row has none yet: its KV is rewritten by the next
+proposal, see engine/spec_decode/mtp.py). The logits rows' hidden states stay
+on every rank (`_stash`) until the next step: proposals chain the MTP layer
+from them (`propose_mtp`).
 """
 from __future__ import annotations
 
@@ -16,18 +25,22 @@ from braid.engine.kv_layout import ShardLayout
 from braid.engine.layers.attention import AttentionMetadata, ContextMeta
 from braid.engine.logprobs import prompt_logprobs
 from braid.engine.pcp import split_prefill
-from braid.engine.step_plan import StepPlan
+from braid.engine.step_plan import SeqPlan, StepPlan
 from braid.engine.parallel_state import ParallelState
 from braid.kernels.reference import VarlenRows
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, par: ParallelState, layout: ShardLayout):
+    def __init__(self, model: torch.nn.Module, par: ParallelState, layout: ShardLayout, mtp: bool = False):
         self.model = model
         self.par = par
         self.layout = layout
         self.device = par.device
         self.shard = par.topo.cp_rank
+        self.mtp = mtp
+        """Run the model's first MTP layer in every step (its attention bound to a cache layer)."""
+        self._stash: torch.Tensor | None = None
+        """MTP: the last step's logits rows' final hidden states [sum(num_logits), H]."""
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -43,7 +56,8 @@ class ModelRunner:
         return self.layout.slot_mapping(self._tensor(positions), rows, self.shard)
 
     def prepare(self, plan: StepPlan):
-        """-> (input_ids, positions, metadata, last-token selector)."""
+        """-> (input_ids, positions, metadata, last-token selector, this rank's tokens: their
+        index in plan order, None when it runs them all)."""
         tables = self._block_tables(plan)
         seq_of, positions = [], []  # of every new token, full order
         for i, s in enumerate(plan.seqs):
@@ -59,14 +73,14 @@ class ModelRunner:
             if len(seq_of) != len(plan.seqs):
                 tables = tables.index_select(0, self._tensor(seq_of))
             meta = AttentionMetadata(False, slots, block_tables=tables, local_seq_lens=self._tensor(lens))
-            return self._tensor(all_ids), self._tensor(positions), meta, None
+            return self._tensor(all_ids), self._tensor(positions), meta, None, None
         lengths = [s.num_new for s in plan.seqs]
         pcp = self.par.pcp
         if pcp.size == 1:
             rows = VarlenRows.packed(lengths, lengths)
             last = torch.cumsum(self._tensor(lengths), 0) - 1
             meta = AttentionMetadata(True, slots, rows=rows, context=self._context(plan, tables, None))
-            return self._tensor(all_ids), self._tensor(positions), meta, last
+            return self._tensor(all_ids), self._tensor(positions), meta, last, None
         split = split_prefill(lengths, pcp.size, pcp.rank_in_group)
         ids = [all_ids[i] for i in split.token_index]
         offset = [s.num_computed for s in plan.seqs for _ in range(s.num_new)]  # of each token, full order
@@ -80,7 +94,7 @@ class ModelRunner:
             pcp_pad=split.pad,
             context=self._context(plan, tables, split.token_index),
         )
-        return self._tensor(ids), self._tensor(positions), meta, split.last_local
+        return self._tensor(ids), self._tensor(positions), meta, split.last_local, split.token_index
 
     def _context(self, plan: StepPlan, tables: torch.Tensor, local_tokens: list[int] | None) -> ContextMeta | None:
         """What the new tokens need to attend to their cached context, when some have one."""
@@ -143,8 +157,54 @@ class ModelRunner:
         """(Logits [sum(num_logits), vocab] fp32: each sequence's last token's, or its last
         num_logits tokens' rows; the prompt logprobs the plan asked for). `on_layer(i)` is
         called once layer i's KV of this step is in the cache (prefill only)."""
-        ids, positions, meta, last = self.prepare(plan)
+        ids, positions, meta, last, local = self.prepare(plan)
         meta.on_layer_written = on_layer
         hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(self.logit_hidden(plan, hidden, meta, last))
-        return logits, self.prompt_logprobs(plan, hidden, meta)
+        if self.mtp:
+            self._mtp_rows(plan, positions, hidden, meta, local)
+        rows = self.logit_hidden(plan, hidden, meta, last)
+        if self.mtp:
+            self._stash = rows
+        return self.model.compute_logits(rows), self.prompt_logprobs(plan, hidden, meta)
+
+    def _mtp_rows(self, plan: StepPlan, positions, hidden, meta, local) -> None:
+        """The MTP layer over this step's tokens (see the module docstring): writes its
+        cache layer; the outputs are not needed."""
+        nxt = []
+        for s in plan.seqs:
+            nxt += s.token_ids[1:]
+            nxt.append(max(s.next_token, 0))  # -1 (none yet): any token; the row is rewritten
+        next_ids = self._tensor(nxt)
+        if local is not None:
+            next_ids = next_ids.index_select(0, self._tensor(local))
+        self.model.mtp(positions, hidden, next_ids, meta)
+
+    @torch.inference_mode()
+    def propose_mtp(self, plan: StepPlan, rows: list[int], ks: list[int]) -> torch.Tensor:
+        """Greedy MTP drafts, [S, max(1, max ks)] (-1 past a sequence's k; every rank the
+        same: rank 0's choices are broadcast). Sequence i's plan is its position len-2 and
+        newest token; its hidden state is the last step's logits row rows[i] (the row of
+        its last accepted token). Draft j + 1 chains from draft j's row: the MTP layer's
+        own output as the hidden state and draft j as the token, one position on; the
+        KV those chained rows write is rewritten by the next step's MTP rows."""
+        layer = self.model.mtp.layers[0]
+        seqs = list(plan.seqs)
+        width = max([1, *ks])
+        out = torch.full((len(seqs), width), -1, dtype=torch.int64)
+        active = list(range(len(seqs)))
+        hidden = self._stash.index_select(0, self._tensor(rows))
+        for j in range(width):
+            ids, positions, meta, _, _ = self.prepare(StepPlan(False, tuple(seqs[i] for i in active)))
+            h = layer.draft(positions, hidden, ids, meta)
+            tok = layer.logits(h).argmax(dim=-1).to(torch.int64).cpu()
+            self.par.world.broadcast(tok, 0)  # near-ties must not split the ranks' chains
+            out[active, j] = tok
+            keep = [n for n, i in enumerate(active) if ks[i] > j + 1]
+            if not keep:
+                break
+            for n in keep:
+                s = seqs[active[n]]
+                seqs[active[n]] = SeqPlan(s.num_computed + 1, (int(tok[n]),), s.block_table)
+            hidden = h.index_select(0, self._tensor(keep))
+            active = [active[n] for n in keep]
+        return out

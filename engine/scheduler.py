@@ -99,6 +99,11 @@ class Scheduler:
         self.propose = propose
         """Where drafts come from (None: no speculative decoding on this engine)."""
         self.spec_stats = SpecStats()
+        self.propose_every_decode = False
+        """A proposer that keeps state per step (MTP) is asked for every decode, k 0 included."""
+        self.recompute_on_arrival = False
+        """A sequence whose KV a prefill node sent recomputes its last prompt token with its
+        first one (the MTP layer needs that token's hidden state, which did not travel)."""
         self.blocks = blocks
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefix = prefix
@@ -212,7 +217,7 @@ class Scheduler:
     def remote_ready(self, request_id: str, first_token: int) -> Sequence:
         """The prompt's KV is in place and the first token sampled: start decoding."""
         seq = self.remote.pop(request_id)
-        seq.num_cached_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = seq.num_prompt_tokens - (1 if self.recompute_on_arrival else 0)
         self.register(seq)
         seq.token_ids.append(first_token)
         seq.status = SeqStatus.RUNNING
@@ -310,7 +315,7 @@ class Scheduler:
             return ()
         share = self.spec.max_draft_tokens_per_step // len(decodes)
         ks = [self._room_for_drafts(seq, min(self.spec_k(seq), share)) for seq in decodes]
-        idx = [i for i, k in enumerate(ks) if k > 0]
+        idx = [i for i, k in enumerate(ks) if k > 0 or self.propose_every_decode]
         if not idx:
             return ()
         got = self.propose([decodes[i] for i in idx], [ks[i] for i in idx])

@@ -36,6 +36,8 @@ class Sequence:
         """Speculative decoding: recent acceptance and pauses of this sequence."""
         self.num_draft_cached = 0
         """Leading tokens whose KV the draft model's cache holds (speculative decoding, method draft)."""
+        self.mtp_row = (-1, -1)
+        """(step, logits row) of the hidden state its next MTP proposal starts from (method mtp)."""
         self.num_registered_blocks = 0
         """Leading blocks of this sequence named in the prefix cache."""
         self.num_prefix_hit_tokens = 0

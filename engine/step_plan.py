@@ -29,6 +29,9 @@ class SeqPlan:
     num_logits: int = 1
     """Logits rows for the last this many new tokens (a speculative step's verification:
     the last emitted token and its k drafts, k+1 rows); 1: the last token's only."""
+    next_token: int = -1
+    """The token after these (a prompt chunk that is not the last: the next chunk's first);
+    -1: not known yet. The MTP layer's row of the last new token needs it."""
 
     @property
     def num_new(self) -> int:
@@ -49,13 +52,14 @@ class StepPlan:
     a prefix-cache hit's partly shared block (copy on write)."""
 
     def to_tensor(self) -> torch.Tensor:
-        """[3 + 5*S + 2*copies + tokens + blocks + kv] int64: is_prefill, S, number of
-        copies, then per sequence (num_computed, num_new, num_blocks, prompt_logprobs, num_logits),
+        """[3 + 6*S + 2*copies + tokens + blocks + kv] int64: is_prefill, S, number of
+        copies, then per sequence (num_computed, num_new, num_blocks, prompt_logprobs, num_logits,
+        next_token),
         the copies' (source, destination) pairs, all tokens, all block tables, then
         the connector metadata (KVConnectorMeta.encode)."""
         head = [int(self.is_prefill), len(self.seqs), len(self.copies)]
         for s in self.seqs:
-            head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs, s.num_logits]
+            head += [s.num_computed, s.num_new, len(s.block_table), s.prompt_logprobs, s.num_logits, s.next_token]
         head += [b for pair in self.copies for b in pair]
         body = [t for s in self.seqs for t in s.token_ids] + [b for s in self.seqs for b in s.block_table]
         return torch.tensor(head + body + self.kv.encode(), dtype=torch.int64)
@@ -64,17 +68,17 @@ class StepPlan:
     def from_tensor(t: torch.Tensor) -> "StepPlan":
         v = t.tolist()
         is_prefill, n, nc = bool(v[0]), v[1], v[2]
-        meta = [v[3 + 5 * i : 8 + 5 * i] for i in range(n)]
-        pos = 3 + 5 * n
+        meta = [v[3 + 6 * i : 9 + 6 * i] for i in range(n)]
+        pos = 3 + 6 * n
         copies = tuple((v[pos + 2 * i], v[pos + 2 * i + 1]) for i in range(nc))
         pos += 2 * nc
         tokens = []
-        for _, num_new, _, _, _ in meta:
+        for _, num_new, *_ in meta:
             tokens.append(tuple(v[pos : pos + num_new]))
             pos += num_new
         seqs = []
-        for (computed, _, nb, plp, nl), toks in zip(meta, tokens):
-            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp, nl))
+        for (computed, _, nb, plp, nl, nxt), toks in zip(meta, tokens):
+            seqs.append(SeqPlan(computed, toks, tuple(v[pos : pos + nb]), plp, nl, nxt))
             pos += nb
         kv, _ = KVConnectorMeta.decode(v, pos)
         return StepPlan(is_prefill, tuple(seqs), kv, copies)

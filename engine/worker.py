@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from braid.engine.config import EngineConfig, local_kv_heads
+from braid.engine.config import EngineConfig, cache_layers, local_kv_heads
 from braid.engine.loader import load_weights
 from braid.engine.model_config import load_model_config
 from braid.engine.model_runner import ModelRunner
+from braid.engine.spec_decode.mtp import decode_mtp_request
 from braid.engine.models import build_model
 from braid.engine.kv_connector.worker import KVConnectorWorker
 from braid.engine.layers.linear import deferred_weights
@@ -37,9 +38,11 @@ CMD_STEP = 1
 CMD_GATHER_KV = 2
 """Test-only: every rank's cache rows for some blocks, gathered on rank 0."""
 CMD_RANK_STATS = 3
+"""Each rank's weight bytes and rows computed per routed expert, gathered on rank 0."""
 CMD_DRAFT = 4
 """Run a StepPlan on the draft model (speculative decoding); rank 0 gets its logits."""
-"""Each rank's weight bytes and rows computed per routed expert, gathered on rank 0."""
+CMD_MTP = 5
+"""Chain the MTP layer from the last step's hidden states (speculative decoding); rank 0 gets the drafts."""
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,10 @@ class RankStats:
     since start (zero for experts it does not hold)."""
 
 def allocate_kv_cache(cfg: EngineConfig, model_cfg, device) -> torch.Tensor:
-    """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D]."""
+    """All layers' KV memory, allocated once: [layers, blocks, C, H_local, B, D] (the
+    model's layers, then its MTP layer's when the instance runs it: config.cache_layers)."""
     return torch.zeros(
-        model_cfg.num_layers,
+        cache_layers(model_cfg, cfg),
         cfg.cache.num_kv_blocks,
         model_cfg.cache_components,
         local_kv_heads(model_cfg, cfg.parallel.tensor_parallel_size),
@@ -95,10 +99,11 @@ class Worker:
         load_weights(self.model, cfg.model_path, dtype, keep_fp8=keep_fp8)
         self.model.eval()
         self.kv_cache = allocate_kv_cache(cfg, self.model_cfg, device)
-        for layer, attn in enumerate(self.model.attention_layers()):
+        mtp = cache_layers(self.model_cfg, cfg) > self.model_cfg.num_layers
+        for layer, attn in enumerate(self.model.attention_layers() + self.model.mtp_attention_layers()[:int(mtp)]):
             attn.cache = self.kv_cache[layer]
             attn.layer_idx = layer
-        self.runner = ModelRunner(self.model, self.par, cfg.layout)
+        self.runner = ModelRunner(self.model, self.par, cfg.layout, mtp=mtp)
         self.draft_runner = self._load_draft(device) if cfg.speculative.method == "draft" else None
         self.connector: KVConnectorWorker | None = None
         if cfg.transfer.role is not None:
@@ -138,7 +143,7 @@ class Worker:
     @property
     def handlers(self):
         return {CMD_STEP: self._step, CMD_GATHER_KV: self._gather_kv, CMD_RANK_STATS: self._rank_stats,
-                CMD_DRAFT: self._draft}
+                CMD_DRAFT: self._draft, CMD_MTP: self._mtp}
 
     def _step(self, payload: torch.Tensor) -> StepResult:
         """Apply the step's connector metadata, run the model if the step has
@@ -159,6 +164,12 @@ class Worker:
             raise RuntimeError("this engine has no draft model")
         logits, _ = self.draft_runner.run(StepPlan.from_tensor(payload))
         return logits
+
+    def _mtp(self, payload: torch.Tensor) -> torch.Tensor:
+        """The MTP layer's drafts (runner.propose_mtp) for the sequences of a proposal."""
+        if not self.runner.mtp:
+            raise RuntimeError("this engine does not run the MTP layer (speculative.method mtp)")
+        return self.runner.propose_mtp(*decode_mtp_request(payload))
 
     def _gather_kv(self, block_ids: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's cache rows for these block ids -> rank 0 (for tests and debugging)."""

@@ -168,6 +168,8 @@ def describe_engine(
 ) -> common_pb2.KVLayout:
     """The layout of an engine from its resolved EngineConfig (num_kv_blocks
     set) and its ModelConfig. `model_id` defaults to the model's architecture."""
+    from braid.engine.config import cache_layers
+
     cfg, model = engine_config, model_config
     cache, par = cfg.cache, cfg.parallel
     if cache.num_kv_blocks is None:
@@ -176,7 +178,7 @@ def describe_engine(
     interleave = block if cache.cp_kv_cache_interleave_size is None else cache.cp_kv_cache_interleave_size
     return describe(
         fmt="mla" if model.is_mla else "gqa",
-        num_layers=model.num_layers,
+        num_layers=cache_layers(model, cfg),
         num_kv_heads=1 if model.is_mla else model.num_kv_heads,
         head_dim=model.cache_head_dim,
         dtype=cfg.dtype,
@@ -317,7 +319,9 @@ def check_compatible(p: common_pb2.KVLayout, d: common_pb2.KVLayout) -> None:
     for field in _MATCHED_FIELDS:
         pv, dv = _shown(p, field), _shown(d, field)
         if pv != dv:
-            raise LayoutMismatch(f"prefill and decode KV layouts differ in {field}: prefill {pv!r}, decode {dv!r}")
+            hint = (" (an instance that runs an MTP layer, speculative.method mtp, caches it as one more layer: "
+                    "set it on both)" if field == "num_layers" and abs(pv - dv) == 1 else "")
+            raise LayoutMismatch(f"prefill and decode KV layouts differ in {field}: prefill {pv!r}, decode {dv!r}{hint}")
     for side, layout in (("prefill", p), ("decode", d)):
         if layout.interleave_size != layout.block_size:
             raise LayoutMismatch(

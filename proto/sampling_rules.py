@@ -33,7 +33,7 @@ MAX_LOGPROBS = 20
 """Most alternatives a request may ask for at each position (logprobs, prompt_logprobs)."""
 MAX_SPECULATIVE_TOKENS = 16
 """Most draft tokens one sequence may verify in one decode step."""
-SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_METHODS = ("ngram", "draft", "mtp")
 """Proposers a request may name: "ngram" (prompt lookup) everywhere, "draft" (a smaller
 model) where the engine loaded one; a node refuses one its engine has not."""
 

@@ -98,3 +98,34 @@ def hf_next_probs(path: str, prompts: list[list[int]], temperature: float = 1.0,
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits.softmax(-1)
+
+
+def mtp_loop_checkpoint(root: str) -> str:
+    """A tiny DeepSeek-V3 ("v3-lora": MLA, MoE, YaRN) with an MTP layer, looped as above:
+    the main model's layers shrunk and its LM head following the 7-cycles, and the MTP
+    layer made to draft along them too (its block shrunk the same way, eh_proj passing
+    its own embedding of token i+1 through, its shared_head.head following the cycles
+    from that embedding): its drafts are kept where the target loops and rejected where
+    attention moves it. transformers loads the main model as it is (the reference)."""
+    path = os.path.join(root, "v3-mtp-loop")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    from safetensors.torch import load_file, save_file
+
+    from test_deepseek_v3 import CONFIGS, build_v3
+
+    build_v3(path, CONFIGS["v3-lora"])
+    file = os.path.join(path, "model.safetensors")
+    t = load_file(file)
+    order = torch.argsort(torch.tensor(cycles(VOCAB, CYCLE)))
+    mtp = f"model.layers.{CONFIGS['v3-lora']['num_hidden_layers']}."
+    for name in t:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            t[name] = t[name] * LAYER_SCALE
+    t["lm_head.weight"] = t["model.embed_tokens.weight"][order].clone()
+    t[mtp + "shared_head.head.weight"] = t[mtp + "embed_tokens.weight"][order].clone()
+    h = t[mtp + "eh_proj.weight"].shape[0]
+    t[mtp + "eh_proj.weight"] = torch.cat([torch.eye(h), t[mtp + "eh_proj.weight"][:, h:] * LAYER_SCALE], dim=1)
+    save_file(t, file, metadata={"format": "pt"})
+    save_tokenizer(path, VOCAB)
+    return path

@@ -141,6 +141,13 @@ def test_offline_speculation_flag_and_cluster_section_reach_the_engine(tmp_path)
 
     args = build_parser().parse_args(["offline", "hi", "--spec-k", "3"])
     assert EngineConfig.build("model", **_offline_settings(args)).speculative.num_speculative_tokens == 3
+    args = build_parser().parse_args(["offline", "hi", "--spec-k", "2", "--spec-method", "mtp"])
+    assert EngineConfig.build("model", **_offline_settings(args)).speculative.method == "mtp"
+    args = build_parser().parse_args(["offline", "hi", "--spec-method", "draft", "--draft-model", "/d"])
+    spec = EngineConfig.build("model", **_offline_settings(args)).speculative
+    assert (spec.method, spec.draft_model) == ("draft", "/d")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["offline", "hi", "--spec-method", "eagle"])
     cfg = load_config(data={"decode": {"speculative": {"num_speculative_tokens": 4, "ngram_max": 5}}})
     spec = cfg.node("decode").engine_config("decode", "model").speculative
     assert (spec.num_speculative_tokens, spec.ngram_max) == (4, 5)

@@ -404,9 +404,21 @@ def test_kv_layout_is_mla_over_the_main_layers(v3):
     from braid.engine.config import EngineConfig, resolve
     from braid.kv_transfer.layout import describe_engine, format_name
 
+    from braid.engine.config import kv_bytes_per_block
+    from braid.kv_transfer.layout import LayoutMismatch, check_compatible
+
     cfg, model = resolve(EngineConfig.build(v3("v3-lora"), tensor_parallel_size=2, block_size=4, num_kv_blocks=32))
     layout = describe_engine(cfg, model)
     assert format_name(layout) == "mla" and layout.num_layers == 3  # the MTP layer has no cache layer
+    # ... until the instance runs it (speculative.method mtp): one more layer, sized and described
+    mtp_cfg, _ = resolve(EngineConfig.build(v3("v3-lora"), tensor_parallel_size=2, block_size=4, num_kv_blocks=32,
+                                            speculative_method="mtp"))
+    mtp_layout = describe_engine(mtp_cfg, model)
+    assert mtp_layout.num_layers == 4
+    assert kv_bytes_per_block(model, mtp_cfg) * 3 == kv_bytes_per_block(model, cfg) * 4
+    check_compatible(mtp_layout, mtp_layout)
+    with pytest.raises(LayoutMismatch, match=r"num_layers: prefill 3, decode 4 \(an instance that runs an MTP layer"):
+        check_compatible(layout, mtp_layout)
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,17 @@
 """Speculative decoding through P/D (prefill pcp 2 -> decode tp 2, dcp 2): the first
 token comes from the prefill node, the decode node speculates on the KV it
 received, with n-gram drafts or a draft model (whose own prompt KV it computes
-itself: the draft's cache never travels); greedy output equals transformers' for
-k = 1, 2, 4 (the request's own k and method, and the node's defaults), through the
-gRPC SDK; the decode node's /metrics count it."""
+itself: the draft's cache never travels), or DeepSeek-V3's MTP layer (whose prompt
+KV the prefill node computes under PCP and sends as one more cache layer); greedy
+output equals transformers' for k = 1, 2, 4 (the request's own k and method, and
+the node's defaults), through the gRPC SDK; the decode node's /metrics count it."""
 from __future__ import annotations
 
 import time
 import urllib.request
 
 from cluster_harness import Cluster, start_pair
-from spec_fixtures import hf_greedy, loop_checkpoint, quoting_prompt
+from spec_fixtures import hf_greedy, loop_checkpoint, mtp_loop_checkpoint, quoting_prompt
 
 NEW = 20
 
@@ -28,6 +29,31 @@ def test_pd_cluster_speculates_exactly(tmp_path_factory, checkpoints):
         with Client(c.router.address, timeout=120) as cl:
             for p, exp in zip(prompts, expected):
                 for method, k in ((None, None), ("draft", 1), ("draft", 4), ("ngram", 1), ("ngram", 4)):
+                    out = cl.complete(p, max_tokens=NEW, temperature=0, ignore_eos=True,
+                                      num_speculative_tokens=k, speculative_method=method)
+                    assert list(out.token_ids) == exp, f"method={method}, k={k}"
+        accepted, drafted = _spec_counters(c.decode.info["metrics"])
+    finally:
+        c.close()
+    assert 0 < accepted < drafted
+
+
+def test_pd_cluster_speculates_with_mtp(tmp_path_factory, checkpoints):
+    """The MTP layer's prompt KV crosses with the model's (both nodes run it); the decode
+    node recomputes the last prompt token to get its hidden state, then drafts."""
+    from braid.client import Client
+
+    path = mtp_loop_checkpoint(checkpoints.root)
+    prompts = [quoting_prompt(seed, n) for seed, n in ((33, 9), (34, 18))]
+    expected = [hf_greedy(path, p, NEW) for p in prompts]
+    c = Cluster(str(tmp_path_factory.mktemp("mtp")), path,
+                {"prefill": {"speculative": {"method": "mtp"}},
+                 "decode": {"speculative": {"method": "mtp", "num_speculative_tokens": 2}}})
+    try:
+        start_pair(c)
+        with Client(c.router.address, timeout=120) as cl:
+            for p, exp in zip(prompts, expected):
+                for method, k in ((None, None), ("mtp", 1), ("mtp", 4), ("ngram", 2), (None, 0)):
                     out = cl.complete(p, max_tokens=NEW, temperature=0, ignore_eos=True,
                                       num_speculative_tokens=k, speculative_method=method)
                     assert list(out.token_ids) == exp, f"method={method}, k={k}"

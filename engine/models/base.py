@@ -50,6 +50,10 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def mtp_attention_layers(self) -> list:
+        """Attention of the model's multi-token-prediction layers (none but DeepSeek-V3's)."""
+        return []
+
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         """Parameter name and shard id for a checkpoint tensor; None to skip it."""
         if "rotary_emb.inv_freq" in name:
