@@ -2,7 +2,9 @@
 transformers: greedy output with it equals output without it and transformers' for
 k = 1, 2, 4 under tp 1, tp 2 with dcp 2 (interleave 1 and = block size) and pcp 2;
 every draft the engine proposes equals what transformers' own MtpLayer (fed
-transformers' hidden states, chained on its own output) drafts; the MTP cache layer
+transformers' hidden states, chained on its own output) drafts, also with chunked
+prompts and under PCP; seeded sampling is unchanged by it; prefix-cache hits stay
+exact; the MTP cache layer
 and the model's layers hold what a run without speculation wrote, and no block is
 left behind; the method is refused where there is no MTP layer."""
 from __future__ import annotations
@@ -148,6 +150,22 @@ def test_mtp_rollback_leaves_every_layer_a_plain_run_wrote(checkpoints, layout):
         assert spec.shape[2] == MTP_INDEX + 1  # the MTP layer's cache is the last layer
         assert spec[:, :, -1].abs().sum() > 0
         torch.testing.assert_close(spec, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_seeded_sampling_is_the_same_with_and_without_it(checkpoints):
+    """Sampled requests (temperature 0.8, seeded) emit the very tokens they emit without
+    speculation: every verification row is drawn as that output index's plain draw."""
+    path = mtp_loop_checkpoint(checkpoints.root)
+    prompts = _prompts()
+    outs = {}
+    with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, speculative_method="mtp") as llm:
+        for k in (0, 3):
+            params = [SamplingParams(max_tokens=20, temperature=0.8, seed=100 + i, ignore_eos=True,
+                                     num_speculative_tokens=k) for i in range(len(prompts))]
+            outs[k] = [o.token_ids for o in llm.generate(prompts, params)]
+        st = llm.engine.scheduler.spec_stats
+    assert outs[3] == outs[0]
+    assert 0 < st.accepted_tokens < st.draft_tokens
 
 
 def test_mtp_with_prefix_cache_hits_stays_exact(checkpoints):

@@ -2,8 +2,8 @@
 layers, YaRN) under TP, DCP and PCP, with its multi-token-prediction (MTP) layers.
 
 In a request's life: the forward pass of every engine step, on every rank. The
-MTP layers are loaded and kept (`model.mtp`) for speculative decoding; no step
-runs them yet.
+MTP layers are loaded and kept (`model.mtp`); with speculative.method "mtp" the
+first one runs in every step and drafts (engine/spec_decode/mtp.py).
 
 The decoder is DeepSeek-V2's (braid.engine.layers.mla, braid.engine.layers.moe)
 with transformers' DeepseekV3 differences: the sigmoid, bias-corrected, group-
@@ -21,8 +21,9 @@ DeepSeekMTP both feed it) and the token t_{i+1}:
 checkpoint has them (DeepSeek ships copies of the main ones), else the main
 model's. The block's attention is not among `attention_layers()`: the KV cache
 (and its P/D layout) holds the main layers only, so a model with MTP costs no
-cache memory until speculative decoding gives the MTP layers cache layers of
-their own (`mtp_attention_layers()`, bound like the main ones, same slot mapping).
+cache memory unless the instance runs it; then the first MTP layer's attention
+(`mtp_attention_layers()`) gets the cache layer after the main ones, bound like
+them, same slot mapping (engine/config.py cache_layers).
 """
 from __future__ import annotations
 
