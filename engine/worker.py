@@ -98,6 +98,7 @@ class Worker:
             self.model = build_model(self.model_cfg, self.par, dtype)
         load_weights(self.model, cfg.model_path, dtype, keep_fp8=keep_fp8)
         self.model.eval()
+        self._prepack(self.model)
         self.kv_cache = allocate_kv_cache(cfg, self.model_cfg, device)
         mtp = cache_layers(self.model_cfg, cfg) > self.model_cfg.num_layers
         for layer, attn in enumerate(self.model.attention_layers() + self.model.mtp_attention_layers()[:int(mtp)]):
@@ -122,11 +123,19 @@ class Worker:
             model = build_model(draft_cfg, self.par, cfg.torch_dtype)
         load_weights(model, path, cfg.torch_dtype)
         model.eval()
+        self._prepack(model)
         self.draft_cache = allocate_kv_cache(cfg, draft_cfg, device)
         for layer, attn in enumerate(model.attention_layers()):
             attn.cache = self.draft_cache[layer]
             attn.layer_idx = layer
         return ModelRunner(model, self.par, cfg.layout)
+
+    def _prepack(self, model: torch.nn.Module) -> None:
+        """Linear weights into oneDNN's packed layout on CPU (parallel.cpu_packed_weights)."""
+        if self.cfg.parallel.cpu_packed_weights:
+            for m in model.modules():
+                if hasattr(m, "prepack"):
+                    m.prepack()
 
     @property
     def rank(self) -> int:
@@ -182,7 +191,9 @@ class Worker:
         rows = torch.zeros(len(moe_layers), experts, dtype=torch.int64)
         for i, m in enumerate(moe_layers):
             rows[i, m.first_expert : m.first_expert + m.expert_rows.numel()] = m.expert_rows
-        named = list(self.model.named_parameters())
+        # a packed weight (cpu_packed_weights) is held beside its emptied parameter
+        named = [(n, p) for n, p in self.model.named_parameters()]
+        named += [(n + "._packed", m._packed) for n, m in self.model.named_modules() if getattr(m, "_packed", None) is not None]
         total = sum(p.numel() * p.element_size() for _, p in named)
         routed = sum(p.numel() * p.element_size() for n, p in named if ".experts." in n)
         got = self.par.world.gather(torch.cat([torch.tensor([total, routed]), rows.flatten()]), 0)

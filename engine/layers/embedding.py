@@ -43,14 +43,35 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.tp = embedding.tp
         self.vocab_size = embedding.vocab_size
+        self._tied = embedding.weight if tied else None
         if tied:
             self.weight = embedding.weight
         else:
             self.weight = nn.Parameter(torch.zeros_like(embedding.weight, dtype=dtype), requires_grad=False)
             self.weight.weight_loader = embedding._load
 
+    _packed: torch.Tensor | None = None
+
+    def prepack(self) -> bool:
+        """Pack the head for oneDNN on CPU (see LinearBase.prepack); a tied head keeps the
+        embedding's plain weight, which the lookup reads, and packs a copy."""
+        from braid.engine.layers.linear import cpu_packing_supported, pack_weight
+
+        w = self.weight
+        if w.device.type != "cpu" or not cpu_packing_supported(w.dtype):
+            return False
+        self._packed = pack_weight(w)
+        if w is not self._tied:
+            self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
+        return True
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = nn.functional.linear(hidden, self.weight)  # [S, V/tp]
+        if self._packed is not None:
+            from braid.engine.layers.linear import packed_linear
+
+            logits = packed_linear(hidden, self._packed)
+        else:
+            logits = nn.functional.linear(hidden, self.weight)  # [S, V/tp]
         if self.tp.size > 1:
             parts = self.tp.all_gather(logits)  # [tp, S, V/tp]
             logits = parts.permute(1, 0, 2).reshape(hidden.shape[0], -1)

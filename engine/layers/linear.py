@@ -58,10 +58,42 @@ def _blocks(n: int, grain: int) -> int:
     return -(-n // grain)
 
 
+PACK_BATCH = 128
+"""The batch size oneDNN lays a packed weight out for: measured here, it serves
+decode batches of 1 to 32 and prefill chunks as well as a layout for each would."""
+
+
+def cpu_packing_supported(dtype) -> bool:
+    """Whether oneDNN can pack and multiply weights of `dtype` on this CPU."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> oneDNN's blocked layout of it (an opaque CPU tensor, same values)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class LinearBase(nn.Module):
     """What every linear shares: its weight [out, in] (dense, or float8 with block
     scales), the weight's row/column segments (where each checkpoint slice lands
-    and where it comes from), and the load of one slice in either form."""
+    and where it comes from), and the load of one slice in either form.
+
+    On CPU the loaded weight may be packed (`prepack`, engine setting
+    parallel.cpu_packed_weights): oneDNN's blocked layout of the same values,
+    multiplied by oneDNN, about 1.3x (batch 1) to 1.8x (batch 8) faster than
+    `linear` on the plain layout here; the plain copy is dropped."""
+
+    prepackable = True
+    """False for a layer whose weight something else reads (MLA's kv_b_proj, a router)."""
+    _packed: torch.Tensor | None = None
 
     def _init_weight(self, rows: int, cols: int, dtype, loader) -> None:
         self.compute_dtype = dtype
@@ -105,6 +137,22 @@ class LinearBase(nn.Module):
                               self._own_loader)
         scale = torch.empty(_blocks(rows, grain[0]), _blocks(cols, grain[1]), dtype=torch.float32, device=device)
         self.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+
+    def prepack(self) -> bool:
+        """Pack the weight for oneDNN and drop the plain one, where that applies (a dense
+        CPU weight of a dtype this CPU packs, in a layer nothing else reads); whether it did."""
+        w = self.weight
+        if not self.prepackable or self.is_fp8 or w.is_meta or w.device.type != "cpu" or not cpu_packing_supported(w.dtype):
+            return False
+        self._packed = pack_weight(w)
+        self.weight = _attach(nn.Parameter(w.new_empty(0), requires_grad=False), w.weight_loader)
+        return True
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias)."""
+        if self._packed is not None:
+            return packed_linear(x, self._packed, bias)
+        return nn.functional.linear(x, self.dense_weight(), bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The weight in the layer's dtype: float8 dequantized with the same float
@@ -163,7 +211,7 @@ class ColumnParallelLinear(LinearBase):
         self._load_slice(param, lazy, 0, *self.segments(0)[shard_id or 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dense_weight(), self.bias)
+        return self.linear(x, self.bias)
 
 
 class QKVParallelLinear(LinearBase):
@@ -198,7 +246,7 @@ class QKVParallelLinear(LinearBase):
         self._load_slice(param, lazy, 0, *self.segments(0)["qkv".index(shard_id)])
 
     def forward(self, x: torch.Tensor):
-        qkv = nn.functional.linear(x, self.dense_weight(), self.bias)
+        qkv = self.linear(x, self.bias)
         return qkv.split(self.sizes, dim=-1)
 
 
@@ -228,7 +276,7 @@ class RowParallelLinear(LinearBase):
         _copy(param.data, lazy.full(), lazy.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.dense_weight())
+        y = self.linear(x)
         if self.reduce:
             self.tp.all_reduce(y)
         if self.bias is not None:
@@ -251,4 +299,4 @@ class ReplicatedLinear(LinearBase):
             _copy(param.data, lazy.full(), lazy.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dense_weight(), self.bias)
+        return self.linear(x, self.bias)

@@ -70,6 +70,7 @@ class MLAAttention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(
             self.kv_lora_rank, [cfg.num_heads * (self.nope_dim + self.v_dim)], False, tp, dtype
         )
+        self.kv_b_proj.prepackable = False  # up_weights() reads it (the absorbed decode)
         self.o_proj = RowParallelLinear(cfg.num_heads * self.v_dim, hidden, bias, tp, dtype)
         self.rotary = RotaryEmbedding(cfg.rope, interleaved=True)
         self.scale = qk_dim**-0.5 * yarn_softmax_scale(cfg.rope.scaling, cfg.rope.max_position_embeddings)

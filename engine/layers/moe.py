@@ -94,6 +94,7 @@ def router(hidden: int, moe: MoEConfig, dtype) -> ReplicatedLinear:
     fp32 (transformers' _keep_in_fp32_modules_strict): rounding the bias to bf16
     would change which experts are chosen."""
     gate = ReplicatedLinear(hidden, moe.num_experts, False, torch.float32 if moe.fp32_router else dtype)
+    gate.prepackable = False  # route() reads its weight
     if moe.fp32_router:
         gate.weight.weight_loader = _load_fp32
     if moe.topk_method == "noaux_tc":
