@@ -39,20 +39,31 @@ def paged_decode_attention(
         uniq, group = torch.unique(table, dim=0, return_inverse=True)  # rows with one table row share a gather
         if uniq.shape[0] < num_seqs:
             return _grouped(q, k_cache, v_cache, uniq, group, lens, scale)
-    k = k_cache[table]  # [S, nb, Hkv, B, Dk]
-    v = v_cache[table]
-    k = k.permute(0, 2, 1, 3, 4).reshape(num_seqs, hkv, nblocks * bs, -1)  # [S, Hkv, L, Dk]
-    v = v.permute(0, 2, 1, 3, 4).reshape(num_seqs, hkv, nblocks * bs, dv)
+    flat = table.reshape(-1)  # index_select: far cheaper than advanced indexing on CPU
+    k = k_cache.index_select(0, flat).view(num_seqs, nblocks, hkv, bs, -1)  # [S, nb, Hkv, B, Dk]
+    v = v_cache.index_select(0, flat).view(num_seqs, nblocks, hkv, bs, dv)
     group = hq // hkv
     qf = q.float().view(num_seqs, hkv, group, -1)
-    s = torch.einsum("shgd,shld->shgl", qf, k.float()) * scale  # [S, Hkv, G, L]
-    pad = torch.arange(nblocks * bs, device=q.device)[None, :] >= lens[:, None]  # [S, L]
+    length = nblocks * bs
+    # measured here: several short sequences are fastest contracted in the blocked layout,
+    # one sequence or long ones after one copy into [S, Hkv, L, D]
+    blocked = num_seqs > 1 and length <= 512
+    if blocked:
+        s = torch.einsum("shgd,snhbd->shgnb", qf, k.float()).reshape(num_seqs, hkv, group, length) * scale
+    else:
+        k = k.permute(0, 2, 1, 3, 4).reshape(num_seqs, hkv, length, -1)  # [S, Hkv, L, Dk]
+        v = v.permute(0, 2, 1, 3, 4).reshape(num_seqs, hkv, length, dv)
+        s = torch.einsum("shgd,shld->shgl", qf, k.float()) * scale  # [S, Hkv, G, L]
+    pad = torch.arange(length, device=q.device)[None, :] >= lens[:, None]  # [S, L]
     s = s.masked_fill(pad[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [S, Hkv, G]
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - safe[..., None])
-    out = torch.einsum("shgl,shld->shgd", p, v.float()).reshape(num_seqs, hq, dv)
-    return out.to(q.dtype), lse.reshape(num_seqs, hq)
+    if blocked:
+        out = torch.einsum("shgnb,snhbd->shgd", p.view(num_seqs, hkv, group, nblocks, bs), v.float())
+    else:
+        out = torch.einsum("shgl,shld->shgd", p, v.float())
+    return out.reshape(num_seqs, hq, dv).to(q.dtype), lse.reshape(num_seqs, hq)
 
 
 def _grouped(q, k_cache, v_cache, tables, group, lens, scale):
@@ -69,8 +80,9 @@ def _grouped(q, k_cache, v_cache, tables, group, lens, scale):
     slot = torch.empty_like(group)
     slot[order] = torch.arange(num_seqs, device=q.device) - first[group[order]]  # row's place in its group
     r = int(counts.max())
-    k = k_cache[tables].permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, -1)  # [U, Hkv, L, Dk]
-    v = v_cache[tables].permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, dv)
+    flat = tables.reshape(-1)
+    k = k_cache.index_select(0, flat).view(u, nblocks, hkv, bs, -1).permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, -1)
+    v = v_cache.index_select(0, flat).view(u, nblocks, hkv, bs, dv).permute(0, 2, 1, 3, 4).reshape(u, hkv, nblocks * bs, dv)
     g = hq // hkv
     qp = q.new_zeros(u, r, hkv, g, q.shape[-1], dtype=torch.float32)
     qp[group, slot] = q.float().view(num_seqs, hkv, g, -1)

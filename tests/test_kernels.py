@@ -120,10 +120,12 @@ def _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=64):
 
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
-def test_paged_decode_matches_naive(block_size, hq, hkv, dk, dv):
+# several short sequences (contracted in the blocked layout), long ones and one alone (copied first)
+@pytest.mark.parametrize("seq_lens", [[1, 17, 40, 0, 33], [600, 3, 530], [700]], ids=["short", "long", "one"])
+def test_paged_decode_matches_naive(block_size, hq, hkv, dk, dv, seq_lens):
     g = torch.Generator().manual_seed(block_size + hq)
-    seq_lens = [1, 17, 40, 0, 33]
-    kc, vc, tables, dense = _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=200)
+    blocks = sum(-(-n // block_size) for n in seq_lens)
+    kc, vc, tables, dense = _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=blocks + 64)
     q = torch.randn(len(seq_lens), hq, dk, generator=g)
     out, lse = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.5)
     bout, blse = batched.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.5)

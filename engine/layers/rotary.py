@@ -102,6 +102,10 @@ def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
 
 
+_SIGNATURES: dict[tuple, int] = {}
+"""Rotary settings -> a small id: instances with equal ids compute equal cos/sin."""
+
+
 class RotaryEmbedding(nn.Module):
     """`interleaved=False` rotates the halves (x[i], x[i + d/2]) (Llama, Qwen);
     `interleaved=True` rotates adjacent pairs (DeepSeek-V2, V3), in fp32 unless
@@ -123,11 +127,26 @@ class RotaryEmbedding(nn.Module):
         elif kind == "yarn":
             inv_freq, self.magnitude = _yarn_inv_freq(cfg.theta, dim, cfg.scaling, cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        key = (dim, interleaved, fp32_pairs, self.magnitude, tuple(inv_freq.tolist()))
+        self._signature = _SIGNATURES.setdefault(key, len(_SIGNATURES))
+
+    _last: tuple | None = None
+    """(positions, signature, dtype, result) of the last cos_sin, shared by every layer's
+    instance: a step's layers all rotate the same positions (held, so `is` stays sound)."""
 
     def cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Halves layout: [T, dim] in `dtype`. Interleaved: [T, dim/2] fp32 (the
         rotation itself runs in fp32, as transformers' DeepSeek-V2 does), or in
-        `dtype` without fp32_pairs (DeepSeek-V3)."""
+        `dtype` without fp32_pairs (DeepSeek-V3). Computed once per positions tensor
+        for all layers with the same rotary settings."""
+        last = RotaryEmbedding._last
+        if last is not None and last[0] is positions and last[1] == self._signature and last[2] == dtype:
+            return last[3]
+        result = self._cos_sin(positions, dtype)
+        RotaryEmbedding._last = (positions, self._signature, dtype, result)
+        return result
+
+    def _cos_sin(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
         if self.interleaved:
             cos, sin = freqs.cos() * self.magnitude, freqs.sin() * self.magnitude
