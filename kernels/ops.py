@@ -3,7 +3,7 @@
 | op | CPU | CUDA / NPU (until a fused kernel lands) |
 |---|---|---|
 | prefill_attention | aten flash (`flash_cpu`) | reference |
-| paged_decode_attention | batched gather (`batched`) | batched gather |
+| paged_decode_attention | C++ (`cpu_ext`, fp32, when built), else batched gather (`batched`) | batched gather |
 | merge_attn_states, write_kv_cache | reference | reference |
 
 Every implementation keeps the contract of `braid.kernels.reference`.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from braid.kernels import batched, flash_cpu, reference
+from braid.kernels import batched, cpu_ext, flash_cpu, reference
 from braid.kernels.reference import VarlenRows, merge_attn_states, write_kv_cache
 
 
@@ -23,6 +23,11 @@ def prefill_attention(q, k, v, rows: VarlenRows, scale: float, causal: bool = Tr
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float):
+    if q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
+        ext = cpu_ext.load()
+        if ext is not None:
+            lens = torch.as_tensor(seq_lens, dtype=torch.long)
+            return tuple(ext.paged_decode(q, k_cache, v_cache, block_tables, lens, float(scale)))
     return batched.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 

@@ -165,11 +165,12 @@ def describe_engine(
     model_config,
     endpoints: Sequence[str] | None = None,
     model_id: str | None = None,
+    num_layers: int | None = None,
 ) -> common_pb2.KVLayout:
     """The layout of an engine from its resolved EngineConfig (num_kv_blocks
-    set) and its ModelConfig. `model_id` defaults to the model's architecture."""
-    from braid.engine.config import cache_layers
-
+    set) and its ModelConfig. `model_id` defaults to the model's architecture;
+    `num_layers` to the model's (an engine that caches an MTP layer too passes
+    its cache's count: braid.engine.config.cache_layers)."""
     cfg, model = engine_config, model_config
     cache, par = cfg.cache, cfg.parallel
     if cache.num_kv_blocks is None:
@@ -178,7 +179,7 @@ def describe_engine(
     interleave = block if cache.cp_kv_cache_interleave_size is None else cache.cp_kv_cache_interleave_size
     return describe(
         fmt="mla" if model.is_mla else "gqa",
-        num_layers=cache_layers(model, cfg),
+        num_layers=model.num_layers if num_layers is None else num_layers,
         num_kv_heads=1 if model.is_mla else model.num_kv_heads,
         head_dim=model.cache_head_dim,
         dtype=cfg.dtype,

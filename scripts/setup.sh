@@ -68,4 +68,12 @@ if [ "${BRAID_SKIP_SMOLLM2:-0}" != 1 ] && ! smol_ok; then
   smol_ok || { echo "braid: SmolLM2 GGUF failed its sha256 check" >&2; exit 1; }
 fi
 
+# braid's C++ CPU kernels (fp32 paged decode attention): compiled here once, never while serving;
+# where no compiler is at hand the torch ops serve instead (same results)
+if [ "${BRAID_SKIP_CPU_EXT:-0}" != 1 ]; then
+  VBIN=$(cd "$(dirname "$VPY")" && pwd)
+  command -v ninja >/dev/null 2>&1 || "$VPY" -m pip install -q ninja || true
+  (cd / && PATH="$VBIN:$PATH" "$VBIN/python" -m braid.kernels.cpu_ext) || true
+fi
+
 echo "braid: environment ready in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -404,7 +404,7 @@ def test_kv_layout_is_mla_over_the_main_layers(v3):
     from braid.engine.config import EngineConfig, resolve
     from braid.kv_transfer.layout import describe_engine, format_name
 
-    from braid.engine.config import kv_bytes_per_block
+    from braid.engine.config import cache_layers, kv_bytes_per_block
     from braid.kv_transfer.layout import LayoutMismatch, check_compatible
 
     cfg, model = resolve(EngineConfig.build(v3("v3-lora"), tensor_parallel_size=2, block_size=4, num_kv_blocks=32))
@@ -413,7 +413,7 @@ def test_kv_layout_is_mla_over_the_main_layers(v3):
     # ... until the instance runs it (speculative.method mtp): one more layer, sized and described
     mtp_cfg, _ = resolve(EngineConfig.build(v3("v3-lora"), tensor_parallel_size=2, block_size=4, num_kv_blocks=32,
                                             speculative_method="mtp"))
-    mtp_layout = describe_engine(mtp_cfg, model)
+    mtp_layout = describe_engine(mtp_cfg, model, num_layers=cache_layers(model, mtp_cfg))
     assert mtp_layout.num_layers == 4
     assert kv_bytes_per_block(model, mtp_cfg) * 3 == kv_bytes_per_block(model, cfg) * 4
     check_compatible(mtp_layout, mtp_layout)

@@ -137,6 +137,47 @@ def test_paged_decode_matches_naive(block_size, hq, hkv, dk, dv, seq_lens):
     torch.testing.assert_close(blse, lse, atol=1e-5, rtol=1e-5)
 
 
+def _cpu_ext():
+    from braid.kernels import cpu_ext
+
+    ext = cpu_ext.load()
+    if ext is None:
+        pytest.skip("braid's C++ CPU kernels are not built here (python -m braid.kernels.cpu_ext)")
+    return ext
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
+@pytest.mark.parametrize("seq_lens", [[1, 17, 40, 0, 33], [600, 3, 530], [700]], ids=["short", "long", "one"])
+def test_cpu_ext_paged_decode_matches_reference(block_size, hq, hkv, dk, dv, seq_lens):
+    """The C++ kernel (what ops dispatches to for fp32 on CPU) against the reference
+    kernel: GQA shapes, empty rows (out 0, lse -inf), K/V as strided views of one cache
+    layer (as the engine and MLA pass them)."""
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(block_size * 7 + hq)
+    blocks = sum(-(-n // block_size) for n in seq_lens)
+    kc, vc, tables, _ = _paged_setup(g, block_size, seq_lens, hkv, dk, dv, num_blocks=blocks + 64)
+    layer = torch.zeros(kc.shape[0], 2, hkv, block_size, max(dk, dv))  # one layer [blocks, C, H, B, D]
+    layer[:, 0, ..., :dk], layer[:, 1, ..., :dv] = kc, vc
+    k_view, v_view = layer[:, 0, ..., :dk], layer[:, 1, ..., :dv]
+    q = torch.randn(len(seq_lens), hq, dk, generator=g)
+    out, lse = reference.paged_decode_attention(q, kc, vc, tables, seq_lens, 0.5)
+    eout, elo = ext.paged_decode(q, k_view, v_view, tables, torch.tensor(seq_lens), 0.5)
+    torch.testing.assert_close(eout, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(elo, lse, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(elo[torch.tensor(seq_lens) == 0]).all()
+
+
+def test_cpu_ext_refuses_a_block_outside_the_cache():
+    ext = _cpu_ext()
+    kc, vc = torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 2, 8)
+    q = torch.zeros(1, 1, 8)
+    with pytest.raises(RuntimeError, match="block id outside the cache"):
+        ext.paged_decode(q, kc, vc, torch.tensor([[3, 9]]), torch.tensor([4]), 1.0)
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        ext.paged_decode(q, kc, vc, torch.tensor([[3, 1]]), torch.tensor([5]), 1.0)
+
+
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
 def test_paged_decode_rows_sharing_a_table_match_naive(block_size, hq, hkv, dk, dv):

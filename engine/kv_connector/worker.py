@@ -67,6 +67,7 @@ class KVConnectorWorker:
                  advertise: str | None = None, limits: dict | None = None):
         self.rank = rank
         self.advertise = advertise
+        self.num_layers = region.shape[0]  # the model's cache layers, and an MTP layer's when it runs one
         self.receiver: KVReceiver | None = None
         self.sender: KVSender | None = None
         if role in ("decode", "both"):
@@ -100,7 +101,8 @@ class KVConnectorWorker:
         mine[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
         everyone = world.all_gather(mine)  # [world, ENDPOINT_BYTES]
         endpoints = [bytes(row.tolist()).rstrip(b"\0").decode() for row in everyone]
-        self.layout = kvl.describe_engine(cfg, model_cfg, endpoints if cfg.transfer.role != "prefill" else None)
+        self.layout = kvl.describe_engine(cfg, model_cfg, endpoints if cfg.transfer.role != "prefill" else None,
+                                          num_layers=self.num_layers)
         self.vocab_size = model_cfg.vocab_size
 
     # -- the step ----------------------------------------------------------------

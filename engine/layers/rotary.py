@@ -127,7 +127,7 @@ class RotaryEmbedding(nn.Module):
         elif kind == "yarn":
             inv_freq, self.magnitude = _yarn_inv_freq(cfg.theta, dim, cfg.scaling, cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        key = (dim, interleaved, fp32_pairs, self.magnitude, tuple(inv_freq.tolist()))
+        key = (dim, interleaved, fp32_pairs, cfg.theta, repr(cfg.scaling), cfg.max_position_embeddings)
         self._signature = _SIGNATURES.setdefault(key, len(_SIGNATURES))
 
     _last: tuple | None = None

@@ -1,0 +1,102 @@
+// Paged decode attention for CPU, fp32: one pass over each sequence's blocks per
+// KV head, no gathered copy of the cache. Contract of
+// braid.kernels.reference.paged_decode_attention: out [S, Hq, Dv], lse [S, Hq]
+// (a row with no keys: out 0, lse -inf). Strided K/V views are fine (MLA reads
+// two views of one latent cache layer); the last dim must be contiguous.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Dot product in 8 independent lanes: vectorizes without reassociating one sum.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) lane[j] += a[i + j] * b[i + j];
+  float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor tables,
+                                     at::Tensor lens, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k_cache.dtype() == at::kFloat && v_cache.dtype() == at::kFloat,
+              "paged_decode: float32 only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_decode: bad ranks");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "paged_decode: K/V last dim must be contiguous");
+  q = q.contiguous();
+  auto tab = tables.to(at::kLong).contiguous();
+  auto len = lens.to(at::kLong).contiguous();
+  const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k_cache.size(1), B = k_cache.size(2), Dv = v_cache.size(3);
+  const int64_t G = Hq / Hkv, MB = tab.size(1);
+  TORCH_CHECK(Hq % Hkv == 0 && k_cache.size(3) == D, "paged_decode: head shapes do not fit");
+  auto out = at::zeros({S, Hq, Dv}, q.options());
+  auto lse = at::full({S, Hq}, -std::numeric_limits<float>::infinity(), q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* tp = tab.data_ptr<int64_t>();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  float* ep = lse.data_ptr<float>();
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
+  const float sc = static_cast<float>(scale);
+  const int64_t NB = k_cache.size(0);
+  TORCH_CHECK(v_cache.size(0) == NB && v_cache.size(1) == Hkv && v_cache.size(2) == B, "paged_decode: K/V caches differ");
+  TORCH_CHECK(len.numel() == S && tab.size(0) == S, "paged_decode: one length and one table row per query row");
+  for (int64_t s = 0; s < S; ++s) {  // every block a row reads is a block of the cache
+    TORCH_CHECK(lp[s] <= MB * B, "paged_decode: sequence longer than its block table");
+    for (int64_t b = 0; b * B < lp[s]; ++b)
+      TORCH_CHECK(tp[s * MB + b] >= 0 && tp[s * MB + b] < NB, "paged_decode: block id outside the cache");
+  }
+  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t s = idx / Hkv, h = idx % Hkv, n = lp[s];
+      if (n <= 0) continue;
+      scores.assign(G * n, 0.f);
+      for (int64_t t = 0; t < n; ++t) {  // scores of the G query heads of this KV head
+        const int64_t blk = tp[s * MB + t / B];
+        const float* k = kp + blk * ks0 + h * ks1 + (t % B) * ks2;
+        for (int64_t g = 0; g < G; ++g) scores[g * n + t] = dot(qp + (s * Hq + h * G + g) * D, k, D) * sc;
+      }
+      std::vector<float> inv(G);
+      for (int64_t g = 0; g < G; ++g) {  // softmax of each head's row, its LSE
+        float* row = scores.data() + g * n;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < n; ++t) m = row[t] > m ? row[t] : m;
+        float l = 0.f;
+        for (int64_t t = 0; t < n; ++t) {
+          row[t] = std::exp(row[t] - m);
+          l += row[t];
+        }
+        inv[g] = 1.f / l;
+        ep[s * Hq + h * G + g] = m + std::log(l);
+      }
+      float* o = op + (s * Hq + h * G) * Dv;
+      for (int64_t t = 0; t < n; ++t) {  // each V row read once for the G heads
+        const int64_t blk = tp[s * MB + t / B];
+        const float* v = vp + blk * vs0 + h * vs1 + (t % B) * vs2;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * n + t] * inv[g];
+          float* og = o + g * Dv;
+          for (int64_t d = 0; d < Dv; ++d) og[d] += p * v[d];
+        }
+      }
+    }
+  });
+  return {out, lse};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention (fp32, CPU)");
+}
