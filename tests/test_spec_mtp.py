@@ -3,7 +3,7 @@ transformers: greedy output with it equals output without it and transformers' f
 k = 1, 2, 4 under tp 1, tp 2 with dcp 2 (interleave 1 and = block size) and pcp 2;
 every draft the engine proposes equals what transformers' own MtpLayer (fed
 transformers' hidden states, chained on its own output) drafts, also with chunked
-prompts and under PCP; seeded sampling is unchanged by it; prefix-cache hits stay
+prompts, under PCP and after preemptions; seeded sampling is unchanged by it; prefix-cache hits stay
 exact; the MTP cache layer
 and the model's layers hold what a run without speculation wrote, and no block is
 left behind; the method is refused where there is no MTP layer."""
@@ -150,6 +150,32 @@ def test_mtp_rollback_leaves_every_layer_a_plain_run_wrote(checkpoints, layout):
         assert spec.shape[2] == MTP_INDEX + 1  # the MTP layer's cache is the last layer
         assert spec[:, :, -1].abs().sum() > 0
         torch.testing.assert_close(spec, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_after_preemption_drafts_from_a_rebuilt_cache(checkpoints):
+    """A KV pool too small for every sequence: preempted sequences recompute their tokens
+    (the MTP rows with them); output stays transformers' and every later draft still
+    equals transformers' MtpLayer's over the same tokens."""
+    path = mtp_loop_checkpoint(checkpoints.root)
+    ref = _ReferenceMTP(checkpoints, path)
+    prompts = [quoting_prompt(s, 14) for s in range(4)]
+    seen = []
+    with LLM(path, block_size=B, num_kv_blocks=24, threads_per_rank=1, speculative_method="mtp",
+             num_speculative_tokens=3) as llm:
+        propose = llm.engine.mtp.propose
+
+        def recording(seqs, ks):
+            got = propose(seqs, ks)
+            seen.extend((list(s.token_ids), d) for s, d in zip(seqs, got) if d)
+            return got
+
+        llm.engine.mtp.propose = recording
+        outs = llm.generate(prompts, _greedy(3, n=30))
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.num_free == 24
+    assert [o.token_ids for o in outs] == [hf_greedy(path, p, 30) for p in prompts]
+    for tokens, drafts in seen:
+        assert drafts == ref.drafts(tokens, len(drafts)), f"after {tokens}"
 
 
 def test_mtp_seeded_sampling_is_the_same_with_and_without_it(checkpoints):
