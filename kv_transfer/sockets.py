@@ -239,12 +239,17 @@ class SocketReceiver(BookedReceiver):
         except (Lost, OSError) as e:
             detail = f"{e or type(e).__name__} on {c.name}"
         finally:
-            with self._book.lock:
-                self._conns.discard(c)
-            self._release(c)
-            c.shut()
-            c.close()
-            self._book.drop_conn(c, kind, detail)
+            try:
+                self._release(c)
+                c.shut()
+                c.close()
+                self._book.drop_conn(c, kind, detail)
+            finally:
+                # last: until its cleanup is done the connection stays where close() finds
+                # (and joins) it; a connection its sender ended just before close() was
+                # otherwise left running behind it
+                with self._book.lock:
+                    self._conns.discard(c)
 
     def _handle(self, c: SocketRConn) -> bool:
         raise NotImplementedError

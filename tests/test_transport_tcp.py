@@ -734,6 +734,31 @@ def test_unreachable_endpoint_is_refused(closer):
     assert err.value.kind == "refused"
 
 
+def test_close_joins_a_connection_its_sender_just_ended(closer, monkeypatch):
+    """A connection whose sender closed it is still cleaning up (failing what it carried)
+    when the receiver closes: close() waits for that thread too (it used to leave the
+    connection's set first, so close() could return with the thread still running)."""
+    src, dst = rand_region(4 * BLOCK, seed=120), rand_region(4 * BLOCK, seed=121)
+    rx, tx = TcpReceiver(dst), TcpSender(src)
+    entered = threading.Event()
+    drop = rx._book.drop_conn
+
+    def slow_drop(c, kind, detail):
+        entered.set()
+        time.sleep(0.5)
+        drop(c, kind, detail)
+
+    monkeypatch.setattr(rx._book, "drop_conn", slow_drop)
+    rx.expect(1, [(0, BLOCK)], time.monotonic() + 30)
+    tx.send(1, rx.endpoint, [Piece(0, 0, BLOCK)], time.monotonic() + 30)
+    tx.finish(1, rx.endpoint)
+    tx.wait(1, timeout=30)
+    tx.close()  # the receiver's connection thread reads EOF and starts its cleanup
+    assert entered.wait(10)
+    rx.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("braid-tcp-read")]
+
+
 def test_close_leaves_no_thread_or_socket(closer):
     fds_before = len(os.listdir("/proc/self/fd"))
     src, dst = rand_region(16 * BLOCK, seed=110), rand_region(16 * BLOCK, seed=111)
