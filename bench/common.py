@@ -7,6 +7,9 @@ import tempfile
 import time
 
 from braid.engine.tiny import write_tiny_llama
+from peer_steps import percentile  # one for every bench (peer_steps also runs where braid is not installed)
+
+__all__ = ["BENCH_MODEL", "bench_model", "percentile", "table", "timed"]
 
 BENCH_MODEL = dict(
     hidden_size=512,
@@ -49,13 +52,3 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """Percentile q (0..100) with linear interpolation; NaN for no samples."""
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

@@ -61,6 +61,7 @@ def summarize(run: dict) -> dict:
 
 
 def percentile(xs: list[float], q: float) -> float:
+    """Percentile q (0..100) with linear interpolation; NaN for no samples."""
     if not xs:
         return float("nan")
     xs = sorted(xs)

@@ -19,20 +19,9 @@ from braid.engine import LLM, SamplingParams
 from braid.engine.scheduler import RequestRejected
 from spec_fixtures import hf_greedy, loop_checkpoint, mtp_loop_checkpoint, quoting_prompt
 from test_deepseek_v3 import CONFIGS, _hf_mtp_layer
-from test_spec_decode import LAYOUTS, _logical_kv
+from test_spec_decode import B, KS, LAYOUTS, NEW, _greedy, _logical_kv, _prompts
 
-B = 4
-NEW = 24
-KS = (1, 2, 4)
 MTP_INDEX = CONFIGS["v3-lora"]["num_hidden_layers"]
-
-
-def _prompts():
-    return [quoting_prompt(seed, n) for seed, n in ((1, 5), (2, 14), (3, 23))]
-
-
-def _greedy(k, n=NEW, **kw):
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, num_speculative_tokens=k, **kw)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
