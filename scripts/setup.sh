@@ -73,7 +73,7 @@ fi
 if [ "${BRAID_SKIP_CPU_EXT:-0}" != 1 ]; then
   VBIN=$(cd "$(dirname "$VPY")" && pwd)
   command -v ninja >/dev/null 2>&1 || "$VPY" -m pip install -q ninja || true
-  (cd / && PATH="$VBIN:$PATH" "$VBIN/python" -m braid.kernels.cpu_ext) || true
+  (cd / && PATH="$VBIN:$PATH" timeout 900 "$VBIN/python" -m braid.kernels.cpu_ext) || true
 fi
 
 echo "braid: environment ready in .venv ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

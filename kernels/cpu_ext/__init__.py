@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import sys
+import time
 
 import torch
 
@@ -61,6 +62,9 @@ def build():
 
     folder = build_dir()
     os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, "lock")  # torch's build baton: one a killed build left would be waited on forever
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
+        os.remove(lock)
     return jit_load(name=NAME, sources=_SOURCES, build_directory=folder, extra_cflags=_flags(), verbose=False)
 
 
