@@ -40,10 +40,15 @@ def _greedy(k, n=NEW, **kw):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_greedy_with_speculation_equals_without_and_transformers(checkpoints, layout):
-    path = loop_checkpoint(checkpoints)
+    check_greedy_speculation(loop_checkpoint(checkpoints), LAYOUTS[layout])
+
+
+def check_greedy_speculation(path: str, layout: dict, **engine) -> None:
+    """Greedy output without speculation, and with k = 1, 2, 4 per request in one batch,
+    equals transformers'; drafts were both kept and rolled back; no block left behind."""
     prompts = _prompts()
     expected = [hf_greedy(path, p, NEW) for p in prompts]
-    with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, **LAYOUTS[layout]) as llm:
+    with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, **engine, **layout) as llm:
         plain = llm.generate(prompts, _greedy(0))
         assert llm.engine.scheduler.spec_stats.seq_steps == 0
         # every k in one batch: per-request k

@@ -19,28 +19,14 @@ from braid.engine import LLM, SamplingParams
 from braid.engine.scheduler import RequestRejected
 from spec_fixtures import hf_greedy, loop_checkpoint, mtp_loop_checkpoint, quoting_prompt
 from test_deepseek_v3 import CONFIGS, _hf_mtp_layer
-from test_spec_decode import B, KS, LAYOUTS, NEW, _greedy, _logical_kv, _prompts
+from test_spec_decode import B, KS, LAYOUTS, _greedy, _logical_kv, _prompts, check_greedy_speculation
 
 MTP_INDEX = CONFIGS["v3-lora"]["num_hidden_layers"]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_mtp_greedy_equals_without_and_transformers(checkpoints, layout):
-    path = mtp_loop_checkpoint(checkpoints.root)
-    prompts = _prompts()
-    expected = [hf_greedy(path, p, NEW) for p in prompts]
-    with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, speculative_method="mtp",
-             **LAYOUTS[layout]) as llm:
-        plain = llm.generate(prompts, _greedy(0))
-        assert llm.engine.scheduler.spec_stats.seq_steps == 0
-        outs = llm.generate([p for p in prompts for _ in KS], [_greedy(k) for _ in prompts for k in KS])
-        st = llm.engine.scheduler.spec_stats
-        assert llm.engine.blocks.num_free == 96
-    assert [o.token_ids for o in plain] == expected
-    for i, o in enumerate(outs):
-        assert o.token_ids == expected[i // len(KS)], f"prompt {i // len(KS)}, k={KS[i % len(KS)]}"
-    assert 0 < st.accepted_tokens < st.draft_tokens  # drafts kept and drafts rolled back
-    assert st.emitted_tokens > st.seq_steps
+    check_greedy_speculation(mtp_loop_checkpoint(checkpoints.root), LAYOUTS[layout], speculative_method="mtp")
 
 
 class _ReferenceMTP:
@@ -79,6 +65,18 @@ class _ReferenceMTP:
         return out
 
 
+def _record_drafts(mtp, seen: list) -> None:
+    """Append (the sequence's tokens, its drafts) to `seen` for every non-empty proposal."""
+    propose = mtp.propose
+
+    def recording(seqs, ks):
+        got = propose(seqs, ks)
+        seen.extend((list(s.token_ids), d) for s, d in zip(seqs, got) if d)
+        return got
+
+    mtp.propose = recording
+
+
 DRAFT_LAYOUTS = {"tp1": {}, "tp2-dcp2-i1": LAYOUTS["tp2-dcp2-i1"], "pcp2": LAYOUTS["pcp2"],
                  # prompts in chunks of at most 6 tokens: a chunk's last MTP row takes the next chunk's first token
                  "tp1-chunked": dict(max_num_batched_tokens=6)}
@@ -96,15 +94,7 @@ def test_mtp_drafts_equal_transformers_mtp_layer(checkpoints, layout):
     seen = []
     with LLM(path, block_size=B, num_kv_blocks=96, threads_per_rank=1, speculative_method="mtp",
              **DRAFT_LAYOUTS[layout]) as llm:
-        mtp = llm.engine.mtp
-        propose = mtp.propose
-
-        def recording(seqs, ks):
-            got = propose(seqs, ks)
-            seen.extend((list(s.token_ids), d) for s, d in zip(seqs, got) if d)
-            return got
-
-        mtp.propose = recording
+        _record_drafts(llm.engine.mtp, seen)
         llm.generate([p for p in prompts for _ in KS], [_greedy(k, n=16) for _ in prompts for k in KS])
     assert len(seen) > 30 and any(len(d) == 4 for _, d in seen)
     for tokens, drafts in seen:
@@ -151,14 +141,7 @@ def test_mtp_after_preemption_drafts_from_a_rebuilt_cache(checkpoints):
     seen = []
     with LLM(path, block_size=B, num_kv_blocks=24, threads_per_rank=1, speculative_method="mtp",
              num_speculative_tokens=3) as llm:
-        propose = llm.engine.mtp.propose
-
-        def recording(seqs, ks):
-            got = propose(seqs, ks)
-            seen.extend((list(s.token_ids), d) for s, d in zip(seqs, got) if d)
-            return got
-
-        llm.engine.mtp.propose = recording
+        _record_drafts(llm.engine.mtp, seen)
         outs = llm.generate(prompts, _greedy(3, n=30))
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.blocks.num_free == 24
