@@ -12,7 +12,7 @@
                                                  stream a completion (--chat: a chat) through the SDK
     braid status --router HOST:PORT [--ca ...]   nodes, roles, layouts and load (admin only under mTLS)
     braid certs DIR                               a throwaway CA and certificates for every identity
-    braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K --spec-method M]   the offline engine in this process
+    braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K --spec-method M --graph-mode]   the offline engine in this process
     braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
 """
 from __future__ import annotations
@@ -237,6 +237,8 @@ def _offline_settings(args) -> dict:
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_method=args.spec_method,
         draft_model=args.draft_model,
+        graph_mode=args.graph_mode,
+        **({"graph_batch_sizes": args.graph_batch_sizes} if args.graph_batch_sizes else {}),
     )
 
 
@@ -348,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--spec-method", choices=SPECULATIVE_METHODS, default="ngram",
                      help="where drafts come from: n-gram prompt lookup, a --draft-model, or the checkpoint's MTP layer")
     off.add_argument("--draft-model", default=None, help="--spec-method draft: a smaller checkpoint, same vocabulary")
+    off.add_argument("--graph-mode", action="store_true",
+                     help="decode steps through torch.compile'd graphs, one per padded batch size (compiled at start)")
+    off.add_argument("--graph-batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                     help="graph mode's padded batch sizes, comma-separated (default 1,2,4,8,16,32)")
     off.set_defaults(func=_offline)
     soak = sub.add_parser("soak", help="chaos soak: a local 2+2 cluster under load while faults are injected")
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (default 600)")

@@ -162,9 +162,23 @@ def _build(base, data: Any, path: str):
         raise ConfigError(_join(path, str(e))) from None
 
 
+def _int_list(value: Any, path: str) -> tuple:
+    """A list of integers (YAML list, or "1,2,4" from an environment variable)."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{path}: expected a list of integers, got {value!r}") from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{path}: expected a list of integers, got {value!r}")
+    return tuple(value)
+
+
 def _coerce(default: Any, hint, value: Any, path: str):
     if dataclasses.is_dataclass(default):
         return _build(default, value, path)
+    if typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (int,):
+        return _int_list(value, path)
     if typing.get_origin(hint) is tuple:
         kinds = {tuple}
         optional = False

@@ -79,13 +79,26 @@ class ParallelConfig:
     """On CPU: hold linear weights (and the LM head) in oneDNN's packed layout, multiplied
     by oneDNN (the same values; faster matmuls at every batch size here, rounding of the
     order of 1e-6 relative from the plain `linear`). False: torch's plain layout."""
+    graph_mode: bool = False
+    """Decode steps (one token per sequence, no speculation, no MTP) run a compiled graph
+    of the model (torch.compile, inductor), one per batch size of graph_batch_sizes, the
+    batch padded up to the next; all compiled at start-up (tens of seconds each for a
+    30-layer model here). Off by default: see the README's performance section."""
+    graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    """Graph mode's padded batch sizes; a larger decode batch runs eagerly."""
 
     def __post_init__(self):
         check_positive(self, ("tensor_parallel_size", "prefill_context_parallel_size", "decode_context_parallel_size",
                               "collective_timeout_s"))
         check_positive(self, ("threads_per_rank", "expert_parallel_size"), optional=True)
-        if not isinstance(self.enable_expert_parallel, bool):
-            raise ValueError(f"enable_expert_parallel: expected true or false, got {self.enable_expert_parallel!r}")
+        for name in ("enable_expert_parallel", "graph_mode", "cpu_packed_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        sizes = self.graph_batch_sizes
+        if (not isinstance(sizes, (list, tuple)) or not sizes
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1024 for n in sizes)):
+            raise ValueError(f"graph_batch_sizes: expected a list of batch sizes from 1 to 1024, got {sizes!r}")
+        object.__setattr__(self, "graph_batch_sizes", tuple(sorted(set(sizes))))
         check_choice(self, "device", DEVICES, "device")
         self.topology  # noqa: B018 -- builds (and so checks) the topology
 

@@ -93,6 +93,12 @@ class EngineCore:
         """This instance's KVLayout descriptor (with receiver endpoints on decode)."""
         return self.executor.kv_layout
 
+    @property
+    def graph_steps(self) -> int:
+        """Decode steps run through a compiled graph (parallel.graph_mode) since start."""
+        graphs = self.executor.driver.runner.graphs
+        return sum(graphs.steps.values()) if graphs is not None else 0
+
     # -- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

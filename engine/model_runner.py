@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from braid.engine.graph_runner import DecodeGraphs
 from braid.engine.kv_layout import ShardLayout
 from braid.engine.layers.attention import AttentionMetadata, ContextMeta
 from braid.engine.logprobs import prompt_logprobs
@@ -31,8 +32,11 @@ from braid.kernels.reference import VarlenRows
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, par: ParallelState, layout: ShardLayout, mtp: bool = False):
+    def __init__(self, model: torch.nn.Module, par: ParallelState, layout: ShardLayout, mtp: bool = False,
+                 graphs: DecodeGraphs | None = None):
         self.model = model
+        self.graphs = graphs
+        """Graph mode: the compiled decode graphs, which run the decode steps they cover."""
         self.par = par
         self.layout = layout
         self.device = par.device
@@ -159,7 +163,10 @@ class ModelRunner:
         called once layer i's KV of this step is in the cache (prefill only)."""
         ids, positions, meta, last, local = self.prepare(plan)
         meta.on_layer_written = on_layer
-        hidden = self.model(ids, positions, meta)
+        if self.graphs is not None and self.graphs.covers(plan):
+            hidden = self.graphs.run(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
         if self.mtp:
             self._mtp_rows(plan, positions, hidden, meta, local)
         rows = self.logit_hidden(plan, hidden, meta, last)

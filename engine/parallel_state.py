@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from braid.engine.topology import Topology
+from braid.kernels import graph_ops
 
 
 def backend_for(device: torch.device) -> str:
@@ -39,15 +40,20 @@ def make_process_group(backend: str, store, rank: int, size: int, timeout_s: flo
 
 class GroupComm:
     """Collectives over one process group, called on the group object itself.
-    Groups of size one are no-ops, so single-rank code paths cost nothing."""
+    Groups of size one are no-ops, so single-rank code paths cost nothing. Under
+    torch.compile (graph mode) the collectives the model's forward runs go through
+    opaque custom ops (braid.kernels.graph_ops), which call back here."""
 
     def __init__(self, ranks: list[int], group, rank: int):
         self.ranks = list(ranks)
         self.group = group
         self.size = len(ranks)
         self.rank_in_group = self.ranks.index(rank) if rank in self.ranks else -1
+        self.key = graph_ops.register_group(self)
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.size > 1 and torch.compiler.is_compiling():
+            return graph_ops.all_reduce(t, self.key, op)
         if self.size > 1:
             opts = dist.AllreduceOptions()
             opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
@@ -58,6 +64,8 @@ class GroupComm:
         """[*shape] -> [size, *shape]."""
         if self.size == 1:
             return t.unsqueeze(0)
+        if torch.compiler.is_compiling():
+            return graph_ops.all_gather(t, self.key)
         t = t.contiguous()
         out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
         self.group._allgather_base(out, t).wait()
@@ -67,6 +75,8 @@ class GroupComm:
         """[size, *shape] where t[j] goes to member j -> [size, *shape] where out[j] came from member j."""
         if self.size == 1:
             return t
+        if torch.compiler.is_compiling():
+            return graph_ops.all_to_all(t, self.key)
         t = t.contiguous()
         out = torch.empty_like(t)
         self.group.alltoall_base(out, t, [], []).wait()

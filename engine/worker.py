@@ -24,6 +24,7 @@ import torch.distributed as dist
 from braid.engine.config import EngineConfig, cache_layers, local_kv_heads
 from braid.engine.loader import load_weights
 from braid.engine.model_config import load_model_config
+from braid.engine.graph_runner import DecodeGraphs
 from braid.engine.model_runner import ModelRunner
 from braid.engine.spec_decode.mtp import decode_mtp_request
 from braid.engine.models import build_model
@@ -104,7 +105,10 @@ class Worker:
         for layer, attn in enumerate(self.model.attention_layers() + self.model.mtp_attention_layers()[:int(mtp)]):
             attn.cache = self.kv_cache[layer]
             attn.layer_idx = layer
-        self.runner = ModelRunner(self.model, self.par, cfg.layout, mtp=mtp)
+        graphs = self._graphs(device) if cfg.parallel.graph_mode and not mtp else None  # MTP: eager
+        self.runner = ModelRunner(self.model, self.par, cfg.layout, mtp=mtp, graphs=graphs)
+        if graphs is not None:
+            graphs.warm_up()
         self.draft_runner = self._load_draft(device) if cfg.speculative.method == "draft" else None
         self.connector: KVConnectorWorker | None = None
         if cfg.transfer.role is not None:
@@ -136,6 +140,12 @@ class Worker:
             for m in model.modules():
                 if hasattr(m, "prepack"):
                     m.prepack()
+
+    def _graphs(self, device) -> DecodeGraphs:
+        """Graph mode's compiled decode graphs; block tables as wide as max_model_len needs."""
+        cfg = self.cfg
+        width = -(-cfg.scheduler.max_model_len // cfg.layout.virtual_block_size)
+        return DecodeGraphs(self.model, cfg.parallel.graph_batch_sizes, width, device)
 
     @property
     def rank(self) -> int:

@@ -6,14 +6,16 @@
 | paged_decode_attention | C++ (`cpu_ext`, fp32, when built), else batched gather (`batched`) | batched gather |
 | merge_attn_states, write_kv_cache | reference | reference |
 
-Every implementation keeps the contract of `braid.kernels.reference`.
+Every implementation keeps the contract of `braid.kernels.reference`. Under
+`torch.compile` (graph mode) the decode attention and the KV write go through
+their custom ops (`braid.kernels.graph_ops`), which the compiler keeps opaque.
 """
 from __future__ import annotations
 
 import torch
 
-from braid.kernels import batched, cpu_ext, flash_cpu, reference
-from braid.kernels.reference import VarlenRows, merge_attn_states, write_kv_cache
+from braid.kernels import batched, cpu_ext, flash_cpu, graph_ops, reference
+from braid.kernels.reference import VarlenRows, merge_attn_states
 
 
 def prefill_attention(q, k, v, rows: VarlenRows, scale: float, causal: bool = True):
@@ -22,7 +24,16 @@ def prefill_attention(q, k, v, rows: VarlenRows, scale: float, causal: bool = Tr
     return reference.prefill_attention(q, k, v, rows, scale, causal)
 
 
+def write_kv_cache(cache, kv, slot_mapping) -> None:
+    if torch.compiler.is_compiling():
+        graph_ops.write_kv_cache(cache, kv, slot_mapping)
+    else:
+        reference.write_kv_cache(cache, kv, slot_mapping)
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float):
+    if torch.compiler.is_compiling():
+        return graph_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
         ext = cpu_ext.load()
         if ext is not None:

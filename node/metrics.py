@@ -63,6 +63,8 @@ class NodeMetrics:
                                      registry=r)
         self.spec_tokens_per_step = Gauge("braid_node_spec_tokens_per_step",
                                           "Mean tokens a speculating sequence gains per decode step", registry=r)
+        self._graph_counters = {"graph_steps": Counter("braid_node_graph_steps", "Decode steps run through a "
+                                                       "compiled graph (parallel.graph_mode)", registry=r)}
         self._cache_seen: dict[str, float] = {}
         """The cumulative engine counts already added to the counters."""
 
@@ -79,6 +81,7 @@ class NodeMetrics:
         totals["num_chunks"] = reading.num_chunks
         self._add_new(self._cache_counters, totals, "")
         self._add_new(self._spec_counters, reading.spec, "spec:")
+        self._add_new(self._graph_counters, {"graph_steps": reading.graph_steps}, "")
         if reading.spec:
             self.spec_acceptance.set(reading.spec["acceptance_rate"])
             self.spec_tokens_per_step.set(reading.spec["tokens_per_step"])

@@ -59,17 +59,20 @@ class EngineReading:
     """False: prefix caching is off on this engine."""
     spec: dict = dataclasses.field(default_factory=dict)
     """Speculative decoding counters (braid.engine.spec_decode.stats.SpecStats.as_dict)."""
+    graph_steps: int = 0
+    """Decode steps run through a compiled graph (graph mode)."""
 
 
 def read_engine(core, since: int) -> EngineReading:
     """On the engine thread: the cache's changes after event `since`, and the counters."""
     chunks = int(getattr(core.scheduler, "num_chunks", 0))
     spec = core.scheduler.spec_stats.as_dict() if hasattr(core.scheduler, "spec_stats") else {}
+    graphs = int(getattr(core, "graph_steps", 0))
     pc = core.prefix_cache
     if pc is None:
-        return EngineReading(num_chunks=chunks, caching=False, spec=spec)
+        return EngineReading(num_chunks=chunks, caching=False, spec=spec, graph_steps=graphs)
     events = pc.events_since(since)
-    common = dict(seq_no=pc.seq_no, seed=bytes(pc.seed), block_size=int(pc.block_size),
+    common = dict(seq_no=pc.seq_no, seed=bytes(pc.seed), block_size=int(pc.block_size), graph_steps=graphs,
                   stats=dataclasses.asdict(pc.stats), cached_blocks=pc.num_blocks, num_chunks=chunks, spec=spec)
     if events is None:
         return EngineReading(hashes=tuple(pc.hashes()), **common)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from braid.engine.parallel_state import GroupComm
+from braid.kernels import graph_ops
 
 FP8 = torch.float8_e4m3fn
 _DEFERRED = contextvars.ContextVar("braid_linear_weights_deferred", default=False)
@@ -145,12 +146,17 @@ class LinearBase(nn.Module):
         if not self.prepackable or self.is_fp8 or w.is_meta or w.device.type != "cpu" or not cpu_packing_supported(w.dtype):
             return False
         self._packed = pack_weight(w)
+        self.packed_out = w.shape[0]
+        self._packed_key = graph_ops.register_linear(self)
         self.weight = _attach(nn.Parameter(w.new_empty(0), requires_grad=False), w.weight_loader)
         return True
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x W^T (+ bias)."""
+        """x W^T (+ bias). Under torch.compile (graph mode) a packed weight's product is
+        an opaque op of the graph that calls back here."""
         if self._packed is not None:
+            if torch.compiler.is_compiling():
+                return graph_ops.packed_linear(x, self._packed_key, bias)
             return packed_linear(x, self._packed, bias)
         return nn.functional.linear(x, self.dense_weight(), bias)
 
@@ -278,7 +284,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
         if self.reduce:
-            self.tp.all_reduce(y)
+            y = self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -138,7 +138,10 @@ class RotaryEmbedding(nn.Module):
         """Halves layout: [T, dim] in `dtype`. Interleaved: [T, dim/2] fp32 (the
         rotation itself runs in fp32, as transformers' DeepSeek-V2 does), or in
         `dtype` without fp32_pairs (DeepSeek-V3). Computed once per positions tensor
-        for all layers with the same rotary settings."""
+        for all layers with the same rotary settings (eager: graph mode's inputs
+        are persistent buffers, whose identity says nothing of their values)."""
+        if torch.compiler.is_compiling():  # graph mode: no Python-side memo (the compiler shares the work)
+            return self._cos_sin(positions, dtype)
         last = RotaryEmbedding._last
         if last is not None and last[0] is positions and last[1] == self._signature and last[2] == dtype:
             return last[3]
