@@ -14,6 +14,9 @@
     braid certs DIR                               a throwaway CA and certificates for every identity
     braid offline "text" [--tp N --pcp N --dcp N --ep N --spec-k K --spec-method M --graph-mode]   the offline engine in this process
     braid soak [--quick] [--duration S]           the chaos soak (bench/soak.py)
+    braid plan --model M --hardware H --cards N --ttft-slo 10s --tpot-slo 50ms --workload W [--out DIR]
+                                                 simulate deployments, recommend one, write its overlay
+    braid plan calibrate | fit ...                measure this machine / fit to published points
 """
 from __future__ import annotations
 
@@ -300,6 +303,42 @@ def _add_client_commands(sub) -> None:
     ce.set_defaults(func=_certs)
 
 
+def _add_plan_command(sub) -> None:
+    """`braid plan` (and its calibrate and fit actions): the planner's own CLI module."""
+    from braid.planner.cli import add_plan_command
+
+    add_plan_command(sub)
+
+
+def _add_offline_command(sub) -> None:
+    """`braid offline`: the offline engine in this process."""
+    off = sub.add_parser("offline", help="generate in this process with the offline engine (no cluster)")
+    off.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched)")
+    off.add_argument("--model", help=MODEL_HELP)
+    off.add_argument("--max-tokens", type=int, default=32)
+    off.add_argument("--temperature", type=float, default=0.0)
+    off.add_argument("--seed", type=int, default=None)
+    off.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    off.add_argument("--pcp", type=int, default=1, help="prefill context parallel size")
+    off.add_argument("--dcp", type=int, default=1, help="decode context parallel size")
+    off.add_argument("--enable-expert-parallel", action="store_true",
+                     help="MoE models: routed experts whole on ranks (EP, size tp unless --ep) instead of sliced by TP")
+    off.add_argument("--ep", type=int, default=None,
+                     help="expert parallel size (implies --enable-expert-parallel); divides tp or is a multiple of it")
+    off.add_argument("--block-size", type=int, default=16)
+    off.add_argument("--dtype", default="float32")
+    off.add_argument("--num-speculative-tokens", "--spec-k", type=int, default=0,
+                     help="speculative decoding: verify up to this many drafts per step (exact; 0: off)")
+    off.add_argument("--spec-method", choices=SPECULATIVE_METHODS, default="ngram",
+                     help="where drafts come from: n-gram prompt lookup, a --draft-model, or the checkpoint's MTP layer")
+    off.add_argument("--draft-model", default=None, help="--spec-method draft: a smaller checkpoint, same vocabulary")
+    off.add_argument("--graph-mode", action="store_true",
+                     help="decode steps through torch.compile'd graphs, one per padded batch size (compiled at start)")
+    off.add_argument("--graph-batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                     help="graph mode's padded batch sizes, comma-separated (default 1,2,4,8,16,32)")
+    off.set_defaults(func=_offline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="braid", description="braid: disaggregated LLM serving with context parallelism")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -330,37 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_client_commands(sub)
 
-    off = sub.add_parser("offline", help="generate in this process with the offline engine (no cluster)")
-    off.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched)")
-    off.add_argument("--model", help=MODEL_HELP)
-    off.add_argument("--max-tokens", type=int, default=32)
-    off.add_argument("--temperature", type=float, default=0.0)
-    off.add_argument("--seed", type=int, default=None)
-    off.add_argument("--tp", type=int, default=1, help="tensor parallel size")
-    off.add_argument("--pcp", type=int, default=1, help="prefill context parallel size")
-    off.add_argument("--dcp", type=int, default=1, help="decode context parallel size")
-    off.add_argument("--enable-expert-parallel", action="store_true",
-                     help="MoE models: routed experts whole on ranks (EP, size tp unless --ep) instead of sliced by TP")
-    off.add_argument("--ep", type=int, default=None,
-                     help="expert parallel size (implies --enable-expert-parallel); divides tp or is a multiple of it")
-    off.add_argument("--block-size", type=int, default=16)
-    off.add_argument("--dtype", default="float32")
-    off.add_argument("--num-speculative-tokens", "--spec-k", type=int, default=0,
-                     help="speculative decoding: verify up to this many drafts per step (exact; 0: off)")
-    off.add_argument("--spec-method", choices=SPECULATIVE_METHODS, default="ngram",
-                     help="where drafts come from: n-gram prompt lookup, a --draft-model, or the checkpoint's MTP layer")
-    off.add_argument("--draft-model", default=None, help="--spec-method draft: a smaller checkpoint, same vocabulary")
-    off.add_argument("--graph-mode", action="store_true",
-                     help="decode steps through torch.compile'd graphs, one per padded batch size (compiled at start)")
-    off.add_argument("--graph-batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                     help="graph mode's padded batch sizes, comma-separated (default 1,2,4,8,16,32)")
-    off.set_defaults(func=_offline)
+    _add_offline_command(sub)
     soak = sub.add_parser("soak", help="chaos soak: a local 2+2 cluster under load while faults are injected")
     soak.add_argument("--duration", type=float, default=600.0, help="seconds of load and faults (default 600)")
     soak.add_argument("--quick", action="store_true", help="about a minute")
     soak.add_argument("--workers", type=int, default=4)
     soak.add_argument("--seed", type=int, default=0)
     soak.set_defaults(func=_soak)
+    _add_plan_command(sub)
     return ap
 
 
