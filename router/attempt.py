@@ -3,8 +3,8 @@
 Where it sits in a request's life (see braid.router.orchestrator): the retry book
 (braid.router.retry_book) chose the pair; the attempt then runs
 
-    remote prefill: D.Reserve -> D.Decode stream opened (read by a task into a
-        queue) -> P.Prefill(destination), concurrently with the stream; P skips
+    remote prefill: D.Reserve -> D.Decode stream opened (its first message read
+        by a task) -> P.Prefill(destination), concurrently with the stream; P skips
         sending the leading blocks D's reservation says its cache holds;
     local prefill:  D.Decode(local_prefill=True, prompt, sampling); also when D's
         reservation says its prefix cache holds all the prompt but the last
@@ -120,30 +120,31 @@ class NodeCalls:
 
 
 class DecodeReader:
-    """Reads D's Decode stream in a task into a queue: DecodeResponses, then EOF or the RpcError."""
+    """Reads D's Decode stream: `get()` is its next item, a DecodeResponse, then EOF or the RpcError.
+
+    Each get() reads the call itself, in the awaiting task: no reader task and queue in
+    between, which cost a task switch and a future per message relayed (the attempt
+    wraps the first get() in a task of its own, to race it against P's reply). So D's
+    messages wait in gRPC's flow control, not in an unbounded queue, while the client
+    is slow."""
 
     def __init__(self, call):
         self.call = call
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            async for msg in self.call:
-                self.queue.put_nowait(msg)
-            self.queue.put_nowait(EOF)
-        except grpc.RpcError as e:
-            self.queue.put_nowait(e)
-        except Exception as e:  # noqa: BLE001 - a closed channel, say: the stream ended, nobody waits forever
-            log.info("router: decode stream broke: %r", e)
-            self.queue.put_nowait(EOF)
 
     async def get(self):
-        return await self.queue.get()
+        try:
+            msg = await self.call.read()
+        except grpc.RpcError as e:
+            return e
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a closed channel, say: the stream ended, nobody waits forever
+            log.info("router: decode stream broke: %r", e)
+            return EOF
+        return EOF if msg is grpc.aio.EOF else msg
 
     def cancel(self) -> None:
         self.call.cancel()
-        self.task.cancel()
 
 
 @dataclass(eq=False)

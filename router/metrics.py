@@ -69,10 +69,19 @@ class RouterMetrics:
         self.nodes = Gauge(f"{PREFIX}_nodes", "Nodes in the router's view", ["role", "reachable"], registry=r)
         self.http_requests = Counter(f"{PREFIX}_http_requests", "HTTP API requests by route and status",
                                      ["route", "status"], registry=r)
-        for phase in PHASES:
-            self.phase.labels(phase)  # exported at 0 from the start
+        # the labelled children, looked up once: labels() takes a lock and builds a key on every
+        # call, several times per request on the router's hot path
+        self.phase_of = {phase: self.phase.labels(phase) for phase in PHASES}  # exported at 0 from the start
+        self._requests_of: dict[str, object] = {}
         self._httpd = None
         self._thread: threading.Thread | None = None
+
+    def request_done(self, code: str) -> None:
+        """Count a finished request under its final status code name."""
+        child = self._requests_of.get(code)
+        if child is None:
+            child = self._requests_of[code] = self.requests.labels(code)
+        child.inc()
 
     def track_admission(self, inflight: Callable[[], int], queued: Callable[[], int]) -> None:
         """Read the gauges from the admission control at scrape time (plain int reads)."""

@@ -148,7 +148,7 @@ class Orchestrator:
             log.exception("router: request failed")
             await context.abort(Code.INTERNAL, f"router error: {type(e).__name__}: {e}")
         finally:
-            self.metrics.requests.labels(code.name).inc()
+            self.metrics.request_done(code.name)
             self._calls -= 1
             if self._calls == 0:
                 self._idle.set()
@@ -179,7 +179,7 @@ class Orchestrator:
             raise
         try:
             queue_s = time.monotonic() - arrived
-            self.metrics.phase.labels("queue").observe(queue_s)
+            self.metrics.phase_of["queue"].observe(queue_s)
             prompt = await self._prompt_ids(request)
             req = _Request(
                 request_id=request_id,
@@ -393,9 +393,9 @@ class Orchestrator:
         m = self.metrics
         if attempt.prefill is None:
             m.local_prefill.inc()
-        m.phase.labels("prefill").observe(t.prefill_s)
-        m.phase.labels("transfer").observe(t.transfer_s)
-        m.phase.labels("decode").observe(t.decode_s)
+        m.phase_of["prefill"].observe(t.prefill_s)
+        m.phase_of["transfer"].observe(t.transfer_s)
+        m.phase_of["decode"].observe(t.decode_s)
         m.kv_bytes.inc(t.kv_bytes)
         if num_tokens > 1:
             m.tpot.observe(t.decode_s / (num_tokens - 1))
