@@ -4,7 +4,8 @@
 and breaks the graph on data-dependent shapes (the KV write keeps the tokens
 whose slot is not -1). Registered as opaque ops with a shape-only fake
 implementation, both sit inside one compiled graph; eager code keeps calling
-the plain functions (the dispatcher's overhead buys nothing there).
+the plain functions (the dispatcher's overhead buys nothing there); each op's
+implementation is the eager dispatch of braid.kernels.ops.
 
 `braid::write_kv_cache` mutates its cache argument in place (declared, so the
 compiler orders it before the reads of the same layer's cache).
@@ -16,12 +17,12 @@ import weakref
 
 import torch
 
-from braid.kernels import batched, cpu_ext, reference
-
 
 @torch.library.custom_op("braid::write_kv_cache", mutates_args=("cache",))
 def write_kv_cache(cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    reference.write_kv_cache(cache, kv, slot_mapping)
+    from braid.kernels import ops  # (ops imports this module)
+
+    ops.write_kv_cache(cache, kv, slot_mapping)  # not compiling in here: the eager kernel
 
 
 @write_kv_cache.register_fake
@@ -29,20 +30,14 @@ def _(cache, kv, slot_mapping) -> None:
     return None
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale: float):
-    if q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32:
-        ext = cpu_ext.load()
-        if ext is not None:
-            return tuple(ext.paged_decode(q, k_cache, v_cache, block_tables, seq_lens.long(), float(scale)))
-    return batched.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
-
-
 @torch.library.custom_op("braid::paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    from braid.kernels import ops  # (ops imports this module)
+
+    out, lse = ops.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
     return out.contiguous(), lse.contiguous()  # a custom op's outputs may not alias or be odd views
 
 

@@ -4,7 +4,8 @@
 |---|---|---|
 | prefill_attention | aten flash (`flash_cpu`) | reference |
 | paged_decode_attention | C++ (`cpu_ext`, fp32, when built), else batched gather (`batched`) | batched gather |
-| merge_attn_states, write_kv_cache | reference | reference |
+| write_kv_cache | C++ (`cpu_ext`, when built), else reference | reference |
+| merge_attn_states | reference | reference |
 
 Every implementation keeps the contract of `braid.kernels.reference`. Under
 `torch.compile` (graph mode) the decode attention and the KV write go through
@@ -27,6 +28,10 @@ def prefill_attention(q, k, v, rows: VarlenRows, scale: float, causal: bool = Tr
 def write_kv_cache(cache, kv, slot_mapping) -> None:
     if torch.compiler.is_compiling():
         graph_ops.write_kv_cache(cache, kv, slot_mapping)
+        return
+    ext = cpu_ext.load() if cache.device.type == "cpu" and cache.dim() == 5 else None
+    if ext is not None:
+        ext.write_kv(cache, kv.to(cache.dtype), slot_mapping)
     else:
         reference.write_kv_cache(cache, kv, slot_mapping)
 

@@ -178,6 +178,29 @@ def test_cpu_ext_refuses_a_block_outside_the_cache():
         ext.paged_decode(q, kc, vc, torch.tensor([[3, 1]]), torch.tensor([5]), 1.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_cpu_ext_write_kv_matches_reference(dtype, block_size):
+    """The C++ KV write (what ops dispatches to on CPU) against the reference: a layer
+    cache [blocks, 2, H, B, D], tokens in any order, -1 slots (another shard's) skipped,
+    the cast to the cache's dtype first (as ops does); an MLA-like latent layer (C 1)."""
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(block_size)
+    for c, h, d in ((2, 3, 8), (1, 1, 24)):
+        ref = torch.randn(12, c, h, block_size, d, generator=g).to(dtype)
+        got = ref.clone()
+        kv = torch.randn(9, c, h, d, generator=g)
+        slots = torch.randperm(12 * block_size, generator=g)[:9]
+        slots[torch.tensor([1, 4, 7])] = -1
+        reference.write_kv_cache(ref, kv, slots)
+        ext.write_kv(got, kv.to(dtype), slots)
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+    with pytest.raises(RuntimeError, match="slot outside the cache"):
+        ext.write_kv(got, kv.to(dtype), torch.full((9,), 12 * block_size))
+    with pytest.raises(RuntimeError, match="in the cache's dtype"):
+        ext.write_kv(torch.zeros(2, 1, 1, 4, 24, dtype=torch.float64), kv[:, :1, :1], slots)
+
+
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("hq,hkv,dk,dv", SHAPES)
 def test_paged_decode_rows_sharing_a_table_match_naive(block_size, hq, hkv, dk, dv):

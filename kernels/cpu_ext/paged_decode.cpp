@@ -3,10 +3,12 @@
 // braid.kernels.reference.paged_decode_attention: out [S, Hq, Dv], lse [S, Hq]
 // (a row with no keys: out 0, lse -inf). Strided K/V views are fine (MLA reads
 // two views of one latent cache layer); the last dim must be contiguous.
+// Also the KV write (write_kv, below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -97,6 +99,37 @@ std::vector<at::Tensor> paged_decode(at::Tensor q, at::Tensor k_cache, at::Tenso
   return {out, lse};
 }
 
+// The KV write: token t's [C, H, D] rows into slot slots[t] (block slot / B,
+// offset slot % B) of one layer's cache [num_blocks, C, H, B, D]; slot -1 is
+// skipped. Contract of braid.kernels.reference.write_kv_cache, for kv already in
+// the cache's dtype: one row copy per (token, c, head), no index tensors.
+void write_kv(at::Tensor cache, at::Tensor kv, at::Tensor slots) {
+  TORCH_CHECK(cache.dim() == 5 && kv.dim() == 4, "write_kv: cache [N, C, H, B, D] and kv [T, C, H, D]");
+  TORCH_CHECK(cache.scalar_type() == kv.scalar_type(), "write_kv: kv must be in the cache's dtype");
+  TORCH_CHECK(cache.stride(4) == 1, "write_kv: the cache's last dim must be contiguous");
+  kv = kv.contiguous();
+  auto sl = slots.to(at::kLong).contiguous();
+  const int64_t T = kv.size(0), C = kv.size(1), H = kv.size(2), D = kv.size(3);
+  TORCH_CHECK(cache.size(1) == C && cache.size(2) == H && cache.size(4) == D && sl.numel() == T,
+              "write_kv: shapes do not fit");
+  const int64_t B = cache.size(3), NB = cache.size(0), es = cache.element_size();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(sp[t] < NB * B && sp[t] >= -1, "write_kv: slot outside the cache");
+  char* cp = static_cast<char*>(cache.data_ptr());
+  const char* kp = static_cast<const char*>(kv.data_ptr());
+  for (int64_t t = 0; t < T; ++t) {
+    if (sp[t] < 0) continue;
+    const int64_t blk = sp[t] / B, off = sp[t] % B;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t h = 0; h < H; ++h) {
+        char* dst = cp + (blk * cache.stride(0) + c * cache.stride(1) + h * cache.stride(2) + off * cache.stride(3)) * es;
+        std::memcpy(dst, kp + ((t * C + c) * H + h) * D * es, D * es);
+      }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention (fp32, CPU)");
+  m.def("write_kv", &write_kv, "KV cache write by slot (CPU)");
 }
