@@ -14,12 +14,21 @@
 #
 # EXTRAS takes a comma-separated list of the optional extras in
 # pyproject.toml (npu, rdma).
+#
+# Offline (no registry, no PyTorch index): scripts/build-image.sh makes a
+# Debian base locally (mmdebstrap) and fills wheels/ with the CPU torch wheel
+# and every dependency, then builds with
+#   --build-arg BASE_IMAGE=localhost/braid-base:bookworm
+#   --build-arg TORCH_INDEX_URL= --build-arg PIP_EXTRA_ARGS=--no-index
+# wheels/ is bind-mounted for the install only (no layer keeps the wheels);
+# it holds just a README otherwise, and pip then uses the indexes as before.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
 ARG EXTRAS=""
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG APT_PACKAGES=""
+ARG PIP_EXTRA_ARGS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -43,12 +52,15 @@ COPY engine ./engine
 COPY kernels ./kernels
 COPY kv_transfer ./kv_transfer
 COPY node ./node
+COPY planner ./planner
 COPY prefill_node ./prefill_node
 COPY proto ./proto
 COPY router ./router
 COPY tokenizer ./tokenizer
-RUN python3 -m pip install ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} ".${EXTRAS:+[${EXTRAS}]}" \
-    && cd / && rm -rf /src
+RUN --mount=type=bind,source=wheels,target=/tmp/wheels \
+    python3 -m pip install --find-links /tmp/wheels ${PIP_EXTRA_ARGS} \
+        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} ".${EXTRAS:+[${EXTRAS}]}" \
+    && cd / && rm -rf /src /root/.cache
 
 # Non-root, numeric so that Kubernetes' runAsNonRoot can verify it. The
 # manifests run with a read-only root filesystem: BRAID_HOME (caches, the
