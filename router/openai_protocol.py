@@ -121,7 +121,7 @@ def _ids(value, name: str) -> list[int]:
 _NEUTRAL = {  # the values of unsupported fields that ask for nothing
     "suffix": ("",), "best_of": (1,), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
     "tools": ([],), "functions": ([],), "response_format": ({"type": "text"},), "tool_choice": ("none", "auto"),
-    "function_call": ("none", "auto"),
+    "function_call": ("none", "auto"), "repetition_penalty": (1,),
 }
 
 
@@ -204,7 +204,9 @@ def _prompts(body: dict) -> list[str | list[int]]:
 
 def parse_completion(body: dict, decode_ids) -> OpenAIRequest:
     """POST /v1/completions; `decode_ids(ids) -> str` gives echo's text for id prompts."""
-    _refuse_unsupported(body, ("suffix", "logit_bias", "presence_penalty", "frequency_penalty", "best_of"))
+    # vLLM's extension repetition_penalty: `vllm bench serve` sends the neutral 1.0 with every request
+    _refuse_unsupported(body, ("suffix", "logit_bias", "presence_penalty", "frequency_penalty", "best_of",
+                               "repetition_penalty"))
     stream, include = _stream_options(body)
     out = OpenAIRequest("completion", _get(body, "model", (str,)), stream, include, id=f"cmpl-{uuid.uuid4().hex}")
     prompts = _prompts(body)
@@ -269,7 +271,7 @@ def parse_chat(body: dict, default_max_tokens: int) -> OpenAIRequest:
     fill the context: the nodes get `default_max_tokens` (the smallest decode node's
     max_model_len) and http_api cuts the output at that minus the prompt's length."""
     _refuse_unsupported(body, ("tools", "functions", "response_format", "logit_bias", "presence_penalty",
-                               "frequency_penalty", "tool_choice", "function_call"))
+                               "frequency_penalty", "tool_choice", "function_call", "repetition_penalty"))
     stream, include = _stream_options(body)
     out = OpenAIRequest("chat", _get(body, "model", (str,)), stream, include, id=f"chatcmpl-{uuid.uuid4().hex}")
     chat = _messages(body)

@@ -216,6 +216,21 @@ def test_unknown_routes_and_methods_answer_in_the_envelope():
 
 
 @pytest.mark.timeout(30)
+def test_repetition_penalty_neutral_is_accepted_and_any_other_refused():
+    """`vllm bench serve` sends repetition_penalty 1.0 (vLLM's extension) with every request."""
+    async def body(c: Cluster):
+        status, raw = await post(c, _body(repetition_penalty=1.0))
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 4
+        for path, extra in (("/v1/completions", {}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            status, raw = await post(c, _body(repetition_penalty=1.2, **extra), path)
+            err = json.loads(raw)["error"]
+            assert status == 400 and err["param"] == "repetition_penalty" and "not supported" in err["message"]
+
+    run(body)
+
+
+@pytest.mark.timeout(30)
 def test_chat_on_a_model_without_a_chat_template_is_a_clear_400(tmp_path):
     save_tokenizer(str(tmp_path))  # tokenizer.json only: no chat template
 
