@@ -76,6 +76,19 @@ def stop_event() -> asyncio.Event:
 # ---------------------------------------------------------------- fake nodes
 
 
+
+async def open_pair(dstub, pstub, rid: str, prompt, sampling):
+    """The router's three node calls, made directly: D.Reserve, then D's Decode stream
+    opened and P.Prefill to the reserved destination running beside it; returns
+    (the stream, the Prefill future)."""
+    reserved = await dstub.Reserve(nodes_pb2.ReserveRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_s=RPC_TIMEOUT_S), timeout=RPC_TIMEOUT_S)
+    stream = dstub.Decode(nodes_pb2.DecodeRequest(request_id=rid), timeout=RPC_TIMEOUT_S)
+    prefill = asyncio.ensure_future(pstub.Prefill(nodes_pb2.PrefillRequest(
+        request_id=rid, token_ids=prompt, sampling=sampling, destination=reserved.destination),
+        timeout=RPC_TIMEOUT_S))
+    return stream, prefill
+
 class FakeDecode(nodes_pb2_grpc.DecodeNodeServicer):
     def __init__(self):
         self.kv: dict[str, tuple[list[int], asyncio.Future]] = {}
@@ -197,12 +210,7 @@ class Relay(router_pb2_grpc.RouterServicer):
     async def Generate(self, request, context):
         self.serial += 1
         rid, prompt, sampling = f"relay-{self.serial}", request.token_ids.ids, request.sampling
-        reserved = await self.dstub.Reserve(nodes_pb2.ReserveRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_s=RPC_TIMEOUT_S), timeout=RPC_TIMEOUT_S)
-        stream = self.dstub.Decode(nodes_pb2.DecodeRequest(request_id=rid), timeout=RPC_TIMEOUT_S)
-        prefill = asyncio.ensure_future(self.pstub.Prefill(nodes_pb2.PrefillRequest(
-            request_id=rid, token_ids=prompt, sampling=sampling, destination=reserved.destination),
-            timeout=RPC_TIMEOUT_S))
+        stream, prefill = await open_pair(self.dstub, self.pstub, rid, prompt, sampling)
         async for msg in stream:
             await context.write(router_pb2.GenerateResponse(
                 token_ids=msg.token_ids, finished=msg.finished, finish_reason=msg.finish_reason))
@@ -318,12 +326,7 @@ class Target:
         self.serial += 1
         rid = f"direct-{os.getpid()}-{self.serial}"
         sampling = common_pb2.SamplingParams(max_tokens=NUM_TOKENS)
-        reserved = await self.dstub.Reserve(nodes_pb2.ReserveRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling, lease_s=RPC_TIMEOUT_S), timeout=RPC_TIMEOUT_S)
-        stream = self.dstub.Decode(nodes_pb2.DecodeRequest(request_id=rid), timeout=RPC_TIMEOUT_S)
-        prefill = asyncio.ensure_future(self.pstub.Prefill(nodes_pb2.PrefillRequest(
-            request_id=rid, token_ids=prompt, sampling=sampling, destination=reserved.destination),
-            timeout=RPC_TIMEOUT_S))
+        stream, prefill = await open_pair(self.dstub, self.pstub, rid, prompt, sampling)
         ids, first, finished, chunks = [], None, False, 0
         async for resp in stream:
             if first is None:
