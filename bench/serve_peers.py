@@ -246,18 +246,13 @@ def parse_args() -> argparse.Namespace:
 
 def report(args, results: dict, own: dict, agree: dict, load: str) -> None:
     rows = []
-    for engine, points in results.items():
-        for c in sorted(points):
-            r = points[c]
-            rows.append([engine, "vllm bench serve", c, f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
-                         f"{r['tpot_p50_ms']:.1f}/{r['tpot_p99_ms']:.1f}", r["output_tok_s"],
-                         f"{r['completed']}/{r['failed']}", r.get("load", "-"), agree.get(engine, "-")])
-    for engine, points in own.items():
-        for c in sorted(points):
-            r = points[c]
-            rows.append([engine, "braid run_load (gRPC)", c, f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
-                         f"{r['tpot_p50_ms']:.1f}/{r['tpot_p99_ms']:.1f}", r["output_tok_s"],
-                         f"{r['completed']}/{r['failed']}", r.get("load", "-"), agree.get(engine, "-")])
+    for loadgen, runs in (("vllm bench serve", results), ("braid run_load (gRPC)", own)):
+        for engine, points in runs.items():
+            for c in sorted(points):
+                r = points[c]
+                rows.append([engine, loadgen, c, f"{r['ttft_p50_ms']:.0f}/{r['ttft_p99_ms']:.0f}",
+                             f"{r['tpot_p50_ms']:.1f}/{r['tpot_p99_ms']:.1f}", r["output_tok_s"],
+                             f"{r['completed']}/{r['failed']}", r.get("load", "-"), agree.get(engine, "-")])
     print(f"\n(c) serving SmolLM2-135M fp32, 2 cores each side; {args.prompts} requests per level "
           f"(75% ~128, 25% ~1024 prompt tokens), {args.output_len} output tokens, Poisson {args.rate} req/s "
           f"capped at the concurrency; load average at start {load}")

@@ -66,7 +66,6 @@ class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, sizes: tuple[int, ...], table_width: int, device):
         self.sizes = tuple(sorted(sizes))
         self.width = table_width
-        self.device = device
         self._inputs = {n: _Inputs.allocate(n, table_width, device) for n in self.sizes}
         self.model = model
         # one cache of graphs per engine (dynamo keys it on the code object; a shared one

@@ -46,6 +46,9 @@ class NodeMetrics:
         }
         self._cache_counters["num_chunks"] = Counter("braid_node_prefill_partial_chunks",
                                                      "Prompt chunks that did not finish their prompt", registry=r)
+        self._cache_counters["graph_steps"] = Counter("braid_node_graph_steps",
+                                                      "Decode steps run through a compiled graph (parallel.graph_mode)",
+                                                      registry=r)
         self.prefix_hit_rate = Gauge("braid_node_prefix_hit_rate", "Prefix cache hit blocks / queried blocks",
                                      registry=r)
         self.prefix_cached_blocks = Gauge("braid_node_prefix_cached_blocks", "KV blocks the prefix cache holds",
@@ -63,8 +66,6 @@ class NodeMetrics:
                                      registry=r)
         self.spec_tokens_per_step = Gauge("braid_node_spec_tokens_per_step",
                                           "Mean tokens a speculating sequence gains per decode step", registry=r)
-        self._graph_counters = {"graph_steps": Counter("braid_node_graph_steps", "Decode steps run through a "
-                                                       "compiled graph (parallel.graph_mode)", registry=r)}
         self._cache_seen: dict[str, float] = {}
         """The cumulative engine counts already added to the counters."""
 
@@ -79,9 +80,9 @@ class NodeMetrics:
         totals = dict(reading.stats)
         totals["cached_tokens"] = totals.get("hit_blocks", 0) * reading.block_size
         totals["num_chunks"] = reading.num_chunks
+        totals["graph_steps"] = reading.graph_steps
         self._add_new(self._cache_counters, totals, "")
         self._add_new(self._spec_counters, reading.spec, "spec:")
-        self._add_new(self._graph_counters, {"graph_steps": reading.graph_steps}, "")
         if reading.spec:
             self.spec_acceptance.set(reading.spec["acceptance_rate"])
             self.spec_tokens_per_step.set(reading.spec["tokens_per_step"])
