@@ -9,8 +9,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from braid.engine.shm_comm import ShmComm
 from braid.engine.topology import Topology
 from braid.kernels import graph_ops
+
+
+# Shared-memory slot per member and parity: the model's groups carry decode-sized
+# activations and logits (larger ones go through the process group); the world
+# group only small control tensors.
+SHM_SLOT_BYTES = {"model": 4 << 20, "world": 256 << 10}
 
 
 def backend_for(device: torch.device) -> str:
@@ -44,9 +51,11 @@ class GroupComm:
     torch.compile (graph mode) the collectives the model's forward runs go through
     opaque custom ops (braid.kernels.graph_ops), which call back here."""
 
-    def __init__(self, ranks: list[int], group, rank: int):
+    def __init__(self, ranks: list[int], group, rank: int, shm: ShmComm | None = None):
         self.ranks = list(ranks)
         self.group = group
+        self.shm = shm
+        """Shared-memory path for the model's collectives (CPU, one host); None: the group's."""
         self.size = len(ranks)
         self.rank_in_group = self.ranks.index(rank) if rank in self.ranks else -1
         self.key = graph_ops.register_group(self)
@@ -54,6 +63,8 @@ class GroupComm:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.size > 1 and torch.compiler.is_compiling():
             return graph_ops.all_reduce(t, self.key, op)
+        if self.shm is not None and self.shm.fits(t):
+            return self.shm.all_reduce(t, op)
         if self.size > 1:
             opts = dist.AllreduceOptions()
             opts.reduceOp = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
@@ -66,6 +77,8 @@ class GroupComm:
             return t.unsqueeze(0)
         if torch.compiler.is_compiling():
             return graph_ops.all_gather(t, self.key)
+        if self.shm is not None and self.shm.fits(t):
+            return self.shm.all_gather(t)
         t = t.contiguous()
         out = t.new_empty((self.size * t.shape[0], *t.shape[1:]))
         self.group._allgather_base(out, t).wait()
@@ -77,6 +90,8 @@ class GroupComm:
             return t
         if torch.compiler.is_compiling():
             return graph_ops.all_to_all(t, self.key)
+        if self.shm is not None and self.shm.fits(t):
+            return self.shm.all_to_all(t)
         t = t.contiguous()
         out = torch.empty_like(t)
         self.group.alltoall_base(out, t, [], []).wait()
@@ -150,8 +165,13 @@ class ParallelState:
             if len(ranks) == 1:
                 return GroupComm(ranks, None, topo.rank)
             prefix = f"pg/{name}/" + "-".join(map(str, ranks)) + "/"
-            pg = make_process_group(backend, dist.PrefixStore(prefix, store), ranks.index(topo.rank), len(ranks), timeout_s)
-            return GroupComm(ranks, pg, topo.rank)
+            group_store = dist.PrefixStore(prefix, store)
+            pg = make_process_group(backend, group_store, ranks.index(topo.rank), len(ranks), timeout_s)
+            shm = None
+            if device.type == "cpu":
+                slot = SHM_SLOT_BYTES["world" if name == "world" else "model"]
+                shm = ShmComm.create(group_store, ranks.index(topo.rank), len(ranks), slot, timeout_s)
+            return GroupComm(ranks, pg, topo.rank, shm)
 
         world = group("world", list(range(topo.world)))
         tp = group("tp", topo.tp_group_ranks())

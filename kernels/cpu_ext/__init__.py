@@ -1,4 +1,5 @@
-"""braid's CPU kernels in C++ (a torch extension): paged decode attention, fp32.
+"""braid's CPU kernels in C++ (a torch extension): paged decode attention (fp32), the
+KV cache write, and the flags of the shared-memory collectives.
 
 Built ahead of time (`scripts/setup.sh` runs `python -m braid.kernels.cpu_ext`,
 needs a C++ compiler and ninja) into a folder named by a digest of the source,
@@ -22,7 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "braid_cpu_ext"
-_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "paged_decode.cpp")]
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+            for name in ("paged_decode.cpp", "shm_sync.cpp")]
 _loaded: list = []  # [module or None] once tried
 
 

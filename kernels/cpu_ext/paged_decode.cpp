@@ -129,7 +129,13 @@ void write_kv(at::Tensor cache, at::Tensor kv, at::Tensor slots) {
   }
 }
 
+void shm_post(torch::Tensor flags, int64_t index, int64_t seq);
+int64_t shm_wait(torch::Tensor flags, std::vector<int64_t> indices, std::vector<int64_t> pids, int64_t seq,
+                 double timeout_s);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("shm_post", &shm_post, "publish a shared-memory collective's sequence number (release)");
+  m.def("shm_wait", &shm_wait, "wait for peers' sequence numbers (acquire; GIL released; deadline; dead peers)");
   m.def("paged_decode", &paged_decode, "paged decode attention (fp32, CPU)");
   m.def("write_kv", &write_kv, "KV cache write by slot (CPU)");
 }
