@@ -53,6 +53,30 @@ __all__ = ["EngineCore", "Overloaded", "TokenEvent", "UnknownRequest"]
 log = logging.getLogger(__name__)
 
 
+WATCH_SYNC_S = 0.05
+WATCH_FAST_S = 0.1
+
+
+class _Watch:
+    """When a watch-only step is due (see EngineCore._watch_due)."""
+
+    def __init__(self):
+        self.last_run = 0.0
+        self.ended = 0
+        self.fast_until = 0.0
+
+    def ran(self, now: float) -> None:
+        self.last_run = now
+
+    def due(self, now: float, ended: int | None, deadline_passed: bool) -> bool:
+        if ended is None:  # no connector on rank 0: nothing to watch locally
+            return True
+        if ended != self.ended:
+            self.ended = ended
+            self.fast_until = now + WATCH_FAST_S
+        return deadline_passed or now < self.fast_until or now - self.last_run >= WATCH_SYNC_S
+
+
 class EngineCore:
     """One instance's engine, driven from one thread: requests in, TokenEvents
     out of `step()`. Owns the scheduler, the block manager, the sampler, the
@@ -87,6 +111,7 @@ class EngineCore:
         self.ran_batch = False
         """Whether the last step ran the model (a driver steps again at once if so)."""
         self._ids = itertools.count()
+        self._watch = _Watch()
 
     @property
     def kv_layout(self):
@@ -232,6 +257,8 @@ class EngineCore:
         events = self.kv.take_events()  # made between steps (a claim, a flush): they come first
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
+        if not self._watch_due(batch):
+            return events
         try:
             events += self._run_step(batch)
         except Exception as e:
@@ -249,6 +276,22 @@ class EngineCore:
                 self.requests.pop(ev.request_id, None)
         return events
 
+    def _watch_due(self, batch) -> bool:
+        """Whether this step must reach the ranks. One that would only watch transfers in
+        flight (a decode node waiting for a prefill's KV, a prefill node for its sends to
+        drain) costs every rank a broadcast and an all-reduce; it runs when rank 0's own
+        transports report an ended transfer (then every step for WATCH_FAST_S: the other
+        ranks' pieces land about then), at a lease's deadline, and at least every
+        WATCH_SYNC_S (a failure only another rank saw). Before, the ranks ran one every
+        2 ms for a whole prefill: half a core of a 2-core host."""
+        if (batch is not None or self.kv.has_queued() or self.scheduler.waiting or self.scheduler.running
+                or not self.kv.in_flight()):
+            return True
+        conn, now = self.executor.driver.connector, time.monotonic()
+        ended = conn.poll_local() if conn is not None else None
+        deadline = self.kv.next_deadline()
+        return self._watch.due(now, ended, deadline is not None and deadline <= now)
+
     def _flush(self) -> None:
         """A connector-only step now, so that what is queued reaches every rank."""
         self._run_step(None)
@@ -261,6 +304,7 @@ class EngineCore:
         if batch is None and meta.is_empty and not copies:
             return []
         t0 = time.monotonic()
+        self._watch.ran(t0)
         try:
             result = self.executor.execute(self.plan_for(batch, meta, copies))
         finally:  # the copies ran (or never will): their sources may go

@@ -203,3 +203,40 @@ def test_decode_cache_holds_exactly_the_prefill_bytes(checkpoints, name, p_shape
         P.shutdown()
         D.shutdown()
         own.shutdown()
+
+
+def test_a_decode_engine_waiting_for_kv_does_not_step_its_ranks_every_poll(checkpoints):
+    """While D only waits for a prefill's KV, the driver polls it every 2 ms; the ranks
+    (broadcast + all-reduce each) run a watch step only when rank 0's receiver reports
+    an ended transfer, at a deadline, or every WATCH_SYNC_S: a brute-force bound from
+    that rule over the elapsed time. Then the KV arrives and decoding is exact."""
+    from braid.engine.core import WATCH_SYNC_S
+
+    P = engine(checkpoints, "kv1", "prefill", "tcp", tp=2)
+    D = engine(checkpoints, "kv1", "decode", "tcp", tp=2)
+    try:
+        ran = []
+        execute = D.executor.execute
+        D.executor.execute = lambda plan: (ran.append(time.monotonic()), execute(plan))[1]
+        prompt = prompt_of(13, 3)
+        target = reserve_target(D, "w", prompt, GREEDY, 60.0)
+        ran.clear()
+        start = time.monotonic()
+        while time.monotonic() - start < 0.6:  # bounded: the driver's back-off between polls
+            assert D.step() == [] and not D.ran_batch
+            time.sleep(0.002)
+        elapsed = time.monotonic() - start
+        assert 1 <= len(ran) <= elapsed / WATCH_SYNC_S + 2, f"{len(ran)} rank steps in {elapsed:.2f} s of waiting"
+        P.add_transfer_request("w", prompt, GREEDY, target, 60.0)
+        tokens, done, end = [], False, time.monotonic() + 60
+        while not done:
+            assert time.monotonic() < end, "the KV never landed"
+            P.step()
+            for ev in D.step():
+                assert ev.finish_reason != "error", ev.error
+                tokens.append(ev.token_id)
+                done = done or ev.finished
+        assert tokens == checkpoints.greedy("kv1", prompt, GREEDY.max_tokens)
+    finally:
+        P.shutdown()
+        D.shutdown()

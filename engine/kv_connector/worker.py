@@ -79,6 +79,7 @@ class KVConnectorWorker:
         self._errors: dict[TransferRef, TransferError] = {}
         self._outgoing: dict[int, _Outgoing] = {}
         self._kv_bytes: dict[int, int] = {}  # rank 0: bytes of the sends planned this step
+        self._ended = 0  # transfers this rank saw end (its transports' reports taken)
         self.vocab_size = 0  # a first token in a trailer must lie in [0, vocab_size); set by `describe`
 
     @property
@@ -139,6 +140,12 @@ class KVConnectorWorker:
                 errors[ref] = err.kind + (f": {err.detail}" if err.detail else "")
         return states, firsts, errors, dict(self._kv_bytes)
 
+    def poll_local(self) -> int:
+        """Between steps, on this rank only (no collective): take the transports' reports
+        now; the count of this rank's transfers that have ended so far."""
+        self._drain()
+        return self._ended
+
     def _drain(self) -> None:
         """Take the transports' reports of ended transfers into this rank's book."""
         for direction, transport in ((INCOMING, self.receiver), (OUTGOING, self.sender)):
@@ -147,6 +154,7 @@ class KVConnectorWorker:
             for tid, err in transport.poll().items():
                 ref = TransferRef(direction, tid)
                 if self._states.get(ref) == PENDING:
+                    self._ended += 1
                     self._states[ref] = DONE if err is None else FAILED
                     if err is not None:
                         self._errors[ref] = err
