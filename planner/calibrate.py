@@ -8,9 +8,11 @@ threads_per_rank 1). Short measurements, each a few hundred milliseconds:
   * a large copy: memory bandwidth;
   * causal prefill attention through the engine's own kernel
     (braid.kernels.ops.prefill_attention) at a few lengths: attn_util against
-    the GEMM peak;
-  * optionally (bounded, loopback only) a gloo all-reduce between two local
-    processes at two sizes: link latency and bandwidth.
+    the GEMM peak; paged decode attention likewise (decode_attn_util);
+  * optionally (bounded, loopback only) all-reduces between two local processes
+    at two sizes: the engine's own collective (shared memory between ranks of
+    one host) gives the link latency and the scale-up bandwidth, plain gloo over
+    TCP the scale-out bandwidth (the P->D KV path).
 
 The per-token factor (norms, rope, activations, Python between ops) cannot be
 read off kernels: `engine_points` times the engine's own prefill at two lengths
@@ -71,31 +73,55 @@ def measure_attention(peak: float, lengths=(512, 1024, 2048), heads: int = 8, kv
     return float(np.median(utils))
 
 
-_GLOO_WORKER = """
-import datetime, json, sys, time
+def measure_decode_attention(peak: float, batch: int = 4, context: int = 2048, heads: int = 8, kv_heads: int = 1,
+                             dim: int = 64, block: int = 16):
+    """decode_attn_util of the engine's paged decode attention kernel
+    (braid.kernels.ops.paged_decode_attention): QK and PV FLOPs / (time x peak)."""
+    from braid.kernels import ops
+
+    blocks = batch * context // block
+    k_cache, v_cache = torch.randn(blocks, kv_heads, block, dim), torch.randn(blocks, kv_heads, block, dim)
+    tables = torch.randperm(blocks).view(batch, context // block).int()
+    lens = torch.full((batch,), context, dtype=torch.int32)
+    q = torch.randn(batch, heads, dim)
+    t = _best(lambda: ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim ** -0.5), repeat=5)
+    return 2.0 * heads * 2 * dim * batch * context / (t * peak)
+
+
+_COLLECTIVE_WORKER = """
+import datetime, json, os, sys, time
 import torch, torch.distributed as dist
+from braid.engine.parallel_state import SHM_SLOT_BYTES, GroupComm, make_process_group
+from braid.engine.shm_comm import ShmComm
 rank, port, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
 torch.set_num_threads(1)
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                        timeout=datetime.timedelta(seconds=30))
-out = []
-for n in sizes:
-    x = torch.ones(n // 4)
-    dist.all_reduce(x)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - t)
-    out.append(min(times))
-print(json.dumps(out))
-dist.destroy_process_group()
+store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=30))
+def comm(name, shm):
+    pg = make_process_group("gloo", dist.PrefixStore(name + "/", store), rank, 2, 30)
+    extra = ShmComm.create(dist.PrefixStore(name + "/", store), rank, 2, SHM_SLOT_BYTES["model"], 30) if shm else None
+    return GroupComm([0, 1], pg, rank, extra)
+out = {}
+for name, c in (("engine", comm("engine", True)), ("gloo", comm("gloo", False))):
+    out[name] = []
+    for n in sizes:
+        x = torch.ones(n // 4)
+        c.all_reduce(x)
+        times = []
+        for _ in range(20 if n < 65536 else 5):
+            t = time.perf_counter()
+            c.all_reduce(x)
+            times.append(time.perf_counter() - t)
+        out[name].append(min(times))
+print(json.dumps(out), flush=True)
+os._exit(0)
 """
 
 
 def measure_allreduce(sizes=(4096, 4 << 20), timeout_s: float = 60.0):
-    """(latency s, bytes/s) of a two-process gloo all-reduce on loopback (127.0.0.1
-    only); None when it does not finish within timeout_s."""
+    """{"engine": (latency s, bytes/s), "gloo": (...)} of two-process all-reduces on this
+    host: the engine's own (braid's GroupComm: shared memory where it applies) and plain
+    gloo over loopback TCP (a stand-in for the P->D KV path); None when they do not
+    finish within timeout_s."""
     import json
     import socket
     import subprocess
@@ -105,10 +131,10 @@ def measure_allreduce(sizes=(4096, 4 << 20), timeout_s: float = 60.0):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [str(port)] + [str(n) for n in sizes]
-    procs = [subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, str(r), *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _COLLECTIVE_WORKER, str(r), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd="/") for r in range(2)]
     try:
-        small, large = json.loads(procs[0].communicate(timeout=timeout_s)[0])
+        got = json.loads(procs[0].communicate(timeout=timeout_s)[0])
         procs[1].wait(timeout=10)
     except (subprocess.TimeoutExpired, ValueError):
         return None
@@ -117,8 +143,8 @@ def measure_allreduce(sizes=(4096, 4 << 20), timeout_s: float = 60.0):
             if p.poll() is None:
                 p.kill()
     # all-reduce of n bytes over 2 ranks moves n bytes each way: time = 2 alpha + n / bw
-    bw = (sizes[1] - sizes[0]) / max(large - small, 1e-9)
-    return max(small / 2, 1e-6), float(bw)
+    return {name: (max(small / 2, 1e-7), float((sizes[1] - sizes[0]) / max(large - small, 1e-9)))
+            for name, (small, large) in got.items()}
 
 
 def calibrate(collectives: bool = True) -> Hardware:
@@ -129,14 +155,15 @@ def calibrate(collectives: bool = True) -> Hardware:
         peak, op_s = measure_gemm()
         bw = measure_bandwidth()
         attn = measure_attention(peak)
+        decode_attn = measure_decode_attention(peak)
         link = measure_allreduce() if collectives else None
     finally:
         torch.set_num_threads(threads)
-    latency, link_bw = link if link else (50e-6, 1e9)
+    (latency, link_bw), (_, tcp_bw) = (link["engine"], link["gloo"]) if link else ((50e-6, 1e9), (0, 1e9))
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cores = os.cpu_count() or 1
     return Hardware(name="local", peak_flops={"fp32": peak, "bf16": peak, "int8": peak}, mem_bytes=mem // cores,
-                    mem_bw=bw, scaleup_bw=link_bw, scaleout_bw=link_bw, devices_per_node=cores,
+                    mem_bw=bw, scaleup_bw=link_bw, scaleout_bw=tcp_bw, devices_per_node=cores,
                     link_latency_s=latency, reserve_bytes=min(1 * GiB, mem // (4 * cores)), device="cpu",
-                    factors=Factors(gemm_util=1.0, attn_util=attn, mem_util=1.0, comm_util=1.0,
+                    factors=Factors(gemm_util=1.0, attn_util=attn, decode_attn_util=decode_attn, mem_util=1.0, comm_util=1.0,
                                     layer_overhead_s=8 * op_s, step_overhead_s=1e-3))  # ~8 ops per layer

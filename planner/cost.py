@@ -188,7 +188,9 @@ class CostModel:
 
     def decode_coeffs(self, inst: Instance, batch: int) -> tuple[float, float]:
         """(seconds independent of context, seconds per cached token) of a decode step:
-        attention is linear in the context (max of its FLOP and KV-read slopes), all
+        attention is linear in the context (its KV read plus its arithmetic: a paged
+        decode kernel streams the cache and computes on it, and on a CPU the two do not
+        overlap; on an accelerator the arithmetic is small beside the read), all
         else depends on the batch only. Cached, since the simulator asks per step."""
         key = (inst, batch)
         if key not in self._decode_cache:
@@ -197,16 +199,20 @@ class CostModel:
 
     def _decode_coeffs(self, inst: Instance, batch: int) -> tuple[float, float]:
         t = self.decode_terms(inst, batch)
-        return t["base"] + self.f.step_overhead_s, max(t["kv_units"] / self.f.kv_util, t["flop_slope"])
+        return t["base"] + self.f.step_overhead_s, t["kv_units"] / self.f.kv_util + t["flop_slope"]
 
     def decode_terms(self, inst: Instance, batch: int) -> dict:
         """A decode step by term, the fitted factors left out: "base" (seconds besides
         step_overhead_s), "kv_units" (seconds per cached token at kv_util 1: the KV
-        read) and "flop_slope" (seconds per cached token of attention arithmetic)."""
+        read), "flop_units" (the same for attention arithmetic at utilisation 1) and
+        "flop_slope" (that at the decode attention's utilisation)."""
         m, f = self.m, self.f
         peak, attn_peak = self.hw.peak(m.weight_bytes), self.hw.peak(m.kv_bytes)
         kv_units = m.layers * m.kv_bytes_per_token_layer() * self.kv_share(inst) / self.hw.mem_bw
-        flop_slope = m.layers * m.attn_flops_per_pair(absorbed=True) / inst.tp / (attn_peak * f.attn_util)
+        # DCP splits the tokens but all-gathers the queries: a rank computes heads / tp x dcp
+        # heads over ctx / dcp tokens, the same arithmetic as without DCP
+        flop_units = m.layers * m.attn_flops_per_pair(absorbed=True) / inst.tp / attn_peak
+        flop_slope = flop_units / (f.decode_attn_util or f.attn_util)
         attn = {
             "gemm": self._op(2 * batch * m.attn_proj_params() / inst.tp,
                              m.attn_proj_params() * m.weight_bytes / inst.tp, peak, f.gemm_util),
@@ -219,7 +225,7 @@ class CostModel:
         head = self._op(2 * batch * m.vocab * m.hidden / inst.tp, m.vocab * m.hidden * 2 / inst.tp, attn_peak,
                         f.gemm_util)
         base = m.layers * f.layer_overhead_s + head + s["gemm"] + s["comm"] + f.token_s * s["token"]
-        return {"base": base, "kv_units": kv_units, "flop_slope": flop_slope}
+        return {"base": base, "kv_units": kv_units, "flop_units": flop_units, "flop_slope": flop_slope}
 
     # -- memory and transfer -------------------------------------------------------------------
 

@@ -69,22 +69,39 @@ class DecodePoint:
 
 def fit_decode(model: ModelSpec, hw: Hardware, points: list[DecodePoint]) -> Hardware:
     """`hw` with step_overhead_s and kv_util fitted to decode steps (two contexts or
-    more): T = base + step_overhead_s + ctx_sum * kv_units / kv_util, least squares
-    on relative error. Refuses when attention arithmetic, not the KV read, would
-    bound the fitted steps (the fit would then not be what the model uses)."""
+    more): T = base + step_overhead_s + ctx_sum * (kv_units / kv_util + flop_slope),
+    least squares on relative error, the arithmetic's share (flop_slope) taken from
+    the calibrated decode_attn_util. When that share alone explains nearly all of the
+    measured slope, decode_attn_util is refitted to 90% of it instead. The split
+    matters under DCP: it halves the KV read per rank, not the arithmetic (the
+    queries are all-gathered)."""
     if len({p.context for p in points}) < 2:
         raise ValueError("fit: need decode points at two or more context lengths")
     cm = CostModel(model, hw)
-    rows, rhs, slopes = [], [], []
-    for p in points:
-        t = cm.decode_terms(p.inst, p.batch)
-        ctx_sum = p.batch * p.context
-        rows.append([1.0 / p.tpot_s, ctx_sum * t["kv_units"] / p.tpot_s])
-        rhs.append((p.tpot_s - t["base"]) / p.tpot_s)
-        slopes.append((t["kv_units"], t["flop_slope"]))
-    (step, inv_util), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
-    if inv_util <= 0:
+    terms = [cm.decode_terms(p.inst, p.batch) for p in points]
+    t0 = terms[0]
+    if any(t["kv_units"] != t0["kv_units"] or t["flop_units"] != t0["flop_units"] for t in terms):
+        raise ValueError("fit: decode points must share one layout (tp, dcp)")
+    rows = [[1.0 / p.tpot_s, p.batch * p.context / p.tpot_s] for p in points]
+    rhs = [(p.tpot_s - t["base"]) / p.tpot_s for p, t in zip(points, terms)]
+    (step, slope), *_ = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)
+    if slope <= 0:
         raise ValueError("fit: the decode points do not grow with context")
-    if any(flop > kv * inv_util for kv, flop in slopes):
-        raise ValueError("fit: attention arithmetic, not the KV read, bounds these steps; lower attn_util first")
-    return hw.with_factors(step_overhead_s=max(float(step), 0.0), kv_util=float(1.0 / inv_util))
+    step = max(float(step), 0.0)
+    read = slope - t0["flop_slope"]
+    if read < 0.1 * slope:
+        return hw.with_factors(step_overhead_s=step, decode_attn_util=float(t0["flop_units"] / (0.9 * slope)),
+                               kv_util=float(t0["kv_units"] / (0.1 * slope)))
+    return hw.with_factors(step_overhead_s=step, kv_util=float(t0["kv_units"] / read))
+
+
+def fit_serving(model: ModelSpec, hw: Hardware, p: Instance, d: Instance, prompt: int, ttft_s: float,
+                tpot_s: float) -> Hardware:
+    """`hw` with request_overhead_s and step_overhead_s set from one short request
+    served through a real cluster (prefill `p` -> decode `d`, `prompt` tokens, alone):
+    what its TTFT and TPOT take beyond the instances' compute as modelled."""
+    cm = CostModel(model, hw)
+    prefill = cm.prefill_time(p, [prompt])
+    compute = prefill + cm.transfer_time(p, d, prompt, prefill)
+    decode = cm.decode_step_time(d, 1, prompt) - hw.factors.step_overhead_s
+    return hw.with_factors(request_overhead_s=max(ttft_s - compute, 0.0), step_overhead_s=max(tpot_s - decode, 0.0))

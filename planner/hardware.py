@@ -32,6 +32,9 @@ class Factors:
     """Fraction of HBM bandwidth that weight and KV streaming reaches."""
     kv_util: float = 0.7
     """Fraction of memory bandwidth that decode attention's paged KV reads reach."""
+    decode_attn_util: float = 0.0
+    """Fraction of the peak that decode attention's arithmetic reaches (a CPU's paged
+    decode kernel is bound by it, not by the KV read); 0: attn_util."""
     comm_util: float = 0.6
     """Fraction of link bandwidth that collectives reach."""
     token_s: float = 0.0
@@ -42,6 +45,9 @@ class Factors:
     """Fixed cost per layer per forward step (kernel launches, synchronisation)."""
     step_overhead_s: float = 2e-3
     """Fixed cost per forward step (scheduling, sampling, host work)."""
+    request_overhead_s: float = 0.0
+    """A served request's hops beyond the instances' compute (router, the decode
+    reservation, RPCs, the first token's way back), added to its TTFT."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -355,11 +355,12 @@ def test_cli_refuses_an_unparsable_slo(capsys):
 # -- this machine's benches as README.md records them ----------------------------------------------
 
 # A 2-core CPU as a spec: peaks are priors (what `braid plan calibrate` measures here
-# when the machine is quiet, gloo's ~80 us a message); the fits set the rest.
+# when the machine is quiet: the paged decode kernel at ~20 GFLOP/s, the engine's
+# shared-memory all-reduce ~15 us a message); the fits set the rest.
 CPU_2CORE = dict(name="cpu-2core", peak_flops={"fp32": 60e9}, mem_bytes=6 * 2**30, mem_bw=18e9, scaleup_bw=1.7e9,
-                 scaleout_bw=1.7e9, devices_per_node=2, link_latency_s=80e-6, reserve_bytes=2**30,
+                 scaleout_bw=1.7e9, devices_per_node=2, link_latency_s=15e-6, reserve_bytes=2**30,
                  factors=dict(gemm_util=1.0, mem_util=1.0, comm_util=1.0, layer_overhead_s=2e-5,
-                              step_overhead_s=1e-3))
+                              step_overhead_s=1e-3, decode_attn_util=0.33))
 
 
 def test_readme_pcp_bench_pcp2_row_predicted_from_the_pcp1_row():
@@ -374,54 +375,13 @@ def test_readme_pcp_bench_pcp2_row_predicted_from_the_pcp1_row():
 
 def test_readme_dcp_bench_dcp2_row_predicted_from_the_dcp1_row():
     """README.md's bench/dcp.py table (tp 2, batch 8): fitted on dcp 1, the dcp 2 TPOTs
-    are predicted within 25% (the KV read halves; the DCP all-gathers are added)."""
+    are predicted within 25% (the KV read halves, the arithmetic does not; the DCP
+    all-gathers are added)."""
     from braid.planner.fit import DecodePoint, fit_decode
 
     model, dcp1, dcp2 = load_model(SMALL), Instance(tp=2), Instance(tp=2, dcp=2)
     hw = fit_decode(model, hardware_from_dict(CPU_2CORE),
-                    [DecodePoint(dcp1, 8, 2048, 0.0587), DecodePoint(dcp1, 8, 8192, 0.1310)])
+                    [DecodePoint(dcp1, 8, 2048, 0.01578), DecodePoint(dcp1, 8, 8192, 0.03707)])
     cost = CostModel(model, hw)
-    for context, measured in ((2048, 0.0605), (8192, 0.1026)):
+    for context, measured in ((2048, 0.01406), (8192, 0.02705)):
         assert cost.decode_step_time(dcp2, 8, 8 * context) == pytest.approx(measured, rel=0.25), f"dcp 2, {context}"
-
-
-# -- this machine: calibrated on short runs, against bench/pcp.py's measurement ---------------------
-
-
-def _busy() -> bool:
-    """Another process holds a core: a timing comparison on a shared machine would measure it."""
-    import os
-
-    return os.getloadavg()[0] > 0.5
-
-
-def _bench_ttft(model_dir: str, pcp: int, lengths: list[int]) -> dict[int, float]:
-    """bench/pcp.py's ttft(): one prompt's prefill, one thread per rank, median of 3."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from pcp import ttft
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return ttft(model_dir, pcp, lengths, repeat=3)
-
-
-@pytest.mark.skipif(_busy(), reason="machine busy (1-minute load average > 0.5): timings would measure others")
-def test_prediction_of_this_machines_pcp_bench_within_25_percent(tmp_path):
-    """Kernels calibrated here and the per-token factor fitted on pcp 1 prefills;
-    the pcp 2 TTFTs bench/pcp.py measures are then predicted within 25%."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        from common import bench_model
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    from braid.planner.calibrate import calibrate
-
-    model_dir = bench_model(str(tmp_path))
-    spec, hw = load_model(model_dir), calibrate(collectives=True)
-    lengths = [1024, 2048, 4096]
-    pcp1 = _bench_ttft(model_dir, 1, lengths)
-    fitted = fit_prefill(spec, hw, [Point(Instance(), n, pcp1[n]) for n in lengths])
-    pcp2 = _bench_ttft(model_dir, 2, lengths[1:])
-    pred = predict(spec, fitted, Instance(pcp=2), lengths[1:])
-    for n, p in zip(lengths[1:], pred):
-        assert p == pytest.approx(pcp2[n], rel=0.25), f"pcp 2, {n}: predicted {p:.3f} s, measured {pcp2[n]:.3f} s"
