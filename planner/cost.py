@@ -245,6 +245,11 @@ class CostModel:
         per_token = self.m.kv_bytes_per_token() * self.kv_share(inst)
         return int(free / per_token) * inst.dp
 
+    @property
+    def request_overhead_s(self) -> float:
+        """A request's hops beyond compute (router, reservation, RPCs), added to TTFT."""
+        return self.f.request_overhead_s
+
     def transfer_time(self, p: Instance, d: Instance, tokens: int, prefill_s: float) -> float:
         """Exposed P->D KV transfer: layer by layer, so all but the last layer's share
         hides behind the prefill that is still running; each device has its own link."""

@@ -133,7 +133,7 @@ class Simulation:
         self.p_queued[i] -= tokens
         for r in batch:
             exposed = self.cost.transfer_time(self.p, self.d, r.prompt, dur)
-            hops = self.cost.f.request_overhead_s
+            hops = self.cost.request_overhead_s
             self.ttft[r.rid] = t + exposed + hops - self.arrival[r.rid]
             self._at(t + exposed + hops, "landed", r)
         self._start_prefill(t, i)

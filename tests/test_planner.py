@@ -148,8 +148,8 @@ def test_single_prefill_is_quadratic_and_pcp_halves_the_quadratic_term():
 class FixedCost:
     """Service times given as plain functions, so that a schedule can be worked out by hand."""
 
-    def __init__(self, capacity=10**9, transfer=0.0):
-        self.capacity, self.transfer = capacity, transfer
+    def __init__(self, capacity=10**9, transfer=0.0, hops=0.0):
+        self.capacity, self.transfer, self.request_overhead_s = capacity, transfer, hops
 
     def prefill_time(self, inst, reqs):
         return 0.5 + 1e-4 * sum(new for new, _ in reqs)
@@ -170,12 +170,12 @@ def _requests(n, seed, rate=2.0, prompt=(100, 3000), output=(2, 40)):
 
 def test_prefill_queue_is_the_fcfs_schedule():
     reqs = _requests(40, seed=1)
-    cost = FixedCost(transfer=0.05)
+    cost = FixedCost(transfer=0.05, hops=0.02)
     res = simulate(cost, Instance(max_num_seqs=1), 1, Instance(max_num_seqs=1000), 1, reqs)
     done = 0.0
     for r in sorted(reqs, key=lambda r: (r.arrival, r.rid)):  # by hand: start = max(arrival, previous end)
         done = max(r.arrival, done) + 0.5 + 1e-4 * r.prompt
-        assert res.ttft[r.rid] == pytest.approx(done + 0.05 - r.arrival, abs=1e-9)
+        assert res.ttft[r.rid] == pytest.approx(done + 0.05 + 0.02 - r.arrival, abs=1e-9)
 
 
 def _naive_decode(cost, lands, max_seqs):
