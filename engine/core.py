@@ -35,7 +35,8 @@ from braid.engine.events import DuplicateRequest, Overloaded, TokenEvent, Unknow
 from braid.engine.kv_connector.metadata import KVConnectorMeta
 from braid.engine.kv_connector.scheduler import KVConnectorScheduler
 from braid.engine.kv_connector.types import Reservation, TransferTarget, check_target
-from braid.engine.logprobs import token_logprobs
+from braid.engine.kv_connector.watch import TransferWatch
+from braid.engine.logprobs import sampled_logprobs
 from braid.engine.prefix_cache import PrefixCache
 from braid.proto.prefix_hash import cache_seed
 from braid.engine.sampling import Sampler, SamplingParams
@@ -51,30 +52,6 @@ from braid.tokenizer import Tokenizer
 __all__ = ["EngineCore", "Overloaded", "TokenEvent", "UnknownRequest"]
 
 log = logging.getLogger(__name__)
-
-
-WATCH_SYNC_S = 0.05
-WATCH_FAST_S = 0.1
-
-
-class _Watch:
-    """When a watch-only step is due (see EngineCore._watch_due)."""
-
-    def __init__(self):
-        self.last_run = 0.0
-        self.ended = 0
-        self.fast_until = 0.0
-
-    def ran(self, now: float) -> None:
-        self.last_run = now
-
-    def due(self, now: float, ended: int | None, deadline_passed: bool) -> bool:
-        if ended is None:  # no connector on rank 0: nothing to watch locally
-            return True
-        if ended != self.ended:
-            self.ended = ended
-            self.fast_until = now + WATCH_FAST_S
-        return deadline_passed or now < self.fast_until or now - self.last_run >= WATCH_SYNC_S
 
 
 class EngineCore:
@@ -111,7 +88,7 @@ class EngineCore:
         self.ran_batch = False
         """Whether the last step ran the model (a driver steps again at once if so)."""
         self._ids = itertools.count()
-        self._watch = _Watch()
+        self._watch = TransferWatch()
 
     @property
     def kv_layout(self):
@@ -257,7 +234,7 @@ class EngineCore:
         events = self.kv.take_events()  # made between steps (a claim, a flush): they come first
         batch = self.scheduler.schedule()
         self.ran_batch = batch is not None
-        if not self._watch_due(batch):
+        if not self._watch.step_due(batch, self.scheduler, self.kv, self.executor.driver.connector):
             return events
         try:
             events += self._run_step(batch)
@@ -275,22 +252,6 @@ class EngineCore:
             if ev.finished:
                 self.requests.pop(ev.request_id, None)
         return events
-
-    def _watch_due(self, batch) -> bool:
-        """Whether this step must reach the ranks. One that would only watch transfers in
-        flight (a decode node waiting for a prefill's KV, a prefill node for its sends to
-        drain) costs every rank a broadcast and an all-reduce; it runs when rank 0's own
-        transports report an ended transfer (then every step for WATCH_FAST_S: the other
-        ranks' pieces land about then), at a lease's deadline, and at least every
-        WATCH_SYNC_S (a failure only another rank saw). Before, the ranks ran one every
-        2 ms for a whole prefill: half a core of a 2-core host."""
-        if (batch is not None or self.kv.has_queued() or self.scheduler.waiting or self.scheduler.running
-                or not self.kv.in_flight()):
-            return True
-        conn, now = self.executor.driver.connector, time.monotonic()
-        ended = conn.poll_local() if conn is not None else None
-        deadline = self.kv.next_deadline()
-        return self._watch.due(now, ended, deadline is not None and deadline <= now)
 
     def _flush(self) -> None:
         """A connector-only step now, so that what is queued reaches every rank."""
@@ -327,7 +288,7 @@ class EngineCore:
         emitted = {i: list(tokens[i]) if batch.drafts_of(i) else [tokens[i]] for i in sampled}
         if self.mtp is not None:
             self.mtp.note_step(seqs, starts, emitted)
-        lps = _sampled_logprobs(result.logits, seqs, emitted, starts)
+        lps = sampled_logprobs(result.logits, seqs, emitted, starts)
         plps = result.prompt_logprobs
         before = {i: seqs[i].num_output_tokens for i in sampled}
         kept = ScheduledBatch(batch.is_prefill, tuple(seqs[i] for i in ok), tuple(batch.new_tokens(i) for i in ok),
@@ -504,22 +465,6 @@ def _generator(seq: Sequence, j: int) -> torch.Generator | None:
     if j == 0:
         return seq.generator.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def _sampled_logprobs(logits: torch.Tensor, seqs, emitted: dict[int, list[int]], starts: list[int]) -> dict:
-    """Sequence -> the TokenLogprob of each token it emitted (emitted token j from row
-    starts[i] + j), for the sequences whose request asked; the others cost nothing."""
-    want = [i for i in emitted if seqs[i].params.logprobs is not None]
-    if not want:
-        return {}
-    pairs = [(i, starts[i] + j, t) for i in want for j, t in enumerate(emitted[i])]
-    most = max(seqs[i].params.logprobs for i in want)
-    index = torch.tensor([r for _, r, _ in pairs], dtype=torch.int64, device=logits.device)
-    found = token_logprobs(logits.index_select(0, index), [t for _, _, t in pairs], most)
-    out: dict[int, list] = {}
-    for (i, _, _), lp in zip(pairs, found):
-        out.setdefault(i, []).append(dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]))
-    return out
 
 
 def draw_seed(seed: int, index: int) -> int:

@@ -10,6 +10,7 @@ top-p shape sampling, not the reported distribution.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -66,4 +67,20 @@ def prompt_logprobs(hidden: torch.Tensor, prompt: list[int], num_top: int, compu
         logits = compute_logits(hidden[start:end])
         if keep:
             out += token_logprobs(logits, prompt[start + 1 : end + 1], num_top)
+    return out
+
+
+def sampled_logprobs(logits: torch.Tensor, seqs, emitted: dict[int, list[int]], starts: list[int]) -> dict:
+    """Sequence -> the TokenLogprob of each token it emitted (emitted token j from row
+    starts[i] + j), for the sequences whose request asked; the others cost nothing."""
+    want = [i for i in emitted if seqs[i].params.logprobs is not None]
+    if not want:
+        return {}
+    pairs = [(i, starts[i] + j, t) for i in want for j, t in enumerate(emitted[i])]
+    most = max(seqs[i].params.logprobs for i in want)
+    index = torch.tensor([r for _, r, _ in pairs], dtype=torch.int64, device=logits.device)
+    found = token_logprobs(logits.index_select(0, index), [t for _, _, t in pairs], most)
+    out: dict[int, list] = {}
+    for (i, _, _), lp in zip(pairs, found):
+        out.setdefault(i, []).append(dataclasses.replace(lp, top=lp.top[: seqs[i].params.logprobs]))
     return out

@@ -210,7 +210,7 @@ def test_a_decode_engine_waiting_for_kv_does_not_step_its_ranks_every_poll(check
     (broadcast + all-reduce each) run a watch step only when rank 0's receiver reports
     an ended transfer, at a deadline, or every WATCH_SYNC_S: a brute-force bound from
     that rule over the elapsed time. Then the KV arrives and decoding is exact."""
-    from braid.engine.core import WATCH_SYNC_S
+    from braid.engine.kv_connector.watch import WATCH_SYNC_S
 
     P = engine(checkpoints, "kv1", "prefill", "tcp", tp=2)
     D = engine(checkpoints, "kv1", "decode", "tcp", tp=2)
