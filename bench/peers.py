@@ -108,6 +108,23 @@ def random_llama(cache: str) -> str:
     return path
 
 
+def long_positions(path: str, positions: int) -> str:
+    """`path` with max_position_embeddings raised to `positions` (same weights, linked): vLLM
+    sizes its rotary table by it, so prompts past SmolLM2's 8192 need it on both sides.
+    RoPE extrapolates there (timing only; the first tokens are still compared)."""
+    config = json.load(open(os.path.join(path, "config.json")))
+    if config["max_position_embeddings"] >= positions:
+        return path
+    out = f"{path}-pos{positions}"
+    os.makedirs(out, exist_ok=True)
+    link = os.path.join(out, "model.safetensors")
+    if not os.path.exists(link):
+        os.symlink(os.path.join(path, "model.safetensors"), link)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dict(config, max_position_embeddings=positions), f, indent=1)
+    return out
+
+
 def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     import random
 
@@ -191,14 +208,16 @@ def decode_part(vllm_py: str, models: dict, quick: bool) -> tuple[list, dict]:
 
 
 def ttft_part(vllm_py: str, model: str, lengths: list[int], quick: bool) -> tuple[list, dict]:
+    max_len = max(lengths) + 16
+    model = long_positions(model, 1 << (max_len - 1).bit_length())
     vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
     cases = [dict(prompts=prompts(1, n, vocab, seed=n), max_tokens=2, warmup=1, repeat=1 if quick else 3)
              for n in lengths]
-    max_len = max(lengths) + 16
+    kv = dict(kv_cache_bytes=max(256 << 20, 64 << 10 << max_len.bit_length()))  # the longest prompt fits one rank
     results = {"vLLM 2 threads": run_vllm(vllm_py, model, cases, threads=2, max_model_len=max_len, max_num_seqs=1),
                "braid pcp 2 (1 thread/rank)": run_braid(model, cases, max_len, prefill_context_parallel_size=2,
-                                                        threads_per_rank=1, max_num_seqs=1),
-               "braid pcp 1 (2 threads)": run_braid(model, cases, max_len, threads_per_rank=2, max_num_seqs=1)}
+                                                        threads_per_rank=1, max_num_seqs=1, **kv),
+               "braid pcp 1 (2 threads)": run_braid(model, cases, max_len, threads_per_rank=2, max_num_seqs=1, **kv)}
     rows, ratios = [], {}
     peer = results["vLLM 2 threads"]
     for i, n in enumerate(lengths):

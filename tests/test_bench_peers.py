@@ -43,3 +43,21 @@ def test_agreement_names_the_first_difference():
     assert agreement([[1, 2], [3]], [[1, 2], [3]]) == "all 2"
     assert agreement([[1, 2], [3, 4, 5]], [[1, 2], [3, 9, 5]]) == "prompt 1 differs at token 1"
     assert agreement([[1, 2]], [[1]]) == "prompt 0 differs at token 1"
+
+
+def test_long_positions_raises_only_the_position_limit(tmp_path):
+    """bench/peers.py's 16k TTFT: a folder beside the checkpoint whose config allows the
+    longer prompts (vLLM sizes its rotary table by it), the same weights linked."""
+    import json
+
+    from peers import long_positions
+
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"weights")
+    (src / "config.json").write_text(json.dumps({"max_position_embeddings": 8192, "vocab_size": 7}))
+    assert long_positions(str(src), 8192) == str(src)
+    out = long_positions(str(src), 32768)
+    assert json.loads(open(f"{out}/config.json").read()) == {"max_position_embeddings": 32768, "vocab_size": 7}
+    assert open(f"{out}/model.safetensors", "rb").read() == b"weights"
+    assert long_positions(str(src), 32768) == out  # again: the same folder, no error
