@@ -220,7 +220,7 @@ def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_calls(cluster, ch
     router = cluster.spawn("router")  # drain_timeout_s: the default, 30 s
     with Client(router.address) as cl:
         cluster.wait_nodes(cl, {"prefill": {cluster.prefill.node_id}, "decode": {cluster.decode.node_id}}, timeout=60)
-    prompt, n = prompt_of(30, seed=1404), 400
+    prompt, n = prompt_of(30, seed=1404), 1500  # long enough to outlive the old 2 s cut at today's speed
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         stream = pool.submit(_stream, router.address, prompt, n, "drained", started)
