@@ -94,8 +94,8 @@ def _calibrate(args) -> int:
         yaml.safe_dump(hardware_to_dict(hw), f, sort_keys=False)
     fct = hw.factors
     print(f"fp32 peak {hw.peak_flops['fp32'] / 1e9:.1f} GFLOP/s per thread, memory {hw.mem_bw / 1e9:.1f} GB/s, "
-          f"attention util {fct.attn_util:.2f}, link {hw.scaleup_bw / 1e9:.2f} GB/s, "
-          f"latency {hw.link_latency_s * 1e6:.0f} us")
+          f"attention util {fct.attn_util:.2f} (decode {fct.decode_attn_util:.2f}), collectives "
+          f"{hw.scaleup_bw / 1e9:.2f} GB/s with {hw.link_latency_s * 1e6:.0f} us latency, TCP {hw.scaleout_bw / 1e9:.2f} GB/s")
     print(f"wrote {args.out} (use --hardware {'local' if args.out == LOCAL_PATH else args.out})")
     return 0
 

@@ -66,7 +66,7 @@ def _bench(module: str):
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    """(bench model dir, its ModelSpec, this machine calibrated: kernels and a gloo all-reduce)."""
+    """(bench model dir, its ModelSpec, this machine calibrated: kernels and collectives)."""
     from braid.planner.calibrate import calibrate
 
     model_dir = _bench("common").bench_model(str(tmp_path_factory.mktemp("live")))
