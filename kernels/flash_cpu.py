@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from braid.kernels.reference import VarlenRows, merge_attn_states
+from braid.kernels.merge import merge_attn_states
+from braid.kernels.reference import VarlenRows
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

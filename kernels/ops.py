@@ -5,7 +5,7 @@
 | prefill_attention | aten flash (`flash_cpu`) | reference |
 | paged_decode_attention | C++ (`cpu_ext`, fp32, when built), else batched gather (`batched`) | batched gather |
 | write_kv_cache | C++ (`cpu_ext`, when built), else reference | reference |
-| merge_attn_states | reference | reference |
+| merge_attn_states | C++ (`cpu_ext`, fp32, when built; `merge`), else reference | reference |
 
 Every implementation keeps the contract of `braid.kernels.reference`. Under
 `torch.compile` (graph mode) the decode attention and the KV write go through
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from braid.kernels import batched, cpu_ext, flash_cpu, graph_ops, reference
-from braid.kernels.reference import VarlenRows, merge_attn_states
+from braid.kernels.merge import merge_attn_states
+from braid.kernels.reference import VarlenRows
 
 
 def prefill_attention(q, k, v, rows: VarlenRows, scale: float, causal: bool = True):

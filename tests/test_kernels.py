@@ -220,8 +220,17 @@ def test_paged_decode_rows_sharing_a_table_match_naive(block_size, hq, hkv, dk, 
     torch.testing.assert_close(blse, lse, atol=1e-5, rtol=1e-5)
 
 
+def _merge_impl(name):
+    """The reference merge, or the C++ one (cpu_ext.merge_states), same contract."""
+    if name == "reference":
+        return reference.merge_attn_states
+    ext = _cpu_ext()
+    return lambda outs, lses: tuple(ext.merge_states(outs, lses))
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu_ext"])
 @pytest.mark.parametrize("seed", range(6))
-def test_merge_of_random_disjoint_shards_equals_full_attention(seed):
+def test_merge_of_random_disjoint_shards_equals_full_attention(seed, impl):
     rnd = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     t, hq, hkv, d = 3, 4, 2, 8
@@ -237,22 +246,41 @@ def test_merge_of_random_disjoint_shards_equals_full_attention(seed):
         o, l = reference.prefill_attention(q, k[idx], v[idx], VarlenRows((0,), (t,), (0,), (len(idx),)), 0.4, causal=False)
         outs.append(o)
         lses.append(l)
-    out, lse = reference.merge_attn_states(torch.stack(outs), torch.stack(lses))
+    out, lse = _merge_impl(impl)(torch.stack(outs), torch.stack(lses))
     full_o, full_l = naive_attention(q, k, v, 0.4, lambda i, j: True)
     torch.testing.assert_close(out.double(), full_o, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), full_l, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_all_empty_and_nan_inputs():
+@pytest.mark.parametrize("impl", ["reference", "cpu_ext"])
+def test_merge_all_empty_and_nan_inputs(impl):
+    merge = _merge_impl(impl)
     outs = torch.zeros(3, 2, 2, 4)
     lses = torch.full((3, 2, 2), float("-inf"))
     lses[1, 0, 0] = float("nan")
-    out, lse = reference.merge_attn_states(outs, lses)
+    lses[0, 1, 0] = float("inf")
+    out, lse = merge(outs, lses)
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
     lses[2, 1, 1] = 0.5
     outs[2, 1, 1] = 3.0
-    out, lse = reference.merge_attn_states(outs, lses)
+    out, lse = merge(outs, lses)
     assert lse[1, 1] == 0.5 and torch.all(out[1, 1] == 3.0)
+
+
+@pytest.mark.parametrize("n,t,h,d", [(2, 4, 4, 64), (3, 17, 5, 9), (4, 1, 1, 1)])
+def test_cpu_ext_merge_of_strided_views_matches_reference(n, t, h, d):
+    """The DCP and PCP merges pass out and LSE as views of one packed [N, T, H, D+1] tensor."""
+    merge = _merge_impl("cpu_ext")
+    g = torch.Generator().manual_seed(n * 100 + t)
+    packed = torch.randn(n, t, h, d + 1, generator=g)
+    packed[..., -1] *= 4
+    packed[0, 0, 0, -1] = float("-inf")  # an empty shard, a row nobody saw, a NaN
+    packed[:, -1, -1, -1] = float("-inf")
+    packed[-1, 0, -1, -1] = float("nan")
+    out, lse = merge(packed[..., :-1], packed[..., -1])
+    ref_o, ref_l = reference.merge_attn_states(packed[..., :-1].clone(), packed[..., -1].clone())
+    torch.testing.assert_close(out, ref_o, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(lse, ref_l, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("block_size,components,heads", [(1, 2, 2), (16, 2, 1), (8, 1, 1)])

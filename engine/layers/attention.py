@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from braid.kernels import ops
-from braid.kernels.reference import VarlenRows, gather_paged, merge_attn_states
+from braid.kernels.merge import merge_attn_states
+from braid.kernels.reference import VarlenRows, gather_paged
 from braid.engine.parallel_state import ParallelState
 
 

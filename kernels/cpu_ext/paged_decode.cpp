@@ -129,6 +129,51 @@ void write_kv(at::Tensor cache, at::Tensor kv, at::Tensor slots) {
   }
 }
 
+// Exact LSE merge of partial attention states (contract of
+// braid.kernels.reference.merge_attn_states, fp32): outs [N, T, H, D] and lses
+// [N, T, H] in any strides (the DCP and PCP merges pass views of one packed
+// tensor); a NaN or +inf LSE counts as an empty shard; a row no shard saw gets
+// out 0, lse -inf. One pass instead of some fifteen small torch ops.
+std::vector<at::Tensor> merge_states(at::Tensor outs, at::Tensor lses) {
+  TORCH_CHECK(outs.dtype() == at::kFloat && lses.dtype() == at::kFloat, "merge_states: float32 only");
+  TORCH_CHECK(outs.dim() == 4 && lses.dim() == 3 && outs.size(0) == lses.size(0) && outs.size(1) == lses.size(1) &&
+                  outs.size(2) == lses.size(2),
+              "merge_states: shapes do not fit");
+  const int64_t N = outs.size(0), T = outs.size(1), H = outs.size(2), D = outs.size(3);
+  auto out = at::zeros({T, H, D}, outs.options());
+  auto lse = at::full({T, H}, -std::numeric_limits<float>::infinity(), lses.options());
+  auto o = outs.accessor<float, 4>();
+  auto l = lses.accessor<float, 3>();
+  auto ro = out.accessor<float, 3>();
+  auto rl = lse.accessor<float, 2>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, T * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(N);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx / H, h = idx % H;
+      float m = ninf;
+      for (int64_t i = 0; i < N; ++i) {
+        float x = l[i][t][h];
+        w[i] = (std::isnan(x) || x == std::numeric_limits<float>::infinity()) ? ninf : x;
+        m = w[i] > m ? w[i] : m;
+      }
+      if (m == ninf) continue;  // no keys anywhere: out 0, lse -inf
+      float total = 0.f;
+      for (int64_t i = 0; i < N; ++i) {
+        w[i] = std::exp(w[i] - m);
+        total += w[i];
+      }
+      rl[t][h] = m + std::log(total);
+      for (int64_t i = 0; i < N; ++i) {
+        const float sc = w[i] / total;
+        if (sc == 0.f) continue;
+        for (int64_t d = 0; d < D; ++d) ro[t][h][d] += o[i][t][h][d] * sc;
+      }
+    }
+  });
+  return {out, lse};
+}
+
 void shm_post(torch::Tensor flags, int64_t index, int64_t seq);
 int64_t shm_wait(torch::Tensor flags, std::vector<int64_t> indices, std::vector<int64_t> pids, int64_t seq,
                  double timeout_s);
@@ -138,4 +183,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shm_wait", &shm_wait, "wait for peers' sequence numbers (acquire; GIL released; deadline; dead peers)");
   m.def("paged_decode", &paged_decode, "paged decode attention (fp32, CPU)");
   m.def("write_kv", &write_kv, "KV cache write by slot (CPU)");
+  m.def("merge_states", &merge_states, "exact LSE merge of partial attention states (fp32, CPU)");
 }
