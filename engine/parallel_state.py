@@ -45,6 +45,16 @@ def make_process_group(backend: str, store, rank: int, size: int, timeout_s: flo
     raise ValueError(f"unknown collective backend {backend!r}")
 
 
+def build_group(store, ranks: list[int], rank: int, backend: str, timeout_s: float,
+                shm_slot_bytes: int | None = None) -> "GroupComm":
+    """`ranks`' group over `store` (private to it), with shared-memory collectives
+    when `shm_slot_bytes` is given and every member can use them."""
+    index = ranks.index(rank)
+    pg = make_process_group(backend, store, index, len(ranks), timeout_s)
+    shm = ShmComm.create(store, index, len(ranks), shm_slot_bytes, timeout_s) if shm_slot_bytes else None
+    return GroupComm(ranks, pg, rank, shm)
+
+
 class GroupComm:
     """Collectives over one process group, called on the group object itself.
     Groups of size one are no-ops, so single-rank code paths cost nothing. Under
@@ -165,13 +175,8 @@ class ParallelState:
             if len(ranks) == 1:
                 return GroupComm(ranks, None, topo.rank)
             prefix = f"pg/{name}/" + "-".join(map(str, ranks)) + "/"
-            group_store = dist.PrefixStore(prefix, store)
-            pg = make_process_group(backend, group_store, ranks.index(topo.rank), len(ranks), timeout_s)
-            shm = None
-            if device.type == "cpu":
-                slot = SHM_SLOT_BYTES["world" if name == "world" else "model"]
-                shm = ShmComm.create(group_store, ranks.index(topo.rank), len(ranks), slot, timeout_s)
-            return GroupComm(ranks, pg, topo.rank, shm)
+            slot = SHM_SLOT_BYTES["world" if name == "world" else "model"] if device.type == "cpu" else None
+            return build_group(dist.PrefixStore(prefix, store), ranks, topo.rank, backend, timeout_s, slot)
 
         world = group("world", list(range(topo.world)))
         tp = group("tp", topo.tp_group_ranks())

@@ -91,17 +91,14 @@ def measure_decode_attention(peak: float, batch: int = 4, context: int = 2048, h
 _COLLECTIVE_WORKER = """
 import datetime, json, os, sys, time
 import torch, torch.distributed as dist
-from braid.engine.parallel_state import SHM_SLOT_BYTES, GroupComm, make_process_group
-from braid.engine.shm_comm import ShmComm
+from braid.engine.parallel_state import SHM_SLOT_BYTES, build_group
 rank, port, sizes = int(sys.argv[1]), int(sys.argv[2]), [int(x) for x in sys.argv[3:]]
 torch.set_num_threads(1)
 store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=30))
-def comm(name, shm):
-    pg = make_process_group("gloo", dist.PrefixStore(name + "/", store), rank, 2, 30)
-    extra = ShmComm.create(dist.PrefixStore(name + "/", store), rank, 2, SHM_SLOT_BYTES["model"], 30) if shm else None
-    return GroupComm([0, 1], pg, rank, extra)
+def comm(name, slot):
+    return build_group(dist.PrefixStore(name + "/", store), [0, 1], rank, "gloo", 30, slot)
 out = {}
-for name, c in (("engine", comm("engine", True)), ("gloo", comm("gloo", False))):
+for name, c in (("engine", comm("engine", SHM_SLOT_BYTES["model"])), ("gloo", comm("gloo", None))):
     out[name] = []
     for n in sizes:
         x = torch.ones(n // 4)
