@@ -78,10 +78,11 @@ class ShmComm:
         if size * FLAG_STRIDE * 8 > HEADER_BYTES:
             return None
         total = HEADER_BYTES + 2 * size * slot_bytes
-        store.set(f"shm/host/{rank}", _host_id())
+        host = _host_id()
+        store.set(f"shm/host/{rank}", host)
         store.set(f"shm/pid/{rank}", str(os.getpid()))
         if rank == 0:
-            same = all(store.get(f"shm/host/{j}").decode() == _host_id() for j in range(size))
+            same = all(store.get(f"shm/host/{j}").decode() == host for j in range(size))
             store.set("shm/path", _make_segment(total) if same else "")
         path = store.get("shm/path").decode()
         mapping = None
