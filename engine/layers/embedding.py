@@ -61,6 +61,7 @@ class ParallelLMHead(nn.Module):
         if w.device.type != "cpu" or not cpu_packing_supported(w.dtype):
             return False
         self._packed = pack_weight(w)
+        self._packed_out = w.shape[0]
         if w is not self._tied:
             self.weight = nn.Parameter(w.new_empty(0), requires_grad=False)
         return True
@@ -69,7 +70,7 @@ class ParallelLMHead(nn.Module):
         if self._packed is not None:
             from braid.engine.layers.linear import packed_linear
 
-            logits = packed_linear(hidden, self._packed)
+            logits = packed_linear(hidden, self._packed, self._packed_out)
         else:
             logits = nn.functional.linear(hidden, self.weight)  # [S, V/tp]
         if self.tp.size > 1:

@@ -1,5 +1,6 @@
 """braid's CPU kernels in C++ (a torch extension): paged decode attention (fp32), the
-KV cache write, and the flags of the shared-memory collectives.
+KV cache write, the LSE merge, linear layers on 16-row weight panels (fp32,
+AVX-512; gemm.cpp), and the flags of the shared-memory collectives.
 
 Built ahead of time (`scripts/setup.sh` runs `python -m braid.kernels.cpu_ext`,
 needs a C++ compiler and ninja) into a folder named by a digest of the source,
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NAME = "braid_cpu_ext"
 _SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-            for name in ("paged_decode.cpp", "shm_sync.cpp")]
+            for name in ("paged_decode.cpp", "shm_sync.cpp", "gemm.cpp")]
 _loaded: list = []  # [module or None] once tried
 
 

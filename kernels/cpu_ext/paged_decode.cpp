@@ -174,6 +174,8 @@ std::vector<at::Tensor> merge_states(at::Tensor outs, at::Tensor lses) {
   return {out, lse};
 }
 
+bool panel_simd();
+at::Tensor panel_linear(at::Tensor x, at::Tensor panels, c10::optional<at::Tensor> bias, int64_t n_out, bool simd);
 void shm_post(torch::Tensor flags, int64_t index, int64_t seq);
 int64_t shm_wait(torch::Tensor flags, std::vector<int64_t> indices, std::vector<int64_t> pids, int64_t seq,
                  double timeout_s);
@@ -183,5 +185,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shm_wait", &shm_wait, "wait for peers' sequence numbers (acquire; GIL released; deadline; dead peers)");
   m.def("paged_decode", &paged_decode, "paged decode attention (fp32, CPU)");
   m.def("write_kv", &write_kv, "KV cache write by slot (CPU)");
+  m.def("panel_simd", &panel_simd, "whether panel_linear has its AVX-512 tiles on this CPU");
+  m.def("panel_linear", &panel_linear, "x W^T (+ bias) with W in 16-row panels (fp32, CPU)", py::arg("x"),
+        py::arg("panels"), py::arg("bias"), py::arg("n_out"), py::arg("simd") = true);
   m.def("merge_states", &merge_states, "exact LSE merge of partial attention states (fp32, CPU)");
 }
