@@ -73,27 +73,26 @@ class ShmComm:
         """Every member calls this in the same order (it rendezvous through `store`, a
         store private to the group); None on every member unless all can use it."""
         ext = cpu_ext.load()
-        if os.environ.get("BRAID_SHM_COLLECTIVES", "1") == "0" or ext is None or not hasattr(ext, "shm_wait"):
-            return None
-        if size * FLAG_STRIDE * 8 > HEADER_BYTES:
-            return None
+        able = (os.environ.get("BRAID_SHM_COLLECTIVES", "1") != "0" and ext is not None and hasattr(ext, "shm_wait")
+                and size * FLAG_STRIDE * 8 <= HEADER_BYTES)
         total = HEADER_BYTES + 2 * size * slot_bytes
-        host = _host_id()
+        host = _host_id() if able else ""  # a member that cannot still answers: "" matches no host
         store.set(f"shm/host/{rank}", host)
         store.set(f"shm/pid/{rank}", str(os.getpid()))
         if rank == 0:
-            same = all(store.get(f"shm/host/{j}").decode() == host for j in range(size))
+            same = able and all(store.get(f"shm/host/{j}").decode() == host for j in range(size))
             store.set("shm/path", _make_segment(total) if same else "")
         path = store.get("shm/path").decode()
+        if not path:  # every member reads the same answer
+            return None
         mapping = None
-        if path:
-            try:
-                mapping = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-            except (RuntimeError, OSError) as e:
-                log.warning("shared-memory collectives: cannot map %s (%s)", path, e)
+        try:
+            mapping = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+        except (RuntimeError, OSError) as e:
+            log.warning("shared-memory collectives: cannot map %s (%s)", path, e)
         store.set(f"shm/ok/{rank}", "1" if mapping is not None else "0")
         ok = all(store.get(f"shm/ok/{j}") == b"1" for j in range(size))
-        if rank == 0 and path:
+        if rank == 0:
             os.unlink(path)  # every member has mapped it (or given up): the name is no longer needed
         if not ok:
             return None
