@@ -82,8 +82,9 @@ class Sampler:
         """logits [S, V] -> (one token per row, {row: why} for the rows that failed;
         their token is -1). Never raises for a row's own reasons."""
         clean = _clean(logits)
-        greedy = clean.argmax(dim=-1).tolist()
-        finite = torch.isfinite(clean.max(dim=-1).values).tolist()
+        best = clean.max(dim=-1)  # one pass: the values and the first index of each row's maximum
+        greedy = best.indices.tolist()
+        finite = torch.isfinite(best.values).tolist()
         tokens, failed = [], {}
         for i, p in enumerate(params):
             if not finite[i]:
