@@ -168,6 +168,60 @@ def test_cpu_ext_paged_decode_matches_reference(block_size, hq, hkv, dk, dv, seq
     assert torch.isneginf(elo[torch.tensor(seq_lens) == 0]).all()
 
 
+def _ext_against_reference(ext, q, k, v, tables, seq_lens, scale):
+    out, lse = reference.paged_decode_attention(q, k, v, tables, seq_lens, scale)
+    eout, elo = ext.paged_decode(q, k, v, tables, torch.tensor(seq_lens), scale)
+    torch.testing.assert_close(eout, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(elo, lse, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(elo[torch.tensor(seq_lens) == 0]).all() and (eout[torch.tensor(seq_lens) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (16, 2, 64), (8, 8, 32), (32, 4, 128)], ids=["g3", "g8", "g1", "d128"])
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_cpu_ext_paged_decode_block_edges_and_long_rows(block_size, hq, hkv, d, table_dtype):
+    """The C++ kernel's tiles of keys (16 at a time, across block boundaries) against the
+    reference: lengths 0, 1, B - 1, B, B + 1, 2B + 1 and a long row over many blocks,
+    GQA groups of 3 and 8, no GQA, D 128; K/V as views of one [blocks, 2, H, B, D] layer."""
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(block_size + hq + d)
+    seq_lens = [0, 1, block_size - 1, block_size, block_size + 1, 2 * block_size + 1, 3000]
+    blocks = sum(-(-n // block_size) for n in seq_lens)
+    kc, vc, tables, _ = _paged_setup(g, block_size, seq_lens, hkv, d, d, num_blocks=blocks + 8)
+    layer = torch.stack([kc, vc], dim=1)
+    q = torch.randn(len(seq_lens), hq, d, generator=g)
+    _ext_against_reference(ext, q, layer[:, 0], layer[:, 1], tables.to(table_dtype), seq_lens, d**-0.5)
+
+
+def test_cpu_ext_paged_decode_mla_views_of_one_latent_cache():
+    """MLA: one KV head, K the whole 576-wide latent row and V its first 512 columns
+    (two views of one [blocks, 1, 64, 576] tensor), 16 query heads."""
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(5)
+    seq_lens = [0, 1, 64, 65, 700]
+    blocks = sum(-(-n // 64) for n in seq_lens)
+    latent, _, tables, _ = _paged_setup(g, 64, seq_lens, 1, 576, 1, num_blocks=blocks + 4)
+    q = torch.randn(len(seq_lens), 16, 576, generator=g)
+    _ext_against_reference(ext, q, latent, latent[..., :512], tables, seq_lens, 576**-0.5)
+
+
+@pytest.mark.parametrize("seq_lens", [[3000], [0, 2000, 5]], ids=["one", "mixed"])
+def test_cpu_ext_paged_decode_split_context(seq_lens):
+    """With fewer (row, KV head) items than threads the C++ kernel cuts each row's keys
+    into parts on several threads and merges them by LSE (parts with no keys included)."""
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(len(seq_lens))
+    blocks = sum(-(-n // 16) for n in seq_lens)
+    kc, vc, tables, _ = _paged_setup(g, 16, seq_lens, 1, 64, 64, num_blocks=blocks + 4)
+    q = torch.randn(len(seq_lens), 4, 64, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        _ext_against_reference(ext, q, kc, vc, tables, seq_lens, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cpu_ext_refuses_a_block_outside_the_cache():
     ext = _cpu_ext()
     kc, vc = torch.zeros(4, 1, 2, 8), torch.zeros(4, 1, 2, 8)
