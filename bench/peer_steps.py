@@ -28,6 +28,7 @@ def run_case(add, step, unfinished, prompts: list[list[int]], max_tokens: int, l
     for rid, p in zip(ids, prompts):
         add(rid, p)
     tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    first: dict[str, float] = {}
     stamps: list[tuple[float, int]] = []
     while unfinished():
         if time.perf_counter() - t0 > limit_s:
@@ -39,20 +40,23 @@ def run_case(add, step, unfinished, prompts: list[list[int]], max_tokens: int, l
             if rid in tokens:
                 new += len(toks) - len(tokens[rid])
                 tokens[rid] = list(toks)
+                if toks and rid not in first:
+                    first[rid] = now
         if new:
             stamps.append((now, new))
-    return {"tokens": [tokens[r] for r in ids], "stamps": stamps, "batch": len(prompts)}
+    return {"tokens": [tokens[r] for r in ids], "stamps": stamps, "batch": len(prompts),
+            "first": [first.get(r) for r in ids]}
 
 
 def summarize(run: dict) -> dict:
-    """TTFT, decode tok/s and inter-token latencies of one run_case result."""
-    b, total, ttft, first_at = run["batch"], 0, None, None
-    for i, (t, n) in enumerate(run["stamps"]):
-        total += n
-        if ttft is None and total >= b:
-            ttft, first_at = t, i
+    """TTFT (until every request has its first token), decode tok/s (the tokens of
+    the steps after that, over their time) and inter-token latencies (between those
+    steps) of one run_case result. Requests whose prefill ends early emit tokens
+    before the last one's first: those count in neither."""
+    ttft = max(run["first"])
+    first_at = max(i for i, (t, _) in enumerate(run["stamps"]) if t <= ttft)
     end = run["stamps"][-1][0]
-    decode_tokens = sum(len(t) for t in run["tokens"]) - b
+    decode_tokens = sum(n for t, n in run["stamps"][first_at + 1:])
     decode_s = end - ttft
     times = [t for t, _ in run["stamps"][first_at:]]
     itl = [b2 - a for a, b2 in zip(times, times[1:])]

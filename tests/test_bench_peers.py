@@ -31,12 +31,26 @@ def test_braid_side_of_the_loop_matches_plain_generation(checkpoints):
 
 
 def test_summary_follows_the_stamps():
-    run = {"batch": 2, "tokens": [[1, 2, 3], [4, 5, 6]], "stamps": [(0.5, 1), (0.7, 1), (1.0, 2), (1.5, 2)]}
+    run = {"batch": 2, "tokens": [[1, 2, 3], [4, 5, 6]], "stamps": [(0.5, 1), (0.7, 1), (1.0, 2), (1.5, 2)],
+           "first": [0.5, 0.7]}
     s = summarize(run)
     assert s["ttft_s"] == 0.7  # the second request's first token
     assert abs(s["decode_tok_s"] - 4 / 0.8) < 1e-9  # 6 tokens - 2 first ones, over 1.5 - 0.7 s
     assert [round(x, 9) for x in s["itl_s"]] == [0.3, 0.5]
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+
+
+def test_summary_waits_for_every_first_token_not_a_count():
+    """A's prefill ends a step before B's: at 0.7 s two tokens are out (A's first and
+    second) but B has none. The TTFT is B's first token; A's tokens before it are
+    not decode tokens of the timed window (counting them put the rest of B's
+    prefill inside the decode time)."""
+    run = {"batch": 2, "tokens": [[1, 2, 3, 4], [5, 6]], "stamps": [(0.5, 1), (0.7, 1), (1.0, 2), (1.5, 2)],
+           "first": [0.5, 1.0]}
+    s = summarize(run)
+    assert s["ttft_s"] == 1.0
+    assert abs(s["decode_tok_s"] - 2 / 0.5) < 1e-9
+    assert [round(x, 9) for x in s["itl_s"]] == [0.5]
 
 
 def test_agreement_names_the_first_difference():
