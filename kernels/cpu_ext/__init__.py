@@ -30,8 +30,11 @@ _loaded: list = []  # [module or None] once tried
 
 
 def _flags() -> list[str]:
-    """-O3, and AVX2/FMA code where the building CPU has them (the build runs where it serves)."""
-    flags = ["-O3"]
+    """-O3, OpenMP (at::parallel_for is OpenMP pragmas inlined from torch's headers: without
+    -fopenmp every kernel ran on one thread whatever torch.set_num_threads said; the
+    runtime is the libgomp torch already loaded), and AVX2/FMA code where the building CPU
+    has them (the build runs where it serves)."""
+    flags = ["-O3", "-fopenmp"]
     try:
         with open("/proc/cpuinfo") as f:
             cpu = f.read()
@@ -68,7 +71,8 @@ def build():
     lock = os.path.join(folder, "lock")  # torch's build baton: one a killed build left would be waited on forever
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > 600:
         os.remove(lock)
-    return jit_load(name=NAME, sources=_SOURCES, build_directory=folder, extra_cflags=_flags(), verbose=False)
+    return jit_load(name=NAME, sources=_SOURCES, build_directory=folder, extra_cflags=_flags(),
+                    extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def load():
