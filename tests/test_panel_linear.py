@@ -103,7 +103,7 @@ def test_prepacked_layers_match_plain_linear():
         x = torch.randn(5, w.shape[1])
         want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
         assert layer.prepack()
-        assert layer._packed.is_mkldnn != bool(ext.panel_simd())
+        assert layer._packed.is_mkldnn != (bool(ext.panel_simd()) and w.shape[0] % 16 == 0)
         got = layer.linear(x, layer.bias if not isinstance(layer, linear_mod.RowParallelLinear) else None)
         if isinstance(layer, linear_mod.RowParallelLinear) and b is not None:
             got = got + b

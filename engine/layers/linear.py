@@ -87,12 +87,13 @@ def cpu_packing_supported(dtype) -> bool:
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] -> the layout `packed_linear` multiplies fastest here, same values:
     fp32 with AVX-512, panels of 16 rows [ceil(out / 16), in, 16] (row n is column
-    n % 16 of panel n // 16, zero rows pad the last) for braid's C++ kernel, which
+    n % 16 of panel n // 16; only where out is a multiple of 16, so no padding
+    rows cost memory) for braid's C++ kernel, which
     streams a batch of one through the weight at ~1.8x oneDNN's speed here and
     matches it up to batch ~64 (~0.95x on prefill chunks); else oneDNN's blocked
     layout (an opaque tensor)."""
     w = weight.detach()
-    if _panel_kernels(w.dtype) is None:
+    if _panel_kernels(w.dtype) is None or w.shape[0] % 16:  # panels only where they need no padding rows
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
     rows, cols = w.shape
     panels = -(-rows // 16)
