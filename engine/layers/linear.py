@@ -86,7 +86,7 @@ def cpu_packing_supported(dtype) -> bool:
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] -> the layout `packed_linear` multiplies fastest here, same values:
-    fp32 with AVX-512, panels of 16 rows [ceil(out / 16), in, 16] (row n is column
+    fp32 with AVX-512, panels of 16 rows [out / 16, in, 16] (row n is column
     n % 16 of panel n // 16; only where out is a multiple of 16, so no padding
     rows cost memory) for braid's C++ kernel, which
     streams a batch of one through the weight at ~1.8x oneDNN's speed here and
@@ -96,10 +96,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     if _panel_kernels(w.dtype) is None or w.shape[0] % 16:  # panels only where they need no padding rows
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
     rows, cols = w.shape
-    panels = -(-rows // 16)
-    padded = torch.zeros(panels * 16, cols, dtype=w.dtype)
-    padded[:rows] = w
-    return padded.view(panels, 16, cols).transpose(1, 2).contiguous()
+    return w.view(rows // 16, 16, cols).transpose(1, 2).contiguous()
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, out: int, bias: torch.Tensor | None = None) -> torch.Tensor:
